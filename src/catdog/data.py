@@ -1,0 +1,64 @@
+"""Reading prepare's outputs: the manifest and the decoded image cache."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from catdog import CLASSES
+from catdog.errors import CatdogError
+from catdog.paths import Paths
+from catdog.seeding import seed_worker
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    rows: np.ndarray  # row numbers into images.npy
+    labels: np.ndarray  # class indices
+    paths: list[str]
+
+
+def load_split(paths: Paths, name: str) -> Split:
+    if not paths.manifest.is_file():
+        raise CatdogError(f"{paths.manifest} not found: run the prepare stage first (dvc repro prepare)")
+    rows, labels, files = [], [], []
+    with paths.manifest.open(newline="") as handle:
+        for row_number, row in enumerate(csv.DictReader(handle)):
+            if row["split"] == name:
+                rows.append(row_number)
+                labels.append(CLASSES.index(row["label"]))
+                files.append(row["path"])
+    if not rows:
+        raise CatdogError(f"the {name} split is empty: add images or change data.*_fraction")
+    return Split(name, np.asarray(rows), np.asarray(labels), files)
+
+
+class CachedImages(Dataset):
+    """Images of one split straight from the uint8 memmap: no JPEG decode per epoch."""
+
+    def __init__(self, paths: Paths, split: Split, transform):
+        self.images_file = paths.images
+        self.split = split
+        self.transform = transform
+        self._images = None  # opened lazily so each DataLoader worker maps the file itself
+
+    def __len__(self) -> int:
+        return len(self.split.rows)
+
+    def __getitem__(self, index: int):
+        if self._images is None:
+            self._images = np.load(self.images_file, mmap_mode="r")
+        pixels = torch.from_numpy(np.array(self._images[self.split.rows[index]])).permute(2, 0, 1)
+        return self.transform(pixels), int(self.split.labels[index])
+
+
+def make_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False,
+                generator: torch.Generator | None = None, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                      worker_init_fn=seed_worker, generator=generator, pin_memory=pin_memory,
+                      persistent_workers=workers > 0)

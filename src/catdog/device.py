@@ -1,0 +1,51 @@
+"""Device and precision, decided once per process (timm-style) and passed around."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: plain fp32
+    channels_last: bool
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        return self.amp_dtype == torch.float16
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last and images.dim() == 4:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def describe(self) -> str:
+        precision = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32"
+        return f"{self.device.type} {precision}{' channels_last' if self.channels_last else ''}"
+
+
+def resolve_runtime(precision: str = "auto") -> Runtime:
+    """CUDA: bf16 autocast (fp16 + GradScaler where bf16 is unsupported) and channels_last.
+    CPU: fp32, or bf16 autocast when asked for."""
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        if precision == "fp32":
+            dtype = None
+        else:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return Runtime(torch.device("cuda"), dtype, channels_last=True)
+    return Runtime(torch.device("cpu"), torch.bfloat16 if precision == "bf16" else None, channels_last=False)

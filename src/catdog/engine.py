@@ -1,0 +1,76 @@
+"""The loops: one training epoch, evaluation, prediction, feature extraction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from catdog.device import Runtime
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    loss: float
+    accuracy: float
+
+
+def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, runtime: Runtime,
+                    scaler: torch.amp.GradScaler | None, desc: str) -> EpochStats:
+    module.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    progress = tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0,
+                    disable=None)  # inner bars only on a terminal: they flood logs
+    for inputs, targets in progress:
+        inputs, targets = runtime.to_device(inputs), targets.to(runtime.device)
+        with runtime.autocast():
+            logits = module(inputs)
+            loss = F.cross_entropy(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(targets)
+        correct += (logits.argmax(1) == targets).sum().item()
+        seen += len(targets)
+        progress.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
+    return EpochStats(total_loss / seen, correct / seen)
+
+
+@torch.inference_mode()
+def predict_logits(module: nn.Module, loader, runtime: Runtime, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits float32 [N, C], targets [N]) on the CPU."""
+    module.eval()
+    all_logits, all_targets = [], []
+    for inputs, targets in tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0, disable=None):
+        with runtime.autocast():
+            logits = module(runtime.to_device(inputs))
+        all_logits.append(logits.float().cpu())
+        all_targets.append(targets)
+    return torch.cat(all_logits), torch.cat(all_targets)
+
+
+def evaluate(module: nn.Module, loader, runtime: Runtime, desc: str) -> EpochStats:
+    logits, targets = predict_logits(module, loader, runtime, desc)
+    loss = F.cross_entropy(logits, targets).item()
+    return EpochStats(loss, (logits.argmax(1) == targets).float().mean().item())
+
+
+@torch.inference_mode()
+def extract_features(model, loader, runtime: Runtime, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen backbone embeddings for every image, computed once ('features' mode)."""
+    model.eval()
+    features, labels = [], []
+    for inputs, targets in tqdm(loader, desc=desc, unit="batch", mininterval=1.0):
+        with runtime.autocast():
+            features.append(model.embed(runtime.to_device(inputs)).float().cpu())
+        labels.append(targets)
+    return torch.cat(features), torch.cat(labels)

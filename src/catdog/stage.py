@@ -1,0 +1,26 @@
+"""The shared entry of the thin ``stages/<name>.py`` CLIs that dvc.yaml runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from catdog.errors import CatdogError
+from catdog.params import Params, load_params
+from catdog.paths import Paths
+
+
+def main(name: str, run: Callable[[Params, Paths], dict], argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=f"stages/{name}.py", description=f"catdog {name} stage")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--root", default=".", help="project root (default: current directory)")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)  # validated in full before any work starts
+        metrics = run(params, Paths.under(args.root))
+    except CatdogError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{name}: {json.dumps(metrics, default=str)}")

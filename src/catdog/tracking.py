@@ -1,0 +1,189 @@
+"""Every MLflow call of the project lives here; DVC never has to know about MLflow.
+
+One pipeline run is one MLflow run: train creates it and records its id in a small DVC
+output; evaluate and export reopen that run. A downstream stage that reruns with params
+different from those already logged (say only ``evaluate.*`` changed) cannot rewrite them
+- MLflow params are immutable - so it continues in a new run derived from the old one
+(params, tags and metric history copied, tag ``catdog.derived_from``) and passes that id on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from catdog.params import Params
+from catdog.paths import Paths
+
+ARTIFACTS_DIR = "mlruns"  # beside mlflow.db, as MLflow itself does
+DB_FILE = "mlflow.db"
+
+
+def store_root(project_root: Path) -> Path:
+    """The repository whose store we log to.
+
+    ``dvc exp run --queue`` executes in ``.dvc/tmp/exps/...`` and exports DVC_ROOT pointing at
+    the real repository; a path relative to the temp copy would log into a store that is
+    thrown away.
+    """
+    return Path(os.environ.get("DVC_ROOT") or project_root).resolve()
+
+
+def tracking_uri(project_root: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root(project_root) / DB_FILE}"
+
+
+class Run:
+    """The active run of one stage."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_params(self, params: dict[str, object]) -> None:
+        mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if path.exists():
+            mlflow.log_artifact(str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        mlflow.set_tags(tags)
+
+    def log_pytorch_model(self, model, example_input) -> None:
+        """The model with signature and input example, loadable with ``mlflow.pytorch.load_model``."""
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.models import infer_signature
+
+        model = model.cpu().eval()
+        with torch.inference_mode():
+            example_output = model(torch.from_numpy(example_input)).numpy()
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example_input, example_output.astype(np.float32)),
+            input_example=example_input,
+            # Written out rather than inferred: inference re-imports the model in a subprocess.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "efficientnet-lite-pytorch==0.1.0"],
+        )
+
+
+@contextlib.contextmanager
+def start_run(params: Params, paths: Paths) -> Iterator[Run]:
+    """Create the pipeline's run (train stage) and record its id in ``paths.train_run``."""
+    client = _client(paths.root)
+    experiment_id = _experiment_id(client, params.tracking.experiment_name, paths.root)
+    tags = lineage_tags(params, paths)
+    run = client.create_run(experiment_id, run_name=run_name(params), tags=tags)
+    _write_run_file(paths.train_run, run.info.run_id)
+    with mlflow.start_run(run_id=run.info.run_id):
+        active = Run(run.info.run_id)
+        active.log_params(params.flat("data", "train", "tracking"))
+        yield active
+
+
+@contextlib.contextmanager
+def resume_run(project_root: Path, upstream_run_file: Path, run_file: Path,
+               section_params: dict[str, object]) -> Iterator[Run]:
+    """Reopen the upstream stage's run (or a derived one when ``section_params`` conflict)."""
+    client = _client(project_root)
+    run_id = json.loads(upstream_run_file.read_text())["run_id"]
+    logged = client.get_run(run_id).data.params
+    values = {k: _param_value(v) for k, v in section_params.items()}
+    if any(k in logged and logged[k] != v for k, v in values.items()):
+        run_id = _derive_run(client, run_id, drop=set(values))
+        logged = {}
+    _write_run_file(run_file, run_id)
+    with mlflow.start_run(run_id=run_id):
+        active = Run(run_id)
+        active.log_params({k: v for k, v in values.items() if k not in logged})
+        yield active
+
+
+def _derive_run(client: MlflowClient, source_id: str, drop: set[str]) -> str:
+    source = client.get_run(source_id)
+    tags = {k: v for k, v in source.data.tags.items() if not k.startswith("mlflow.")}
+    tags["catdog.derived_from"] = source_id
+    run = client.create_run(source.info.experiment_id, run_name=f"{source.info.run_name}-re",
+                            tags=tags)
+    history = [m for key in source.data.metrics for m in client.get_metric_history(source_id, key)]
+    params = [Param(k, v) for k, v in source.data.params.items() if k not in drop]
+    for start in range(0, max(len(history), 1), 900):  # log_batch takes at most 1000 metrics
+        client.log_batch(run.info.run_id, metrics=[Metric(m.key, m.value, m.timestamp, m.step)
+                                                   for m in history[start:start + 900]],
+                         params=params if start == 0 else [], tags=[RunTag(k, v) for k, v in tags.items()]
+                         if start == 0 else [])
+    return run.info.run_id
+
+
+def lineage_tags(params: Params, paths: Paths) -> dict[str, str]:
+    """Git commit, data hash (of the manifest, which holds every image's pixel md5), DVC experiment."""
+    tags = {"catdog.params_hash": params_hash(params)}
+    commit = _git(paths.root, "rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["git.dirty"] = str(bool(_git(paths.root, "status", "--porcelain", "--untracked-files=no")))
+    if paths.manifest.is_file():
+        tags["data.hash"] = hashlib.md5(paths.manifest.read_bytes()).hexdigest()
+    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def run_name(params: Params) -> str:
+    """The DVC experiment name when there is one, else arch/mode and a short params hash."""
+    return os.environ.get("DVC_EXP_NAME") or (
+        f"{params.train.arch}-{params.train.mode}-{params_hash(params)[:6]}")
+
+
+def params_hash(params: Params) -> str:
+    return hashlib.md5(json.dumps(params.flat(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _client(project_root: Path) -> MlflowClient:
+    mlflow.set_tracking_uri(tracking_uri(project_root))
+    return MlflowClient()
+
+
+def _experiment_id(client: MlflowClient, name: str, project_root: Path) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = (store_root(project_root) / ARTIFACTS_DIR).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created by a parallel run meanwhile
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _write_run_file(path: Path, run_id: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run_id": run_id}) + "\n")
+
+
+def _param_value(value: object) -> str:
+    return "null" if value is None else str(value)
+
+
+def _git(cwd: Path, *args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
