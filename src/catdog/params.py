@@ -61,6 +61,7 @@ class TrainParams:
     weight_decay: float = 1e-4
     dropout: float = 0.2
     augment: bool = False
+    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"  # picks the epoch that is kept
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 42
     workers: int = 2

@@ -74,7 +74,7 @@ def run(params: Params, paths: Paths) -> dict:
             history.append(row)
             mlflow_run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             epochs.set_postfix(val_acc=f"{val.accuracy:.4f}", val_loss=f"{val.loss:.4f}", refresh=False)
-            if best is None or (val.accuracy, -val.loss) > (best[0]["val_accuracy"], -best[0]["val_loss"]):
+            if best is None or _better(row, best[0], p.monitor):
                 best = (row, copy.deepcopy(model.state_dict()))
 
         best_row, best_state = best
@@ -95,6 +95,13 @@ def run(params: Params, paths: Paths) -> dict:
         example = torch.stack([val_images[i][0] for i in range(2)]).numpy()  # batch 2: keeps the batch dim dynamic
         mlflow_run.log_pytorch_model(model, example)
     return metrics
+
+
+def _better(row: dict, best: dict, monitor: str) -> bool:
+    """Val loss: lower wins; val accuracy: higher wins, ties to the lower loss."""
+    if monitor == "val_loss":
+        return row["val_loss"] < best["val_loss"]
+    return (row["val_accuracy"], -row["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
 
 
 def _feature_loaders(model: Classifier, train_images, val_images, p: TrainParams, runtime: Runtime,

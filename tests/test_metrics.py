@@ -1,0 +1,94 @@
+"""catdog.evaluate.classification_metrics against numbers worked out by hand."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from catdog.evaluate import classification_metrics, write_predictions
+
+
+def probs(prob_dog: list[float]) -> np.ndarray:
+    dog = np.asarray(prob_dog, dtype=np.float64)
+    return np.stack([1 - dog, dog], axis=1)
+
+
+# 5 cats then 5 dogs.          cats: one false positive (0.8)   dogs: two false negatives (0.4, 0.2)
+TARGETS = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+PROB_DOG = [0.1, 0.2, 0.3, 0.4, 0.8, 0.9, 0.7, 0.6, 0.4, 0.2]
+
+
+def test_metrics_match_hand_computation():
+    m = classification_metrics(TARGETS, probs(PROB_DOG))
+    # confusion (dog positive): TP 3, FP 1, TN 4, FN 2
+    assert m["n"] == 10
+    assert m["accuracy"] == pytest.approx(0.7)  # (3 + 4) / 10
+    assert m["precision"] == pytest.approx(0.75)  # 3 / (3 + 1)
+    assert m["recall"] == pytest.approx(0.6)  # 3 / (3 + 2)
+    assert m["f1"] == pytest.approx(2 / 3)  # 2 * 0.75 * 0.6 / (0.75 + 0.6) = 0.9 / 1.35
+    # p(true class): cats .9 .8 .7 .6 .2, dogs .9 .7 .6 .4 .2 -> -mean(ln p) = 6.3040323 / 10
+    assert m["log_loss"] == pytest.approx(0.63040323, rel=1e-6)
+    # ranked pairs (dog above cat, ties 1/2): 5 + 4 + 4 + 3.5 + 1.5 = 18 of 25
+    assert m["roc_auc"] == pytest.approx(0.72)
+
+
+def test_metrics_keys_and_types_are_json_ready():
+    m = classification_metrics(TARGETS, probs(PROB_DOG))
+    assert set(m) == {"accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "n"}
+    assert isinstance(m["n"], int)
+    assert all(isinstance(v, float) for k, v in m.items() if k != "n")
+
+
+def test_dog_is_the_positive_class():
+    # flipping which class is wrong moves the error from precision to recall
+    all_dogs_found = classification_metrics(np.array([0, 0, 1, 1]), probs([0.1, 0.9, 0.8, 0.7]))
+    assert all_dogs_found["recall"] == pytest.approx(1.0)
+    assert all_dogs_found["precision"] == pytest.approx(2 / 3)
+    one_dog_missed = classification_metrics(np.array([0, 0, 1, 1]), probs([0.1, 0.2, 0.8, 0.3]))
+    assert one_dog_missed["recall"] == pytest.approx(0.5)
+    assert one_dog_missed["precision"] == pytest.approx(1.0)
+
+
+def test_perfect_predictions():
+    m = classification_metrics(np.array([0, 1, 0, 1]), probs([0.25, 0.5 + 0.25, 0.5 - 0.25, 0.75]))
+    assert m["accuracy"] == m["precision"] == m["recall"] == m["f1"] == m["roc_auc"] == pytest.approx(1.0)
+    assert m["log_loss"] == pytest.approx(-math.log(0.75))  # 0.2876821
+
+
+def test_no_predicted_dogs_gives_zero_precision_not_an_error():
+    m = classification_metrics(np.array([0, 1, 0, 1]), probs([0.1, 0.2, 0.3, 0.4]))
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["f1"] == 0.0
+    # log loss of p(true) .9 .2 .7 .4: (0.1053605 + 1.6094379 + 0.3566749 + 0.9162907) / 4
+    assert m["log_loss"] == pytest.approx(0.74694103, rel=1e-6)
+
+
+def test_single_class_test_set_has_nan_auc_but_other_metrics():
+    m = classification_metrics(np.array([0, 0, 0, 0]), probs([0.5 - 0.25, 0.25, 0.75, 0.25]))
+    assert math.isnan(m["roc_auc"])
+    assert m["accuracy"] == pytest.approx(0.75)
+    # p(true) = .75 .75 .25 .75 -> (3 * 0.2876821 + 1.3862944) / 4
+    assert m["log_loss"] == pytest.approx(0.56233514, rel=1e-6)
+
+
+def test_tie_goes_to_cat():
+    m = classification_metrics(np.array([1, 0]), probs([0.5, 0.5]))
+    assert m["accuracy"] == pytest.approx(0.5)  # argmax of [0.5, 0.5] is class 0 (cat)
+    assert m["recall"] == 0.0
+
+
+def test_write_predictions(tmp_path):
+    file = tmp_path / "predictions.csv"
+    write_predictions(file, ["train/cat.1.jpg", "train/dog.2.jpg", "train/dog.3.jpg"],
+                      np.array([0, 1, 1]), probs([0.125, 0.875, 0.3]))
+    with file.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows == [
+        ["path", "actual", "predicted", "confidence", "prob_dog"],
+        ["train/cat.1.jpg", "cat", "cat", "0.875", "0.125"],
+        ["train/dog.2.jpg", "dog", "dog", "0.875", "0.875"],
+        ["train/dog.3.jpg", "dog", "cat", "0.7", "0.3"],
+    ]

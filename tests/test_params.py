@@ -1,0 +1,236 @@
+"""params.yaml -> typed, frozen, validated Params."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from catdog.errors import CatdogError
+from catdog.models import ARCHITECTURES
+from catdog.params import Params, ParamsError, load_params, parse_params
+
+from conftest import REPO_PARAMS, repo_params_raw
+
+
+def with_value(key: str, value) -> dict:
+    raw = repo_params_raw()
+    section, name = key.split(".")
+    raw[section][name] = value
+    return raw
+
+
+def test_repo_params_load_with_their_values():
+    params = load_params(REPO_PARAMS)
+    assert isinstance(params, Params)
+    assert params.data.source == "data/sample/dogs-vs-cats-sample.zip"
+    assert params.data.cache_size == 224
+    assert params.data.limit_per_class is None
+    assert params.train.arch == "efficientnet_lite0"
+    assert params.train.mode == "features"
+    assert params.train.weights is None
+    assert params.train.lr == 0.001 and isinstance(params.train.lr, float)
+    assert params.train.pretrained is True
+    assert params.export.opset == 18
+    assert params.tracking.experiment_name == "catdog"
+
+
+def test_params_are_frozen():
+    params = load_params(REPO_PARAMS)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.train.lr = 0.1  # type: ignore[misc]
+
+
+def test_params_error_is_a_catdog_error():
+    assert issubclass(ParamsError, CatdogError)
+
+
+def test_unknown_top_level_key_is_rejected_by_name():
+    raw = repo_params_raw()
+    raw["trian"] = {"lr": 0.1}
+    with pytest.raises(ParamsError, match=r"unknown key trian\b"):
+        parse_params(raw)
+
+
+def test_unknown_key_in_section_is_rejected_with_its_dotted_name():
+    with pytest.raises(ParamsError, match=r"unknown key train\.learning_rate\b") as info:
+        parse_params(with_value("train.learning_rate", 0.1))
+    assert "lr" in str(info.value)  # lists the known keys of the section
+
+
+def test_error_message_names_the_source_file():
+    with pytest.raises(ParamsError, match=r"^my-params\.yaml: "):
+        parse_params(with_value("train.epochs", "ten"), source="my-params.yaml")
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("train.epochs", "ten", r"train\.epochs must be int, got 'ten'"),
+    ("train.epochs", True, r"train\.epochs must be int, got True"),
+    ("train.epochs", 2.5, r"train\.epochs must be int, got 2\.5"),
+    ("train.pretrained", 1, r"train\.pretrained must be bool, got 1"),
+    ("train.pretrained", "yes", r"train\.pretrained must be bool"),
+    ("data.cache_size", None, r"data\.cache_size must be int, got None"),
+    ("train.lr", "fast", r"train\.lr must be float, got 'fast'"),
+    ("train.lr", False, r"train\.lr must be float, got False"),
+    ("tracking.experiment_name", 7, r"tracking\.experiment_name must be str, got 7"),
+    ("train.mode", "finetune", r"train\.mode must be one of \['features', 'head', 'full'\]"),
+    ("train.precision", "fp16", r"train\.precision must be one of"),
+])
+def test_wrong_type_is_rejected(key, value, expected):
+    with pytest.raises(ParamsError, match=expected):
+        parse_params(with_value(key, value))
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("train.lr", -1, r"train\.lr must be > 0, got -1\.0"),
+    ("train.lr", 0, r"train\.lr must be > 0"),
+    ("train.epochs", 0, r"train\.epochs must be >= 1"),
+    ("train.dropout", 1.0, r"train\.dropout must be in \[0, 1\)"),
+    ("train.image_size", 16, r"train\.image_size must be at least 32"),
+    ("train.arch", "resnet9000", r"train\.arch must be one of"),
+    ("data.cache_size", 31, r"data\.cache_size must be at least 32"),
+    ("data.val_fraction", 0, r"data\.val_fraction must be between 0 and 1"),
+    ("data.test_fraction", 1.0, r"data\.test_fraction must be between 0 and 1"),
+    ("data.limit_per_class", 0, r"data\.limit_per_class must be a positive integer or null"),
+    ("data.min_per_class", 0, r"data\.min_per_class must be >= 1"),
+    ("data.workers", -1, r"data\.workers must be >= 0"),
+    ("export.opset", 16, r"export\.opset must be >= 17"),
+    ("export.tolerance", 0, r"export\.tolerance must be > 0"),
+    ("evaluate.batch_size", 0, r"evaluate\.batch_size must be >= 1"),
+    ("tracking.experiment_name", "  ", r"tracking\.experiment_name must not be empty"),
+])
+def test_bad_value_is_rejected(key, value, expected):
+    with pytest.raises(ParamsError, match=expected):
+        parse_params(with_value(key, value))
+
+
+@pytest.mark.parametrize("val, test", [(0.45, 0.45), (0.5, 0.4), (0.3, 0.7)])
+def test_fractions_must_leave_training_data(val, test):
+    raw = with_value("data.val_fraction", val)
+    raw["data"]["test_fraction"] = test
+    with pytest.raises(ParamsError, match=r"data\.val_fraction \+ data\.test_fraction must leave at least 10%"):
+        parse_params(raw)
+
+
+def test_fractions_just_below_the_limit_are_fine():
+    raw = with_value("data.val_fraction", 0.4)
+    raw["data"]["test_fraction"] = 0.4
+    params = parse_params(raw)
+    assert (params.data.val_fraction, params.data.test_fraction) == (0.4, 0.4)
+
+
+def test_unknown_arch_message_lists_the_choices():
+    with pytest.raises(ParamsError) as info:
+        parse_params(with_value("train.arch", "resnet9000"))
+    for arch in ARCHITECTURES:
+        assert arch in str(info.value)
+
+
+def test_features_mode_with_augment_is_rejected():
+    raw = with_value("train.augment", True)
+    raw["train"]["mode"] = "features"
+    with pytest.raises(ParamsError, match=r"train\.augment must be false in 'features' mode"):
+        parse_params(raw)
+
+
+@pytest.mark.parametrize("mode", ["head", "full"])
+def test_augment_is_fine_outside_features_mode(mode):
+    raw = with_value("train.augment", True)
+    raw["train"]["mode"] = mode
+    params = parse_params(raw)
+    assert params.train.augment is True and params.train.mode == mode
+
+
+def test_scientific_notation_string_is_accepted_as_float(tmp_path):
+    text = REPO_PARAMS.read_text().replace("lr: 0.001", "lr: 1e-3").replace(
+        "tolerance: 0.001", "tolerance: 5e-4")
+    assert "lr: 1e-3" in text and "tolerance: 5e-4" in text
+    assert yaml.safe_load(text)["train"]["lr"] == "1e-3"  # what YAML 1.1 actually gives us
+    file = tmp_path / "params.yaml"
+    file.write_text(text)
+    params = load_params(file)
+    assert params.train.lr == pytest.approx(0.001) and isinstance(params.train.lr, float)
+    assert params.export.tolerance == pytest.approx(5e-4)
+
+
+def test_int_is_accepted_for_float():
+    params = parse_params(with_value("train.lr", 1))
+    assert params.train.lr == 1.0 and isinstance(params.train.lr, float)
+
+
+def test_optional_values_accept_null_and_their_type():
+    params = parse_params(with_value("data.limit_per_class", 100))
+    assert params.data.limit_per_class == 100
+    params = parse_params(with_value("train.weights", "weights/resnet18.pth"))
+    assert params.train.weights == "weights/resnet18.pth"
+    with pytest.raises(ParamsError, match=r"data\.limit_per_class must be int"):
+        parse_params(with_value("data.limit_per_class", "all"))
+
+
+def test_omitted_keys_take_the_defaults():
+    raw = repo_params_raw()
+    raw["train"] = {}
+    raw["evaluate"] = {}
+    params = parse_params(raw)
+    assert params.train.epochs == 30 and params.train.arch == "efficientnet_lite0"
+    assert params.evaluate.batch_size == 64
+
+
+def test_missing_required_key_is_rejected():
+    raw = repo_params_raw()
+    del raw["data"]["source"]
+    with pytest.raises(ParamsError, match=r"missing required key data\.source"):
+        parse_params(raw)
+
+
+def test_missing_section_is_rejected():
+    raw = repo_params_raw()
+    del raw["export"]
+    with pytest.raises(ParamsError, match=r"missing required key export\b"):
+        parse_params(raw)
+
+
+def test_section_that_is_not_a_mapping_is_rejected():
+    raw = repo_params_raw()
+    raw["train"] = ["lr", 0.1]
+    with pytest.raises(ParamsError, match=r"train must be a mapping"):
+        parse_params(raw)
+
+
+def test_missing_file_raises_params_error(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ParamsError, match=r"nope\.yaml not found"):
+        load_params(missing)
+
+
+def test_invalid_yaml_raises_params_error(tmp_path):
+    file = tmp_path / "params.yaml"
+    file.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match=r"is not valid YAML"):
+        load_params(file)
+
+
+def test_empty_file_reports_the_missing_section(tmp_path):
+    file = tmp_path / "params.yaml"
+    file.write_text("")
+    with pytest.raises(ParamsError, match=r"missing required key data"):
+        load_params(file)
+
+
+def test_flat_of_one_section():
+    params = load_params(REPO_PARAMS)
+    flat = params.flat("train")
+    expected = {f"train.{f.name}" for f in dataclasses.fields(params.train)}
+    assert set(flat) == expected
+    assert {"train.lr", "train.epochs", "train.arch", "train.mode", "train.weights"} <= set(flat)
+    assert flat["train.lr"] == 0.001
+    assert flat["train.weights"] is None
+
+
+def test_flat_of_several_and_all_sections():
+    params = load_params(REPO_PARAMS)
+    assert set(params.flat("evaluate", "export")) == {"evaluate.batch_size", "export.opset", "export.tolerance"}
+    every = params.flat()
+    assert {key.split(".")[0] for key in every} == {"data", "train", "evaluate", "export", "tracking"}
+    assert every["data.seed"] == 42 and every["tracking.experiment_name"] == "catdog"
