@@ -6,6 +6,7 @@ Kept free of torch so the predict CLI starts fast.
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,17 +32,20 @@ def decode_image(data: bytes, size: int, min_size: int = 1) -> np.ndarray:
     if not data:
         raise BadImage("empty", "zero-byte file")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if min(image.size) < min_size:
-                raise BadImage("too_small", f"{image.size[0]}x{image.size[1]} < {min_size}px")
-            image = ImageOps.exif_transpose(image)  # forces a full decode, so truncation shows here
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                image = _flatten_alpha(image)
-            image = image.convert("RGB").resize((size, size), Image.BILINEAR)
-            return np.asarray(image, dtype=np.uint8)
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; a bomb is a bomb.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if min(image.size) < min_size:
+                    raise BadImage("too_small", f"{image.size[0]}x{image.size[1]} < {min_size}px")
+                image = ImageOps.exif_transpose(image)  # a full decode, so truncation shows here
+                if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                    image = _flatten_alpha(image)
+                image = image.convert("RGB").resize((size, size), Image.BILINEAR)
+                return np.asarray(image, dtype=np.uint8)
     except BadImage:
         raise
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadImage("decompression_bomb", str(exc)) from None
     except UnidentifiedImageError:
         raise BadImage("not_an_image", "unrecognised image format") from None

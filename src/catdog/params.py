@@ -131,7 +131,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except FileNotFoundError:
         raise ParamsError(f"{path} not found: run from the project root or pass --params") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path} is not valid YAML: {exc}".splitlines()[0]) from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
     return parse_params(raw or {}, source=str(path))
 
 

@@ -24,7 +24,9 @@ from mlflow.tracking import MlflowClient
 from catdog.params import Params
 from catdog.paths import Paths
 
-ARTIFACTS_DIR = "mlruns"  # beside mlflow.db, as MLflow itself does
+ARTIFACTS_DIR = "mlruns"
+_RUN_OWN_TAGS = {"mlflow.runName", "mlflow.log-model.history", "mlflow.user"}  # not copied to a derived run
+_LINEAGE_FILES = ("src", "stages", "dvc.yaml", "params.yaml", "pyproject.toml")  # beside mlflow.db, as MLflow itself does
 DB_FILE = "mlflow.db"
 
 
@@ -115,7 +117,7 @@ def resume_run(project_root: Path, upstream_run_file: Path, run_file: Path,
 
 def _derive_run(client: MlflowClient, source_id: str, drop: set[str]) -> str:
     source = client.get_run(source_id)
-    tags = {k: v for k, v in source.data.tags.items() if not k.startswith("mlflow.")}
+    tags = {k: v for k, v in source.data.tags.items() if k not in _RUN_OWN_TAGS}
     tags["catdog.derived_from"] = source_id
     run = client.create_run(source.info.experiment_id, run_name=f"{source.info.run_name}-re",
                             tags=tags)
@@ -135,7 +137,8 @@ def lineage_tags(params: Params, paths: Paths) -> dict[str, str]:
     commit = _git(paths.root, "rev-parse", "HEAD")
     if commit:
         tags["mlflow.source.git.commit"] = commit
-        tags["git.dirty"] = str(bool(_git(paths.root, "status", "--porcelain", "--untracked-files=no")))
+        # Only code and params count: dvc repro itself rewrites dvc.lock and metrics before train runs.
+        tags["git.dirty"] = str(bool(_git(paths.root, "status", "--porcelain", "--", *_LINEAGE_FILES)))
     if paths.manifest.is_file():
         tags["data.hash"] = hashlib.md5(paths.manifest.read_bytes()).hexdigest()
     for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev")):
