@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,9 @@ from catdog.paths import Paths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO_PARAMS = REPO_ROOT / "params.yaml"
-CATDOG_BIN = REPO_ROOT / ".venv" / "bin" / "catdog"
+# the console script of the environment pytest runs in (make test: .venv)
+CATDOG_BIN = next((b for b in (Path(sys.executable).parent / "catdog", REPO_ROOT / ".venv" / "bin" / "catdog")
+                   if b.exists()), REPO_ROOT / ".venv" / "bin" / "catdog")
 
 # Environment variables catdog reads; the developer's shell must not leak into the tests.
 _CATDOG_ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV",
@@ -55,9 +58,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
+def _isolated(monkeypatch, tmp_path):
+    """No catdog/MLflow env from the developer's shell, and the cwd in tmp_path.
+
+    MLflow resolves its default artifact root against the cwd, and ``mlflow.set_tracking_uri``
+    exports MLFLOW_TRACKING_URI into os.environ: neither may leak into the repository or into
+    the next test.
+    """
     for name in _CATDOG_ENV:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    yield
+    for name in _CATDOG_ENV:
+        os.environ.pop(name, None)  # monkeypatch then restores whatever was there before
 
 
 # --- synthetic images --------------------------------------------------------------------------
@@ -179,12 +192,13 @@ def paths(tmp_path) -> Paths:
 @pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory) -> Path:
     """An empty, fully migrated sqlite store; copying it saves ~5 s of migrations per test."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
-    mlflow.set_tracking_uri(None)
+    folder = tmp_path_factory.mktemp("mlflow-template")
+    db = folder / "mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
     return db
 
 
@@ -257,10 +271,9 @@ def pipeline(tmp_path_factory, mlflow_template) -> PipelineRun:
         for name in _CATDOG_ENV:
             patch.delenv(name, raising=False)
         patch.chdir(root)  # anything MLflow writes relative to the cwd stays in the tmp dir
-        results = [stage.run(params, paths) for stage in (prepare, train, evaluate, export)]
+        try:
+            results = [stage.run(params, paths) for stage in (prepare, train, evaluate, export)]
+        finally:
+            for name in _CATDOG_ENV:
+                os.environ.pop(name, None)
     return PipelineRun(root, paths, params, data, *results)
-
-
-@pytest.fixture
-def cpu_count() -> int:
-    return os.cpu_count() or 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import numpy as np
@@ -35,11 +36,32 @@ def test_metrics_match_hand_computation():
     assert m["roc_auc"] == pytest.approx(0.72)
 
 
-def test_metrics_keys_and_types_are_json_ready():
+def test_per_class_and_ranking_metrics_match_hand_computation():
     m = classification_metrics(TARGETS, probs(PROB_DOG))
-    assert set(m) == {"accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "n"}
+    # cat as the positive class: TP 4, FP 2 (missed dogs), FN 1
+    assert m["cat_precision"] == pytest.approx(4 / 6)
+    assert m["cat_recall"] == pytest.approx(0.8)
+    assert m["cat_f1"] == pytest.approx(2 * (4 / 6) * 0.8 / (4 / 6 + 0.8))  # 0.7272727
+    assert m["dog_precision"] == pytest.approx(0.75) and m["dog_recall"] == pytest.approx(0.6)
+    assert m["balanced_accuracy"] == pytest.approx(0.7)  # (0.8 + 0.6) / 2
+    # average precision, thresholds .9 .8 .7 .6 .4 .3 .2 .1 -> recall steps of 0.2 at
+    # precision 1, 2/3, 3/4, 4/6, 5/9: 0.2 * 131/36
+    assert m["pr_auc"] == pytest.approx(131 / 180)
+
+
+def test_expected_calibration_error_matches_hand_computation():
+    m = classification_metrics(TARGETS, probs(PROB_DOG), 10)
+    # confidence bins: .9 -> 2 right (|1 - .9| * 2/10 = .02); .8 -> 1 of 3 right (|1/3 - .8| * 3/10 = .14);
+    #                  .7 -> 2 right (.06); .6 -> 2 of 3 right (|2/3 - .6| * 3/10 = .02)
+    assert m["ece"] == pytest.approx(0.24)
+
+
+def test_metrics_types_are_json_ready():
+    m = classification_metrics(TARGETS, probs(PROB_DOG))
+    assert {"accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "n"} <= set(m)
     assert isinstance(m["n"], int)
-    assert all(isinstance(v, float) for k, v in m.items() if k != "n")
+    assert all(type(v) is float for k, v in m.items() if k != "n")
+    json.dumps(m)
 
 
 def test_dog_is_the_positive_class():
@@ -53,7 +75,7 @@ def test_dog_is_the_positive_class():
 
 
 def test_perfect_predictions():
-    m = classification_metrics(np.array([0, 1, 0, 1]), probs([0.25, 0.5 + 0.25, 0.5 - 0.25, 0.75]))
+    m = classification_metrics(np.array([0, 1, 0, 1]), probs([0.25, 0.75, 0.25, 0.75]))
     assert m["accuracy"] == m["precision"] == m["recall"] == m["f1"] == m["roc_auc"] == pytest.approx(1.0)
     assert m["log_loss"] == pytest.approx(-math.log(0.75))  # 0.2876821
 
@@ -67,7 +89,7 @@ def test_no_predicted_dogs_gives_zero_precision_not_an_error():
 
 
 def test_single_class_test_set_has_nan_auc_but_other_metrics():
-    m = classification_metrics(np.array([0, 0, 0, 0]), probs([0.5 - 0.25, 0.25, 0.75, 0.25]))
+    m = classification_metrics(np.array([0, 0, 0, 0]), probs([0.25, 0.25, 0.75, 0.25]))
     assert math.isnan(m["roc_auc"])
     assert m["accuracy"] == pytest.approx(0.75)
     # p(true) = .75 .75 .25 .75 -> (3 * 0.2876821 + 1.3862944) / 4

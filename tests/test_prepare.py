@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from catdog import prepare
@@ -57,8 +58,8 @@ def write_folder(root: Path, files: dict[str, bytes]) -> Path:
 
 # --- outputs and their shape ---------------------------------------------------------------------
 
-def test_outputs_and_summary(dataset, tmp_path):
-    summary, paths = run_prepare(dataset.zip, tmp_path / "out")
+def test_outputs_and_summary(dataset, params, paths):
+    summary = prepare.run(params, paths)
     assert paths.manifest.is_file() and paths.images.is_file()
     assert (paths.prepared / "rejected.csv").is_file()
     assert not list(paths.prepared.glob("*.decoding.npy"))  # scratch file cleaned up
@@ -247,9 +248,11 @@ def test_rejected_files_do_not_count_towards_min_per_class(tmp_path):
 
 
 def test_every_file_bad_stops_with_a_clear_error(tmp_path):
-    source = write_folder(tmp_path / "src", {"Cat/1.jpg": b"", "Dog/1.jpg": b"text"})
-    with pytest.raises(CatdogError, match=r"min_per_class"):
-        run_prepare(source, tmp_path / "out", **{"data.min_per_class": 1})
+    files = {f"Cat/{i}.jpg": b"" for i in range(4)}
+    files.update({f"Dog/{i}.jpg": b"text" for i in range(4)})
+    source = write_folder(tmp_path / "src", files)
+    with pytest.raises(CatdogError, match=r"only 0 usable 'cat' image\(s\), need data\.min_per_class=4"):
+        run_prepare(source, tmp_path / "out")
 
 
 def test_no_labelled_images_is_a_catdog_error(tmp_path):
@@ -331,3 +334,38 @@ def test_rerun_replaces_stale_outputs(dataset, tmp_path):
     run_prepare(dataset.zip, tmp_path / "out")
     assert not stale.exists()
     assert paths.manifest.is_file()
+
+
+# --- the stage entry point dvc.yaml runs --------------------------------------------------------
+
+def test_stage_cli_runs_and_prints_the_summary(dataset, tmp_path, capsys):
+    from catdog.stage import main
+
+    params_file = tmp_path / "params.yaml"
+    raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    raw["data"].update({"source": str(dataset.zip), "cache_size": 32, "min_per_class": 4, "workers": 1})
+    params_file.write_text(yaml.safe_dump(raw))
+    main("prepare", prepare.run, ["--params", str(params_file), "--root", str(tmp_path / "project")])
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert out.startswith("prepare: ")
+    assert json.loads(out.removeprefix("prepare: "))["images"] == 24
+    assert (tmp_path / "project" / "data" / "prepared" / "manifest.csv").is_file()
+
+
+@pytest.mark.parametrize("problem", ["bad_param", "missing_source"])
+def test_stage_cli_reports_errors_in_one_line(tmp_path, capsys, problem):
+    from catdog.stage import main
+
+    raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    raw["data"]["source"] = str(tmp_path / "missing.zip")
+    if problem == "bad_param":
+        raw["data"]["cache_sise"] = 64
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit) as info:
+        main("prepare", prepare.run, ["--params", str(params_file), "--root", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prepare: error: ")
+    assert ("unknown key data.cache_sise" if problem == "bad_param" else "does not exist") in err[0]
+    assert not (tmp_path / "data" / "prepared").exists()  # nothing written before validation passed

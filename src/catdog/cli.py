@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from pathlib import Path
 
 from catdog.errors import CatdogError
 
@@ -14,24 +14,40 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="catdog", description="Dogs vs cats classifier.")
     commands = parser.add_subparsers(dest="command", required=True)
     predict_cmd = commands.add_parser(
-        "predict", help="classify image files or folders; prints one JSON object per line")
-    predict_cmd.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+        "predict", help="classify image files, folders or globs",
+        description="Classify images as cat or dog. Exit code 0 when at least one file was predicted.")
+    predict_cmd.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders and/or globs")
     predict_cmd.add_argument("--model", default=None,
-                             help="exported ONNX model (default: models/export/model.onnx)")
+                             help="exported model.onnx, or a registry URI such as models:/catdog@champion "
+                                  "(default: models/export/model.onnx)")
+    predict_cmd.add_argument("--format", choices=("json", "table"), default="json",
+                             help="json: one object per line (default); table: aligned columns")
+    predict_cmd.add_argument("--tta", action="store_true", help="average with the mirrored image")
     predict_cmd.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
 
     from catdog.predict import DEFAULT_MODEL, ExportedModel, expand_paths, predict
 
     try:
-        model = ExportedModel.load(Path(args.model) if args.model else DEFAULT_MODEL)
+        model = ExportedModel.load(args.model or DEFAULT_MODEL)
     except CatdogError as exc:
         print(f"catdog: error: {exc}", file=sys.stderr)
         return 2
+    if args.format == "table":
+        print(f"{'label':<6} {'confidence':>10}  path")
     predicted = 0
-    for result in predict(model, expand_paths(args.paths), args.batch_size):
-        predicted += "label" in result
-        print(json.dumps(result), flush=True)
+    try:
+        for result in predict(model, expand_paths(args.paths), args.batch_size, args.tta):
+            predicted += "label" in result
+            if args.format == "json":
+                line = json.dumps(result)
+            elif "label" in result:
+                line = f"{result['label']:<6} {result['confidence']:>10.4f}  {result['path']}"
+            else:
+                line = f"{'error':<6} {'':>10}  {result['path']}: {result['error']}"
+            print(line, flush=True)
+    except BrokenPipeError:  # `catdog predict ... | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0 if predicted else 1
 
 

@@ -46,16 +46,29 @@ def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, runtime: Ru
 
 
 @torch.inference_mode()
-def predict_logits(module: nn.Module, loader, runtime: Runtime, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits float32 [N, C], targets [N]) on the CPU."""
+def predict_logits(module: nn.Module, loader, runtime: Runtime, desc: str,
+                   mirror: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits float32 [N, C], targets [N]) on the CPU; ``mirror`` flips images left-right."""
     module.eval()
     all_logits, all_targets = [], []
     for inputs, targets in tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0, disable=None):
+        if mirror:
+            inputs = torch.flip(inputs, dims=[3])
         with runtime.autocast():
             logits = module(runtime.to_device(inputs))
         all_logits.append(logits.float().cpu())
         all_targets.append(targets)
     return torch.cat(all_logits), torch.cat(all_targets)
+
+
+def predict_probabilities(module: nn.Module, loader, runtime: Runtime, tta: bool, desc: str):
+    """(softmax probabilities [N, C], targets [N]); with ``tta`` averaged with the mirrored image."""
+    logits, targets = predict_logits(module, loader, runtime, desc)
+    probabilities = torch.softmax(logits, dim=1)
+    if tta:
+        mirrored, _ = predict_logits(module, loader, runtime, f"{desc} (mirrored)", mirror=True)
+        probabilities = (probabilities + torch.softmax(mirrored, dim=1)) / 2
+    return probabilities, targets
 
 
 def evaluate(module: nn.Module, loader, runtime: Runtime, desc: str) -> EpochStats:

@@ -1,22 +1,29 @@
-"""evaluate: the best checkpoint on the held-out test split, metrics from scikit-learn."""
+"""evaluate: the best checkpoint on the held-out test split, metrics from scikit-learn.
+
+Writes (``paths.evaluate_reports``): metrics.json; predictions.csv (DVC confusion plot);
+roc.csv and pr.csv (DVC curve plots); PNGs of the confusion matrix, ROC/PR curves,
+reliability diagram and the most confidently wrong test images.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn import metrics as skm
 
 from catdog import CLASSES, plots, tracking
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import resolve_runtime
-from catdog.engine import predict_logits
+from catdog.engine import predict_probabilities
 from catdog.models import load_checkpoint
 from catdog.params import Params
 from catdog.paths import Paths
 from catdog.transforms import eval_preset
+
+PLOTS = ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "confidently_wrong.png")
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -29,38 +36,85 @@ def run(params: Params, paths: Paths) -> dict:
 
     with tracking.resume_run(paths.root, paths.train_run, paths.evaluate_reports / "mlflow_run.json",
                              params.flat("evaluate")) as mlflow_run:
-        logits, targets = predict_logits(model, loader, runtime, desc="test")
-        probabilities = torch.softmax(logits, dim=1).numpy()
-        results = classification_metrics(targets.numpy(), probabilities)
-        reports = paths.evaluate_reports
-        reports.mkdir(parents=True, exist_ok=True)
-        write_predictions(reports / "predictions.csv", test.paths, targets.numpy(), probabilities)
-        matrix = skm.confusion_matrix(targets.numpy(), probabilities.argmax(1), labels=range(len(CLASSES)))
-        plots.confusion_matrix(matrix, CLASSES, reports / "confusion_matrix.png",
-                               title=f"Test split: accuracy {results['accuracy']:.2%} (n={len(targets)})")
-        (reports / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        probabilities, targets = predict_probabilities(model, loader, runtime, tta=p.tta, desc="test")
+        probabilities, targets = probabilities.numpy(), targets.numpy()
+        results = classification_metrics(targets, probabilities, p.calibration_bins)
+        write_reports(paths, test.paths, test.rows, targets, probabilities, results, p.calibration_bins,
+                      p.gallery_size)
         mlflow_run.log_metrics({f"test_{k}": v for k, v in results.items()})
-        mlflow_run.log_artifact(reports / "confusion_matrix.png", "plots")
-        mlflow_run.log_artifact(reports / "predictions.csv", "reports")
+        for name in PLOTS:
+            mlflow_run.log_artifact(paths.evaluate_reports / name, "plots")
+        for name in ("predictions.csv", "roc.csv", "pr.csv"):
+            mlflow_run.log_artifact(paths.evaluate_reports / name, "reports")
     return results
 
 
-def classification_metrics(targets: np.ndarray, probabilities: np.ndarray) -> dict:
-    """Binary metrics with 'dog' (class 1) as the positive class."""
+def classification_metrics(targets: np.ndarray, probabilities: np.ndarray, calibration_bins: int = 10) -> dict:
+    """'dog' (class 1) is the positive class for precision/recall/F1/ROC/PR; per-class figures too."""
     predicted = probabilities.argmax(1)
     both_classes = len(np.unique(targets)) > 1
-    return {
+    precision, recall, f1, _ = skm.precision_recall_fscore_support(
+        targets, predicted, labels=range(len(CLASSES)), zero_division=0)
+    results = {
         "accuracy": skm.accuracy_score(targets, predicted),
-        "precision": skm.precision_score(targets, predicted, zero_division=0),
-        "recall": skm.recall_score(targets, predicted, zero_division=0),
-        "f1": skm.f1_score(targets, predicted, zero_division=0),
-        "roc_auc": skm.roc_auc_score(targets, probabilities[:, 1]) if both_classes else float("nan"),
-        "log_loss": skm.log_loss(targets, probabilities, labels=list(range(len(CLASSES)))),
-        "n": int(len(targets)),
+        "balanced_accuracy": skm.balanced_accuracy_score(targets, predicted) if both_classes else float("nan"),
+        "precision": float(precision[1]),
+        "recall": float(recall[1]),
+        "f1": float(f1[1]),
     }
+    for index, name in enumerate(CLASSES):
+        results.update({f"{name}_precision": float(precision[index]), f"{name}_recall": float(recall[index]),
+                        f"{name}_f1": float(f1[index])})
+    results.update({
+        "roc_auc": skm.roc_auc_score(targets, probabilities[:, 1]) if both_classes else float("nan"),
+        "pr_auc": skm.average_precision_score(targets, probabilities[:, 1]) if both_classes else float("nan"),
+        "log_loss": skm.log_loss(targets, probabilities, labels=list(range(len(CLASSES)))),
+        "ece": expected_calibration_error(targets, probabilities, calibration_bins),
+        "n": int(len(targets)),
+    })
+    return {k: float(v) if k != "n" else v for k, v in results.items()}
 
 
-def write_predictions(path, files: list[str], targets: np.ndarray, probabilities: np.ndarray) -> None:
+def expected_calibration_error(targets: np.ndarray, probabilities: np.ndarray, bins: int) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    confidence = probabilities.max(1)
+    correct = probabilities.argmax(1) == targets
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    return float(sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).mean()
+                     for b in np.unique(which)))
+
+
+def write_reports(paths: Paths, files: list[str], rows: np.ndarray, targets: np.ndarray,
+                  probabilities: np.ndarray, results: dict, calibration_bins: int, gallery_size: int) -> None:
+    reports = paths.evaluate_reports
+    reports.mkdir(parents=True, exist_ok=True)
+    write_predictions(reports / "predictions.csv", files, targets, probabilities)
+    (reports / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    matrix = skm.confusion_matrix(targets, probabilities.argmax(1), labels=range(len(CLASSES)))
+    plots.confusion_matrix(matrix, CLASSES, reports / "confusion_matrix.png",
+                           title=f"Test split: accuracy {results['accuracy']:.2%} (n={len(targets)})")
+    # prepare puts both classes in every split, so the curves are defined
+    fpr, tpr, _ = skm.roc_curve(targets, probabilities[:, 1])
+    precision, recall, _ = skm.precision_recall_curve(targets, probabilities[:, 1])
+    _write_columns(reports / "roc.csv", {"fpr": fpr, "tpr": tpr})
+    _write_columns(reports / "pr.csv", {"recall": recall, "precision": precision})
+    plots.roc_pr_curves(targets, probabilities[:, 1], reports / "roc_pr_curves.png", positive=CLASSES[1])
+    plots.reliability_diagram(targets, probabilities[:, 1], reports / "reliability.png", calibration_bins,
+                              ece=results["ece"], positive=CLASSES[1])
+
+    predicted = probabilities.argmax(1)
+    wrong = np.flatnonzero(predicted != targets)
+    worst = wrong[np.argsort(-probabilities[wrong].max(1), kind="stable")][:gallery_size]
+    images = np.load(paths.images, mmap_mode="r")
+    plots.gallery([images[rows[i]] for i in worst],
+                  [f"{Path(files[i]).name}\ntrue {CLASSES[targets[i]]}, said {CLASSES[predicted[i]]} "
+                   f"({probabilities[i].max():.0%})" for i in worst],
+                  reports / "confidently_wrong.png",
+                  title=f"Most confidently wrong test images ({len(wrong)} wrong of {len(targets)})")
+
+
+def write_predictions(path: Path, files: list[str], targets: np.ndarray, probabilities: np.ndarray) -> None:
     """One row per test image; ``actual``/``predicted`` feed DVC's confusion template."""
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
@@ -68,3 +122,10 @@ def write_predictions(path, files: list[str], targets: np.ndarray, probabilities
         for file, target, probs in zip(files, targets, probabilities):
             writer.writerow([file, CLASSES[target], CLASSES[probs.argmax()], round(float(probs.max()), 6),
                              round(float(probs[1]), 6)])
+
+
+def _write_columns(path: Path, columns: dict[str, np.ndarray]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(zip(*(np.round(values, 6) for values in columns.values())))

@@ -7,6 +7,7 @@ Each section belongs to one stage (``data`` to prepare, ``train``, ``evaluate``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -44,7 +45,8 @@ class DataParams:
         _check(self.limit_per_class is None or self.limit_per_class > 0, "data.limit_per_class",
                "must be a positive integer or null", self.limit_per_class)
         _check(self.min_image_size >= 1, "data.min_image_size", "must be >= 1", self.min_image_size)
-        _check(self.min_per_class >= 1, "data.min_per_class", "must be >= 1", self.min_per_class)
+        _check(self.min_per_class >= 3, "data.min_per_class", "must be >= 3 (one image per split)",
+               self.min_per_class)
         _check(self.workers >= 0, "data.workers", "must be >= 0", self.workers)
 
 
@@ -84,19 +86,28 @@ class TrainParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 64
+    tta: bool = False  # average with the horizontally flipped image
+    calibration_bins: int = 10
+    gallery_size: int = 16  # most confidently wrong test images shown
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "evaluate.batch_size", "must be >= 1", self.batch_size)
+        _check(self.calibration_bins >= 2, "evaluate.calibration_bins", "must be >= 2", self.calibration_bins)
+        _check(self.gallery_size >= 1, "evaluate.gallery_size", "must be >= 1", self.gallery_size)
 
 
 @dataclass(frozen=True)
 class ExportParams:
     opset: int = 18
-    tolerance: float = 1e-3  # max abs logit difference ONNX vs PyTorch
+    tolerance: float = 1e-3  # max abs logit difference exported vs eager PyTorch
+    parity_images: int = 256  # test images the exported models are checked on
+    registered_model_name: str | None = "catdog"  # null: skip the model registry
+    promote_champion: bool = True  # move alias 'champion' when test accuracy beats it
 
     def __post_init__(self):
         _check(self.opset >= 17, "export.opset", "must be >= 17", self.opset)
         _check(self.tolerance > 0, "export.tolerance", "must be > 0", self.tolerance)
+        _check(self.parity_images >= 1, "export.parity_images", "must be >= 1", self.parity_images)
 
 
 @dataclass(frozen=True)
@@ -186,6 +197,8 @@ def _coerce(hint, value, key: str):
             pass
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ParamsError(f"{key} must be a finite number, got {value!r}")
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ParamsError(f"{key} must be {hint.__name__}, got {value!r}")
     return value

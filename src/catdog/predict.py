@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ from catdog.errors import CatdogError
 from catdog.images import BadImage, decode_image, resize
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
-DEFAULT_MODEL = Path("models/export/model.onnx")
+DEFAULT_MODEL = "models/export/model.onnx"
 
 
 @dataclass(frozen=True)
@@ -26,33 +28,66 @@ class ExportedModel:
     image_size: int
 
     @classmethod
-    def load(cls, path: Path) -> "ExportedModel":
+    def load(cls, spec: str | Path) -> "ExportedModel":
+        """``spec``: an exported ``model.onnx`` (labels.json and preprocess.json beside it) or a
+        registry URI such as ``models:/catdog@champion``."""
         import onnxruntime as ort
 
+        path = _download_registered(str(spec)) if str(spec).startswith("models:/") else Path(spec)
         if not path.is_file():
             raise CatdogError(f"model {path} not found: run `dvc repro` first or pass --model")
+        config = {}
+        for name in ("labels.json", "preprocess.json"):
+            # export writes them beside the model; a registered MLflow model keeps them in extra_files/
+            found = [f for f in (path.parent / name, path.parent / "extra_files" / name) if f.is_file()]
+            if not found:
+                raise CatdogError(f"{name} not found beside {path}: the export stage writes it")
+            config.update(json.loads(found[0].read_text()))
         try:
-            labels = json.loads((path.parent / "labels.json").read_text())
-            preprocess = json.loads((path.parent / "preprocess.json").read_text())
-        except FileNotFoundError as exc:
-            raise CatdogError(f"{exc.filename} not found: the export stage writes it beside {path.name}") from None
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return cls(session, session.get_inputs()[0].name, labels["classes"],
-                   preprocess["cache_size"], preprocess["image_size"])
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            raise CatdogError(f"cannot load {path} as an ONNX model: {str(exc).splitlines()[0]}") from None
+        return cls(session, session.get_inputs()[0].name, config["classes"], config["cache_size"],
+                   config["image_size"])
 
     def preprocess(self, data: bytes) -> np.ndarray:
         """The same decode as prepare, then the model's input size; CHW float32 in [0, 1]."""
         pixels = resize(decode_image(data, self.cache_size), self.image_size)
         return pixels.transpose(2, 0, 1).astype(np.float32) / 255.0
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        logits = self.session.run(None, {self.input_name: batch})[0]
-        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return exp / exp.sum(axis=1, keepdims=True)
+    def probabilities(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
+        probabilities = _softmax(self.session.run(None, {self.input_name: batch})[0])
+        if tta:  # average with the left-right mirror image, as evaluate.tta does
+            mirrored = np.ascontiguousarray(batch[..., ::-1])
+            probabilities = (probabilities + _softmax(self.session.run(None, {self.input_name: mirrored})[0])) / 2
+        return probabilities
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _download_registered(uri: str) -> Path:
+    import logging
+
+    import mlflow
+
+    from catdog.tracking import DB_FILE, tracking_uri
+
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not (Path.cwd() / DB_FILE).is_file():
+        raise CatdogError(f"no MLflow store for {uri}: run from the project root (where {DB_FILE} is) "
+                          "or set MLFLOW_TRACKING_URI")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # keep stderr to our one line
+    mlflow.set_tracking_uri(tracking_uri(Path.cwd()))
+    try:
+        return Path(mlflow.artifacts.download_artifacts(uri)) / "model.onnx"
+    except mlflow.exceptions.MlflowException as exc:
+        raise CatdogError(f"cannot load {uri} from {mlflow.get_tracking_uri()}: {exc.message}") from None
 
 
 def expand_paths(paths: Iterable[str]) -> list[Path]:
-    """Files as given; folders expand to the image files below them, sorted."""
+    """Files as given; folders expand to the image files below them, globs to their matches."""
     files = []
     for raw in paths:
         path = Path(raw)
@@ -60,19 +95,22 @@ def expand_paths(paths: Iterable[str]) -> list[Path]:
             files += sorted(p for p in path.rglob("*")
                             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                             and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        elif not path.exists() and glob.has_magic(raw):
+            matches = sorted(glob.glob(raw, recursive=True))
+            files += [Path(m) for m in matches if Path(m).is_file()] or [path]
         else:
             files.append(path)
     return files
 
 
-def predict(model: ExportedModel, files: list[Path], batch_size: int = 64) -> Iterator[dict]:
+def predict(model: ExportedModel, files: list[Path], batch_size: int = 64, tta: bool = False) -> Iterator[dict]:
     """One result per file, in order: {path, label, confidence} or {path, error}."""
 
     def load(path: Path):
         try:
             return model.preprocess(path.read_bytes())
         except FileNotFoundError:
-            return "no such file"
+            return "no such file" if not glob.has_magic(str(path)) else "no file matches this pattern"
         except IsADirectoryError:
             return "is a directory"
         except PermissionError:
@@ -85,7 +123,7 @@ def predict(model: ExportedModel, files: list[Path], batch_size: int = 64) -> It
             chunk = files[start:start + batch_size]
             loaded = list(pool.map(load, chunk))
             good = [i for i, item in enumerate(loaded) if isinstance(item, np.ndarray)]
-            probs = model.probabilities(np.stack([loaded[i] for i in good])) if good else []
+            probs = model.probabilities(np.stack([loaded[i] for i in good]), tta) if good else []
             by_index = dict(zip(good, probs))
             for i, path in enumerate(chunk):
                 if i in by_index:

@@ -216,8 +216,9 @@ def split(kept: list[tuple[Candidate, str]], data: DataParams) -> tuple[list[str
     for label in CLASSES:
         label_groups = sorted(by_label[label], key=lambda members: kept[members[0]][0].path)
         random.Random(f"{data.seed}-{label}").shuffle(label_groups)
-        n_test = round(len(label_groups) * data.test_fraction)
-        n_val = round(len(label_groups) * data.val_fraction)
+        # at least one of each class in val and test (min_per_class >= 3 leaves one for train)
+        n_test = max(1, round(len(label_groups) * data.test_fraction))
+        n_val = max(1, round(len(label_groups) * data.val_fraction))
         for position, members in enumerate(label_groups):
             name = "test" if position < n_test else "val" if position < n_test + n_val else "train"
             for index in members:

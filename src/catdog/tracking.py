@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -40,8 +41,26 @@ def store_root(project_root: Path) -> Path:
     return Path(os.environ.get("DVC_ROOT") or project_root).resolve()
 
 
+# mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; the defaults we set must not pass for the user's.
+_defaults_in_use: set[str] = set()
+
+
 def tracking_uri(project_root: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store_root(project_root) / DB_FILE}"
+    """``MLFLOW_TRACKING_URI`` when the user set it, else the project's sqlite store."""
+    user = os.environ.get("MLFLOW_TRACKING_URI")
+    if user and user not in _defaults_in_use:
+        return user
+    return default_tracking_uri(project_root)
+
+
+def default_tracking_uri(project_root: Path) -> str:
+    return f"sqlite:///{store_root(project_root) / DB_FILE}"
+
+
+@dataclass(frozen=True)
+class Registration:
+    version: str
+    promoted: bool  # the champion alias moved to this version
 
 
 class Run:
@@ -49,6 +68,31 @@ class Run:
 
     def __init__(self, run_id: str):
         self.run_id = run_id
+
+    def lineage(self) -> dict[str, str]:
+        """The run's tags plus its id: what a model card cites."""
+        return {**MlflowClient().get_run(self.run_id).data.tags, "run_id": self.run_id}
+
+    def register_onnx_model(self, onnx_file: Path, extra_files: list[Path], name: str, test_accuracy: float,
+                            promote: bool) -> Registration:
+        """Log the ONNX model as an MLflow model, register a new version and set aliases:
+        ``candidate`` always, ``champion`` only if ``promote`` and it beats the current champion."""
+        import mlflow.onnx
+        import onnx
+        import onnxruntime
+
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_file)), name="onnx_model", extra_files=[str(f) for f in extra_files],
+            save_as_external_data=False, registered_model_name=name,
+            pip_requirements=[f"onnxruntime=={onnxruntime.__version__}"])
+        version = str(info.registered_model_version)
+        client = MlflowClient()
+        client.set_model_version_tag(name, version, "test_accuracy", str(test_accuracy))
+        client.set_registered_model_alias(name, "candidate", version)
+        promoted = promote and _beats_champion(client, name, test_accuracy)
+        if promoted:
+            client.set_registered_model_alias(name, "champion", version)
+        return Registration(version, promoted)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -64,7 +108,8 @@ class Run:
         mlflow.set_tags(tags)
 
     def log_pytorch_model(self, model, example_input) -> None:
-        """The model with signature and input example, loadable with ``mlflow.pytorch.load_model``."""
+        """The model with signature and input example, loadable with ``mlflow.pytorch.load_model``
+        (MLflow's default pt2 format: a torch.export program, no pickle; call it, no ``.eval()``)."""
         import mlflow.pytorch
         import numpy as np
         import torch
@@ -115,6 +160,14 @@ def resume_run(project_root: Path, upstream_run_file: Path, run_file: Path,
         yield active
 
 
+def _beats_champion(client: MlflowClient, name: str, test_accuracy: float) -> bool:
+    try:
+        champion = client.get_model_version_by_alias(name, "champion")
+    except mlflow.exceptions.MlflowException:  # no champion yet
+        return True
+    return test_accuracy > float(champion.tags.get("test_accuracy", "-inf"))
+
+
 def _derive_run(client: MlflowClient, source_id: str, drop: set[str]) -> str:
     source = client.get_run(source_id)
     tags = {k: v for k, v in source.data.tags.items() if k not in _RUN_OWN_TAGS}
@@ -158,7 +211,10 @@ def params_hash(params: Params) -> str:
 
 
 def _client(project_root: Path) -> MlflowClient:
-    mlflow.set_tracking_uri(tracking_uri(project_root))
+    uri = tracking_uri(project_root)
+    if uri == default_tracking_uri(project_root):
+        _defaults_in_use.add(uri)
+    mlflow.set_tracking_uri(uri)
     return MlflowClient()
 
 
@@ -167,7 +223,7 @@ def _experiment_id(client: MlflowClient, name: str, project_root: Path) -> str:
     if experiment is not None:
         return experiment.experiment_id
     location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    if client.tracking_uri == default_tracking_uri(project_root):  # a server decides for itself
         location = (store_root(project_root) / ARTIFACTS_DIR).as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)

@@ -1,0 +1,351 @@
+"""catdog.tracking against real sqlite MLflow stores in tmp dirs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from catdog import tracking
+from catdog.paths import Paths
+
+from conftest import build_params, client_for, seed_store
+
+
+@pytest.fixture
+def params():
+    return build_params({"data.source": "data/raw/train.zip", "train.lr": 0.005,
+                         "tracking.experiment_name": "catdog-tracking-test"})
+
+
+def run_file_id(path: Path) -> str:
+    return json.loads(path.read_text())["run_id"]
+
+
+def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+# --- where the store is ------------------------------------------------------------------------
+
+def test_default_uri_is_sqlite_file_in_the_project_root(tmp_path, monkeypatch):
+    assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    uri = tracking.tracking_uri(Path("."))
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert uri.startswith("sqlite:////")  # absolute: four slashes
+
+
+def test_env_tracking_uri_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/other.db")
+    assert tracking.tracking_uri(tmp_path / "project") == f"sqlite:///{tmp_path}/other.db"
+
+
+def test_dvc_root_redirects_the_store(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    temp_copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "abc"
+    assert tracking.store_root(temp_copy) == (tmp_path / "repo").resolve()
+    assert tracking.tracking_uri(temp_copy) == f"sqlite:///{(tmp_path / 'repo').resolve()}/mlflow.db"
+
+
+# --- start_run ---------------------------------------------------------------------------------
+
+def test_start_run_creates_run_with_params_tags_and_run_file(mlflow_store, mlflow_client, tmp_path, params):
+    paths = Paths.under(tmp_path)
+    paths.manifest.parent.mkdir(parents=True)
+    paths.manifest.write_text("path,label,split,pixel_md5\ntrain/cat.1.jpg,cat,train,abc\n")
+    with tracking.start_run(params, paths) as run:
+        run.log_metrics({"val_accuracy": 0.5}, step=1)
+        run.log_metrics({"val_accuracy": 0.75}, step=2)
+    run_id = run_file_id(paths.train_run)
+    assert run_id == run.run_id
+
+    client = mlflow_client(mlflow_store)
+    logged = client.get_run(run_id)
+    assert logged.info.status == "FINISHED"
+    assert client.get_experiment(logged.info.experiment_id).name == "catdog-tracking-test"
+
+    p = logged.data.params
+    assert p["train.lr"] == "0.005"
+    assert p["train.arch"] == "efficientnet_lite0"
+    assert p["train.weights"] == "null"
+    assert p["data.source"] == "data/raw/train.zip"
+    assert p["data.cache_size"] == "64"
+    assert p["tracking.experiment_name"] == "catdog-tracking-test"
+    assert set(p) == set(params.flat("data", "train", "tracking"))  # evaluate/export belong to later stages
+
+    tags = logged.data.tags
+    assert tags["data.hash"] == hashlib.md5(paths.manifest.read_bytes()).hexdigest()
+    assert tags["catdog.params_hash"] == tracking.params_hash(params)
+    assert len(tags["catdog.params_hash"]) == 32
+    assert "dvc.exp_name" not in tags
+    assert "mlflow.source.git.commit" not in tags  # tmp_path is no git repository
+    assert logged.info.run_name == f"efficientnet_lite0-features-{tracking.params_hash(params)[:6]}"
+    assert metric_history(client, run_id, "val_accuracy") == [(1, 0.5), (2, 0.75)]
+
+
+def test_start_run_without_manifest_has_no_data_hash(mlflow_store, tmp_path, params):
+    paths = Paths.under(tmp_path)
+    with tracking.start_run(params, paths) as run:
+        pass
+    tags = client_for(mlflow_store).get_run(run.run_id).data.tags
+    assert "data.hash" not in tags
+    assert "catdog.params_hash" in tags
+
+
+def test_dvc_experiment_name_is_tag_and_run_name(mlflow_store, tmp_path, params, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "gusty-lamb")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0123abcd")
+    with tracking.start_run(params, Paths.under(tmp_path)) as run:
+        pass
+    logged = client_for(mlflow_store).get_run(run.run_id)
+    assert logged.data.tags["dvc.exp_name"] == "gusty-lamb"
+    assert logged.data.tags["dvc.baseline_rev"] == "0123abcd"
+    assert logged.info.run_name == "gusty-lamb"
+
+
+def test_params_hash_changes_with_any_param():
+    a = build_params({"data.source": "x"})
+    b = build_params({"data.source": "x", "evaluate.batch_size": 7})
+    assert tracking.params_hash(a) == tracking.params_hash(build_params({"data.source": "x"}))
+    assert tracking.params_hash(a) != tracking.params_hash(b)
+
+
+def test_git_commit_and_dirty_tags(mlflow_store, tmp_path, params):
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    (tmp_path / "README.md").write_text("hello\n")
+    subprocess.run([*git, "add", "params.yaml", "README.md"], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "init"], cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    paths = Paths.under(tmp_path)
+    with tracking.start_run(params, paths) as clean:
+        pass
+    (tmp_path / "README.md").write_text("docs only: no effect on the model\n")
+    with tracking.start_run(params, paths) as docs:
+        pass
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    with tracking.start_run(params, paths) as dirty:
+        pass
+    client = client_for(mlflow_store)
+    assert client.get_run(clean.run_id).data.tags["mlflow.source.git.commit"] == head
+    assert client.get_run(clean.run_id).data.tags["git.dirty"] == "False"
+    assert client.get_run(docs.run_id).data.tags["git.dirty"] == "False"  # only code and params count
+    assert client.get_run(dirty.run_id).data.tags["git.dirty"] == "True"
+
+
+def test_env_tracking_uri_store_is_used(mlflow_template, tmp_path, params, monkeypatch):
+    db = seed_store(mlflow_template, tmp_path / "elsewhere")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative to the cwd
+    project = tmp_path / "project"
+    with tracking.start_run(params, Paths.under(project)) as run:
+        pass
+    assert client_for(db).get_run(run.run_id).info.run_id == run.run_id
+    assert not (project / "mlflow.db").exists()
+    assert run_file_id(project / "models" / "mlflow_run.json") == run.run_id
+
+
+def test_dvc_root_store_is_used(mlflow_template, tmp_path, params, monkeypatch):
+    repo = tmp_path / "repo"
+    db = seed_store(mlflow_template, repo)
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    temp_copy = repo / ".dvc" / "tmp" / "exps" / "run1"
+    with tracking.start_run(params, Paths.under(temp_copy)) as run:
+        pass
+    assert client_for(db).get_run(run.run_id).info.status == "FINISHED"
+    assert not (temp_copy / "mlflow.db").exists()
+    assert run_file_id(Paths.under(temp_copy).train_run) == run.run_id  # the DVC output stays in the copy
+
+
+def test_new_experiment_keeps_artifacts_beside_the_default_store(mlflow_template, tmp_path, params, monkeypatch):
+    project = tmp_path / "project"
+    seed_store(mlflow_template, project)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # e.g. a stage started with --root from another directory
+    note = tmp_path / "note.txt"
+    note.write_text("hi\n")
+    with tracking.start_run(params, Paths.under(project)) as run:
+        run.log_artifact(note, "reports")
+    client = client_for(project)
+    experiment = client.get_experiment(client.get_run(run.run_id).info.experiment_id)
+    assert experiment.artifact_location == (project / "mlruns").resolve().as_uri()
+    assert list((project / "mlruns").rglob("note.txt"))
+    assert not (elsewhere / "mlruns").exists()
+
+
+def test_queued_experiment_logs_artifacts_into_the_real_repository(mlflow_template, tmp_path, params, monkeypatch):
+    repo = tmp_path / "repo"
+    db = seed_store(mlflow_template, repo)
+    temp_copy = repo / ".dvc" / "tmp" / "exps" / "run1"
+    temp_copy.mkdir(parents=True)
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    monkeypatch.chdir(temp_copy)  # where DVC runs a queued experiment's stages
+    note = temp_copy / "note.txt"
+    note.write_text("hi\n")
+    with tracking.start_run(params, Paths.under(temp_copy)) as run:
+        run.log_artifact(note, "reports")
+    client = client_for(db)
+    experiment = client.get_experiment(client.get_run(run.run_id).info.experiment_id)
+    assert experiment.artifact_location == (repo / "mlruns").resolve().as_uri()
+    assert not (temp_copy / "mlruns").exists()
+
+
+def test_tracking_uri_follows_the_project_root_within_one_process(mlflow_template, tmp_path, params):
+    first, second = tmp_path / "first", tmp_path / "second"
+    seed_store(mlflow_template, first)
+    seed_store(mlflow_template, second)
+    with tracking.start_run(params, Paths.under(first)):
+        pass
+    assert tracking.tracking_uri(second) == f"sqlite:///{second.resolve()}/mlflow.db"
+
+
+def test_experiment_is_reused(mlflow_store, tmp_path, params):
+    paths = Paths.under(tmp_path)
+    with tracking.start_run(params, paths) as first:
+        pass
+    with tracking.start_run(params, paths) as second:
+        pass
+    client = client_for(mlflow_store)
+    assert first.run_id != second.run_id
+    assert client.get_run(first.run_id).info.experiment_id == client.get_run(second.run_id).info.experiment_id
+
+
+def test_log_artifact_skips_missing_files(mlflow_store, tmp_path, params):
+    paths = Paths.under(tmp_path)
+    report = tmp_path / "reports" / "note.txt"
+    report.parent.mkdir()
+    report.write_text("hello\n")
+    with tracking.start_run(params, paths) as run:
+        run.log_artifact(report, "reports")
+        run.log_artifact(tmp_path / "missing.png", "plots")  # no error
+    artifacts = [a.path for a in client_for(mlflow_store).list_artifacts(run.run_id, "reports")]
+    assert artifacts == ["reports/note.txt"]
+    assert not client_for(mlflow_store).list_artifacts(run.run_id, "plots")
+
+
+# --- resume_run --------------------------------------------------------------------------------
+
+@pytest.fixture
+def train_run(mlflow_store, tmp_path, params):
+    """A finished train run with a metric history, as the train stage leaves it."""
+    paths = Paths.under(tmp_path)
+    with tracking.start_run(params, paths) as run:
+        for epoch in (1, 2, 3):
+            run.log_metrics({"val_accuracy": 0.5 + epoch / 10, "val_loss": 1.0 / epoch}, step=epoch)
+        run.set_tags({"custom.note": "from train"})
+    return paths, run.run_id
+
+
+def test_resume_with_same_params_reuses_the_run(train_run, mlflow_store, params):
+    paths, train_id = train_run
+    evaluate_file = paths.evaluate_reports / "mlflow_run.json"
+    for attempt in (1, 2):  # rerunning evaluate with unchanged params stays in the run
+        with tracking.resume_run(paths.root, paths.train_run, evaluate_file, params.flat("evaluate")) as run:
+            run.log_metrics({"test_accuracy": 0.9})
+        assert run.run_id == train_id
+        assert run_file_id(evaluate_file) == train_id
+    logged = client_for(mlflow_store).get_run(train_id)
+    assert logged.data.params["evaluate.batch_size"] == "16"
+    assert logged.data.metrics["test_accuracy"] == 0.9
+    assert len(client_for(mlflow_store).search_runs([logged.info.experiment_id])) == 1
+
+
+def test_resume_with_conflicting_params_derives_a_new_run(train_run, mlflow_store, params):
+    paths, train_id = train_run
+    evaluate_file = paths.evaluate_reports / "mlflow_run.json"
+    with tracking.resume_run(paths.root, paths.train_run, evaluate_file, {"evaluate.batch_size": 16}):
+        pass
+    with tracking.resume_run(paths.root, paths.train_run, evaluate_file, {"evaluate.batch_size": 32}) as run:
+        run.log_metrics({"test_accuracy": 0.8})
+    derived_id = run.run_id
+    assert derived_id != train_id
+    assert run_file_id(evaluate_file) == derived_id
+
+    client = client_for(mlflow_store)
+    source, derived = client.get_run(train_id), client.get_run(derived_id)
+    assert derived.data.tags["catdog.derived_from"] == train_id
+    assert derived.data.tags["catdog.params_hash"] == source.data.tags["catdog.params_hash"]
+    assert derived.data.tags["custom.note"] == "from train"
+    assert derived.info.run_name == f"{source.info.run_name}-re"
+    assert derived.info.experiment_id == source.info.experiment_id
+    # params: the train ones carried over, the section's new value logged
+    assert derived.data.params["evaluate.batch_size"] == "32"
+    assert source.data.params["evaluate.batch_size"] == "16"  # immutable in the source
+    assert derived.data.params["train.lr"] == "0.005"
+    assert {k: v for k, v in derived.data.params.items() if k != "evaluate.batch_size"} == \
+           {k: v for k, v in source.data.params.items() if k != "evaluate.batch_size"}
+    # the whole per-epoch history, not only the last values
+    assert metric_history(client, derived_id, "val_accuracy") == [(1, 0.6), (2, 0.7), (3, 0.8)]
+    assert metric_history(client, derived_id, "val_loss") == metric_history(client, train_id, "val_loss")
+    assert derived.data.metrics["test_accuracy"] == 0.8
+    assert "test_accuracy" not in source.data.metrics
+
+
+def test_resume_with_new_section_params_logs_them_in_the_same_run(train_run, mlflow_store, params):
+    paths, train_id = train_run
+    export_file = paths.export_reports / "mlflow_run.json"
+    with tracking.resume_run(paths.root, paths.train_run, export_file, params.flat("export")) as run:
+        pass
+    assert run.run_id == train_id
+    logged = client_for(mlflow_store).get_run(train_id).data.params
+    assert logged["export.opset"] == "18" and "export.tolerance" in logged
+
+
+def test_derived_run_copies_long_metric_histories(mlflow_store, tmp_path, params):
+    from mlflow.entities import Metric
+
+    paths = Paths.under(tmp_path)
+    with tracking.start_run(params, paths) as run:
+        pass
+    client = client_for(mlflow_store)
+    client.log_batch(run.run_id, metrics=[Metric("step_loss", float(i), 1_700_000_000_000 + i, i)
+                                          for i in range(950)])  # more than one 900-metric batch
+    with tracking.resume_run(paths.root, paths.train_run, tmp_path / "eval.json", {"train.lr": 0.1}) as derived:
+        pass
+    assert derived.run_id != run.run_id
+    history = metric_history(client, derived.run_id, "step_loss")
+    assert len(history) == 950
+    assert history[0] == (0, 0.0) and history[-1] == (949, 949.0)
+    assert client.get_run(derived.run_id).data.params["train.lr"] == "0.1"
+
+
+# --- model registry ----------------------------------------------------------------------------
+
+def _tiny_onnx(path: Path) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["logits"])], "tiny",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 2])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_register_onnx_model_moves_champion_only_on_improvement(mlflow_store, tmp_path, params):
+    model = _tiny_onnx(tmp_path / "model.onnx")
+    labels = tmp_path / "labels.json"
+    labels.write_text('{"classes": ["cat", "dog"]}\n')
+    steps = [(0.90, True), (0.80, True), (0.95, False), (0.95, True), (0.95, True)]
+    registrations = []
+    with tracking.start_run(params, Paths.under(tmp_path)) as run:
+        for accuracy, promote in steps:
+            registrations.append(run.register_onnx_model(model, [labels], "catdog-test", accuracy, promote))
+    assert [r.version for r in registrations] == ["1", "2", "3", "4", "5"]
+    # first is champion; worse is not; not asked to promote; better; a tie is no improvement
+    assert [r.promoted for r in registrations] == [True, False, False, True, False]
+    client = client_for(mlflow_store)
+    assert str(client.get_model_version_by_alias("catdog-test", "champion").version) == "4"
+    assert str(client.get_model_version_by_alias("catdog-test", "candidate").version) == "5"
+    assert client.get_model_version("catdog-test", "2").tags["test_accuracy"] == "0.8"
+    assert client.get_model_version("catdog-test", "1").run_id == run.run_id
