@@ -356,10 +356,10 @@ def test_mlflow_logged_model_and_artifacts(project: Project):
     client = project.client()
 
     # MLflow 3: log_model(name=...) creates a LoggedModel, linked to the run as an output.
-    models = [m for m in client.search_logged_models(experiment_ids=[project.experiment_id()])
-              if m.source_run_id == run_id]
-    assert [m.name for m in models] == ["model"], models
-    model = models[0]
+    models = {m.name: m for m in client.search_logged_models(experiment_ids=[project.experiment_id()])
+              if m.source_run_id == run_id}
+    assert sorted(models) == ["model", "onnx_model"], models  # PyTorch from train, ONNX from export
+    model = models["model"]
     assert str(model.status).endswith("READY"), model.status
     outputs = client.get_run(run_id).outputs
     assert model.model_id in {o.model_id for o in outputs.model_outputs}, outputs

@@ -23,24 +23,43 @@ LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
 
 class Classifier(nn.Module):
     def __init__(self, backbone: nn.Module, num_features: int, num_classes: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], dropout: float):
+                 mean: tuple[float, ...], std: tuple[float, ...], dropout: float, blocks: list[nn.Module]):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.backbone = backbone
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, num_classes))
+        # The backbone's blocks, input to output; a plain list, so they are not registered twice.
+        self.blocks = [block for block in blocks if any(True for _ in block.parameters())]
         self.backbone_frozen = False
+        self._unfrozen_blocks: list[nn.Module] = []
 
-    def freeze_backbone(self) -> "Classifier":
-        """No gradients, and BatchNorm statistics stay those of the pretrained weights."""
+    def last_blocks(self, count: int) -> list[nn.Module]:
+        """The backbone's last ``count`` blocks that hold weights (all of them if it has fewer)."""
+        return self.blocks[-count:] if count > 0 else []
+
+    def freeze_backbone(self, except_last: int = 0) -> "Classifier":
+        """No gradients, and BatchNorm statistics stay those of the pretrained weights, except in
+        the last ``except_last`` blocks ('top' mode), which train with the head."""
         self.backbone_frozen = True
         self.backbone.requires_grad_(False)
+        self._unfrozen_blocks = self.last_blocks(except_last)
+        for block in self._unfrozen_blocks:
+            block.requires_grad_(True)
+        return self.train(self.training)
+
+    def unfreeze_backbone(self) -> "Classifier":
+        self.backbone_frozen = False
+        self._unfrozen_blocks = []
+        self.backbone.requires_grad_(True)
         return self.train(self.training)
 
     def train(self, mode: bool = True) -> "Classifier":
         super().train(mode)
         if self.backbone_frozen:
             self.backbone.eval()
+            for block in self._unfrozen_blocks:
+                block.train(mode)
         return self
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -54,6 +73,7 @@ class Classifier(nn.Module):
 @dataclass(frozen=True)
 class Architecture:
     build: Callable[[bool, str | None, int], tuple[nn.Module, int]]  # (pretrained, weights, image_size)
+    blocks: Callable[[nn.Module], list[nn.Module]]  # the built backbone's blocks, input to output ('top' mode)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
@@ -80,6 +100,11 @@ def _efficientnet_lite(variant: int):
         return _LiteBackbone(net), features
 
     return build
+
+
+def _lite_blocks(backbone: _LiteBackbone) -> list[nn.Module]:
+    net = backbone.net
+    return [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
 
 
 def _lite_weights_file(variant: int) -> str:
@@ -119,6 +144,15 @@ def _torchvision(name: str, head_path: str):
     return build
 
 
+def _resnet_blocks(net: nn.Module) -> list[nn.Module]:
+    return [nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3, net.layer4]
+
+
+def _features_blocks(net: nn.Module) -> list[nn.Module]:
+    """torchvision nets built as ``features`` + ``classifier`` (whose last Linear is gone)."""
+    return [*net.features, net.classifier]
+
+
 def _simple_cnn(pretrained: bool, weights: str | None, image_size: int):
     """From-scratch baseline: what the pretrained backbones are measured against."""
     if pretrained and not weights:
@@ -134,17 +168,21 @@ def _simple_cnn(pretrained: bool, weights: str | None, image_size: int):
     return net, channels
 
 
+def _simple_cnn_blocks(net: nn.Sequential) -> list[nn.Module]:
+    return [net[start:start + 4] for start in range(0, 16, 4)]  # conv, bn, relu, pool
+
+
 ARCHITECTURES: dict[str, Architecture] = {
-    "efficientnet_lite0": Architecture(_efficientnet_lite(0), LITE_MEAN, LITE_STD),
-    "efficientnet_lite1": Architecture(_efficientnet_lite(1), LITE_MEAN, LITE_STD),
-    "efficientnet_lite2": Architecture(_efficientnet_lite(2), LITE_MEAN, LITE_STD),
-    "resnet18": Architecture(_torchvision("resnet18", "fc")),
-    "resnet50": Architecture(_torchvision("resnet50", "fc")),
-    "vgg16": Architecture(_torchvision("vgg16", "classifier.6")),
-    "efficientnet_b0": Architecture(_torchvision("efficientnet_b0", "classifier.1")),
-    "mobilenet_v3_large": Architecture(_torchvision("mobilenet_v3_large", "classifier.3")),
-    "convnext_tiny": Architecture(_torchvision("convnext_tiny", "classifier.2")),
-    "simple_cnn": Architecture(_simple_cnn, (0.5,) * 3, (0.5,) * 3),
+    "efficientnet_lite0": Architecture(_efficientnet_lite(0), _lite_blocks, LITE_MEAN, LITE_STD),
+    "efficientnet_lite1": Architecture(_efficientnet_lite(1), _lite_blocks, LITE_MEAN, LITE_STD),
+    "efficientnet_lite2": Architecture(_efficientnet_lite(2), _lite_blocks, LITE_MEAN, LITE_STD),
+    "resnet18": Architecture(_torchvision("resnet18", "fc"), _resnet_blocks),
+    "resnet50": Architecture(_torchvision("resnet50", "fc"), _resnet_blocks),
+    "vgg16": Architecture(_torchvision("vgg16", "classifier.6"), _features_blocks),
+    "efficientnet_b0": Architecture(_torchvision("efficientnet_b0", "classifier.1"), _features_blocks),
+    "mobilenet_v3_large": Architecture(_torchvision("mobilenet_v3_large", "classifier.3"), _features_blocks),
+    "convnext_tiny": Architecture(_torchvision("convnext_tiny", "classifier.2"), _features_blocks),
+    "simple_cnn": Architecture(_simple_cnn, _simple_cnn_blocks, (0.5,) * 3, (0.5,) * 3),
 }
 
 
@@ -154,7 +192,7 @@ def create_model(arch: str, pretrained: bool = True, num_classes: int = 2, weigh
         raise CatdogError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     spec = ARCHITECTURES[arch]
     backbone, features = spec.build(pretrained, weights, image_size)
-    return Classifier(backbone, features, num_classes, spec.mean, spec.std, dropout)
+    return Classifier(backbone, features, num_classes, spec.mean, spec.std, dropout, spec.blocks(backbone))
 
 
 def _load_state(path: str | Path) -> dict:

@@ -56,17 +56,30 @@ class TrainParams:
     weights: str | None = None  # local weights file for archs without a bundled one
     pretrained: bool = True
     image_size: int = 224
-    mode: Literal["features", "head", "full"] = "features"
+    mode: Literal["features", "head", "top", "full"] = "features"
+    unfreeze_blocks: int = 1  # 'top' mode: how many of the backbone's last blocks train
+    head_warmup_epochs: int = 0  # top/full: only the head trains for the first N epochs
     epochs: int = 30
     batch_size: int = 64
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 1e-3
+    backbone_lr_factor: float = 1.0  # top/full: backbone lr = lr * factor
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 1e-4
+    scheduler: Literal["onecycle", "cosine"] = "onecycle"  # stepped every batch
+    warmup_epochs: int = 0  # cosine only: linear warm-up (onecycle warms up over 10% of the steps itself)
+    label_smoothing: float = 0.0  # train loss only; val loss stays plain cross-entropy
+    grad_clip_norm: float | None = None  # null: no clipping
     dropout: float = 0.2
     augment: bool = False
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"  # picks the epoch that is kept
+    early_stopping_patience: int | None = None  # stop after N epochs without a better monitor; null: off
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False  # torch.compile, CUDA only
     seed: int = 42
     workers: int = 2
+    nproc: int = 1  # > 1: the stage re-launches itself under torchrun, one DDP process each
+    log_every_n_steps: int = 20  # step-level train loss to MLflow
 
     def __post_init__(self):
         from catdog.models import ARCHITECTURES  # late: models imports torch
@@ -81,6 +94,28 @@ class TrainParams:
         _check(self.workers >= 0, "train.workers", "must be >= 0", self.workers)
         _check(not (self.mode == "features" and self.augment), "train.augment",
                "must be false in 'features' mode (features are computed once); use mode 'head'", self.augment)
+        _check(self.unfreeze_blocks >= 1, "train.unfreeze_blocks", "must be >= 1", self.unfreeze_blocks)
+        _check(0 <= self.head_warmup_epochs < self.epochs, "train.head_warmup_epochs",
+               f"must be >= 0 and below train.epochs ({self.epochs})", self.head_warmup_epochs)
+        _check(self.head_warmup_epochs == 0 or self.mode in ("top", "full"), "train.head_warmup_epochs",
+               f"must be 0 in '{self.mode}' mode (only the head trains anyway); use mode 'top' or 'full'",
+               self.head_warmup_epochs)
+        _check(self.backbone_lr_factor > 0, "train.backbone_lr_factor", "must be > 0", self.backbone_lr_factor)
+        _check(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)", self.momentum)
+        _check(0 <= self.warmup_epochs < self.epochs, "train.warmup_epochs",
+               f"must be >= 0 and below train.epochs ({self.epochs})", self.warmup_epochs)
+        _check(self.warmup_epochs == 0 or self.scheduler == "cosine", "train.warmup_epochs",
+               "must be 0 with scheduler 'onecycle' (it warms up over the first 10% of the steps itself)",
+               self.warmup_epochs)
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)", self.label_smoothing)
+        _check(self.grad_clip_norm is None or self.grad_clip_norm > 0, "train.grad_clip_norm",
+               "must be > 0 or null (no clipping)", self.grad_clip_norm)
+        _check(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+               "train.early_stopping_patience", "must be >= 1 or null (off)", self.early_stopping_patience)
+        _check(self.nproc >= 1, "train.nproc", "must be >= 1", self.nproc)
+        _check(self.nproc == 1 or self.mode != "features", "train.nproc",
+               "must be 1 in 'features' mode (one process trains the head on cached embeddings)", self.nproc)
+        _check(self.log_every_n_steps >= 1, "train.log_every_n_steps", "must be >= 1", self.log_every_n_steps)
 
 
 @dataclass(frozen=True)
