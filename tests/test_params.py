@@ -74,7 +74,7 @@ def test_error_message_names_the_source_file():
     ("train.lr", "fast", r"train\.lr must be float, got 'fast'"),
     ("train.lr", False, r"train\.lr must be float, got False"),
     ("tracking.experiment_name", 7, r"tracking\.experiment_name must be str, got 7"),
-    ("train.mode", "finetune", r"train\.mode must be one of \['features', 'head', 'full'\]"),
+    ("train.mode", "finetune", r"train\.mode must be one of \['features', 'head', 'top', 'full'\]"),
     ("train.precision", "fp16", r"train\.precision must be one of"),
     ("train.monitor", "accuracy", r"train\.monitor must be one of \[.val_loss., .val_accuracy.\]"),
 ])

@@ -18,30 +18,24 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
-import os
-import re
-import shutil
 import subprocess
-import sys
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from PIL import Image
+
+from dvc_project import (COLOURS, PER_CLASS, REPO, STAGES, Project, cached_outputs, copy_project,
+                         stage_runs)
+from dvc_project import describe as _describe
+from dvc_project import tool as _tool
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # the venv pytest runs from: python, dvc, catdog live here
-STAGES = ("prepare", "train", "evaluate", "export")
+# The project-building helpers are shared with the other real-dvc tests (tests/dvc_project.py).
 EXPERIMENT = "catdog"
-PER_CLASS = 16
-COLOURS = {"cat": (200, 70, 40), "dog": (40, 90, 210)}  # class-separable mean colours
 EPOCHS = 3
 FIRST_LR, SECOND_LR = 0.001, 0.003
 FIRST_EVAL_BATCH, SECOND_EVAL_BATCH = 16, 8
@@ -51,137 +45,6 @@ TINY_PARAMS = {
     "train": {"image_size": 64, "epochs": EPOCHS, "batch_size": 8, "lr": FIRST_LR, "workers": 0},
     "evaluate": {"batch_size": FIRST_EVAL_BATCH},
 }
-REPRO_TIMEOUT = 600
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _tail(text: str, lines: int = 60) -> str:
-    return "\n".join((text or "").splitlines()[-lines:])
-
-
-def _describe(proc: subprocess.CompletedProcess) -> str:
-    return (f"$ {' '.join(map(str, proc.args))}\nexit code {proc.returncode}\n"
-            f"--- stdout (tail) ---\n{_tail(proc.stdout)}\n--- stderr (tail) ---\n{_tail(proc.stderr)}")
-
-
-def _tool(name: str) -> str:
-    path = BIN / name
-    if path.exists():
-        return str(path)
-    found = shutil.which(name)
-    if not found:
-        pytest.fail(f"{name!r} not found beside {sys.executable} nor on PATH: run `make install`")
-    return found
-
-
-def _jpeg(rng: np.random.Generator, colour: tuple[int, int, int]) -> bytes:
-    height, width = rng.integers(56, 97, size=2)
-    pixels = np.clip(np.asarray(colour) + rng.normal(0, 25, (height, width, 3)), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def make_tiny_zip(path: Path, seed: int = 0) -> None:
-    """Kaggle layout (``train/cat.N.jpg``), plus one corrupt member prepare must reject."""
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w") as archive:
-        for label, colour in COLOURS.items():
-            for index in range(PER_CLASS):
-                archive.writestr(f"train/{label}.{index}.jpg", _jpeg(rng, colour))
-        archive.writestr("train/cat.999.jpg", b"this is not a jpeg")
-
-
-def cached_outputs(dvc_yaml: Path) -> list[str]:
-    """Paths of the outs/metrics/plots of dvc.yaml that DVC caches (``cache`` not false)."""
-    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
-    paths = []
-    for stage in stages.values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind) or []:
-                path, options = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
-                if (options or {}).get("cache", True) and "${" not in path:
-                    paths.append(path)
-    return paths
-
-
-def git_files(root: Path) -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                         cwd=root, capture_output=True, check=True).stdout
-    return sorted({name for name in out.decode().split("\0") if name})
-
-
-def stage_runs(stdout: str) -> set[str]:
-    return set(re.findall(r"Running stage '([\w-]+)'", stdout))
-
-
-@dataclass
-class Project:
-    root: Path
-    env: dict[str, str]
-    repros: list[str] = field(default_factory=list)  # stdout of each dvc repro, in order
-    first: ReproResult | None = None  # the state right after the first repro
-
-    # ---- processes
-    def run(self, *args: str, check: bool = True, timeout: int = 120) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(args), cwd=self.root, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
-        if check and proc.returncode != 0:
-            pytest.fail(f"command failed in {self.root}\n{_describe(proc)}", pytrace=False)
-        return proc
-
-    def git(self, *args: str) -> str:
-        return self.run("git", "-c", "user.name=catdog-test", "-c", "user.email=test@example.invalid",
-                        "-c", "commit.gpgsign=false", "-c", "core.hooksPath=/dev/null", *args).stdout.strip()
-
-    def repro(self) -> str:
-        proc = self.run(_tool("dvc"), "repro", timeout=REPRO_TIMEOUT)
-        self.repros.append(proc.stdout)
-        return proc.stdout
-
-    # ---- files
-    def json(self, relative: str):
-        path = self.root / relative
-        assert path.is_file(), f"{relative} was not written"
-        return json.loads(path.read_text())
-
-    def run_id(self, relative: str) -> str:
-        return self.json(relative)["run_id"]
-
-    def params(self) -> dict:
-        return yaml.safe_load((self.root / "params.yaml").read_text())
-
-    def set_params(self, updates: dict[str, dict]) -> None:
-        params = self.params()
-        for section, values in updates.items():
-            unknown = set(values) - set(params[section])
-            assert not unknown, f"params.yaml has no {section}.{sorted(unknown)} (keys renamed?)"
-            params[section].update(values)
-        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-    # ---- MLflow
-    def client(self):
-        from mlflow.tracking import MlflowClient
-
-        return MlflowClient(tracking_uri=f"sqlite:///{self.root}/mlflow.db")
-
-    def experiment_id(self) -> str:
-        experiment = self.client().get_experiment_by_name(EXPERIMENT)
-        assert experiment is not None, f"no MLflow experiment {EXPERIMENT!r} in {self.root}/mlflow.db"
-        return experiment.experiment_id
-
-    def runs(self) -> list:
-        return self.client().search_runs([self.experiment_id()], order_by=["attributes.start_time ASC"])
-
-    def artifacts(self, run_id: str, path: str | None = None) -> set[str]:
-        """Every artifact file of the run, recursively."""
-        client, found = self.client(), set()
-        for info in client.list_artifacts(run_id, path):
-            found |= self.artifacts(run_id, info.path) if info.is_dir else {info.path}
-        return found
 
 
 @dataclass(frozen=True)
@@ -206,32 +69,8 @@ def _snapshot(project: Project, stdout: str) -> ReproResult:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Project:
     """A temp copy of the repository with tiny data and params, after one ``dvc repro``."""
-    if not (REPO / ".git").exists():
-        pytest.skip("needs a git checkout of the project (git ls-files)")
     root = tmp_path_factory.mktemp("pipeline") / "project"
-    for name in git_files(REPO):
-        source = REPO / name
-        if source.is_file():  # tracked but deleted in the working tree: skip
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, root / name)
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "GIT_"))}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(BIN.parent),
-               PYTHONPATH=str(root / "src"),  # the stages import the copy that DVC hashes
-               PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
-    proj = Project(root, env)
-
-    make_tiny_zip(root / "data" / "tiny.zip")
-    proj.set_params(TINY_PARAMS)
-
-    proj.git("init", "-q")
-    proj.git("add", "-A")
-    # DVC refuses to save a cached output that git tracks ("already tracked by SCM"); the
-    # repository once committed some. test_repository_does_not_git_track_dvc_cached_outputs
-    # guards against that; here it only keeps the pipeline test about the pipeline.
-    if outs := cached_outputs(root / "dvc.yaml"):
-        proj.git("rm", "-r", "-q", "--cached", "--ignore-unmatch", "--", *outs)
-    proj.git("commit", "-q", "-m", "tiny pipeline")
+    proj = copy_project(root, TINY_PARAMS)
 
     assert not (root / "mlflow.db").exists()
     proj.first = _snapshot(proj, proj.repro())

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from catdog import CLASSES
 from catdog.errors import CatdogError
@@ -58,7 +58,8 @@ class CachedImages(Dataset):
 
 
 def make_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False,
-                generator: torch.Generator | None = None, pin_memory: bool = False) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                generator: torch.Generator | None = None, pin_memory: bool = False,
+                sampler: Sampler | None = None, persistent_workers: bool = True) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
                       worker_init_fn=seed_worker, generator=generator, pin_memory=pin_memory,
-                      persistent_workers=workers > 0)
+                      persistent_workers=persistent_workers and workers > 0)

@@ -27,8 +27,12 @@ class Runtime:
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
-    def to_device(self, images: torch.Tensor) -> torch.Tensor:
+    def to_device(self, images: torch.Tensor, transform=None) -> torch.Tensor:
+        """The batch on the device; ``transform`` (GPU augmentation) runs there, before the memory
+        layout is set, since it rebuilds the batch."""
         images = images.to(self.device, non_blocking=True)
+        if transform is not None:
+            images = transform(images)
         if self.channels_last and images.dim() == 4:
             return images.contiguous(memory_format=torch.channels_last)
         return images

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -19,29 +21,47 @@ class EpochStats:
 
 
 def train_one_epoch(module: nn.Module, loader, optimizer, scheduler, runtime: Runtime,
-                    scaler: torch.amp.GradScaler | None, desc: str) -> EpochStats:
+                    scaler: torch.amp.GradScaler | None, desc: str, *,
+                    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+                    grad_clip_norm: float | None = None, batch_transform: Callable | None = None,
+                    on_step: Callable[[float], None] | None = None) -> EpochStats:
+    """One pass over ``loader``, the scheduler stepped per batch; ``batch_transform`` runs on the
+    device (GPU augmentation), ``on_step`` gets each step's loss. Under DDP the returned loss and
+    accuracy cover every rank's batches."""
     module.train()
     total_loss, correct, seen = 0.0, 0, 0
     progress = tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0,
                     disable=None)  # inner bars only on a terminal: they flood logs
     for inputs, targets in progress:
-        inputs, targets = runtime.to_device(inputs), targets.to(runtime.device)
+        inputs, targets = runtime.to_device(inputs, batch_transform), targets.to(runtime.device)
         with runtime.autocast():
             logits = module(inputs)
-            loss = F.cross_entropy(logits, targets)
+            loss = criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
+            if grad_clip_norm is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                nn.utils.clip_grad_norm_(module.parameters(), grad_clip_norm)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
+            if grad_clip_norm is not None:
+                nn.utils.clip_grad_norm_(module.parameters(), grad_clip_norm)
             optimizer.step()
         scheduler.step()
-        total_loss += loss.item() * len(targets)
+        step_loss = loss.item()
+        total_loss += step_loss * len(targets)
         correct += (logits.argmax(1) == targets).sum().item()
         seen += len(targets)
         progress.set_postfix(loss=f"{total_loss / seen:.4f}", refresh=False)
+        if on_step is not None:
+            on_step(step_loss)
+    totals = torch.tensor([total_loss, correct, seen], dtype=torch.float64, device=runtime.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    total_loss, correct, seen = totals.tolist()
     return EpochStats(total_loss / seen, correct / seen)
 
 

@@ -35,7 +35,7 @@ def run(params: Params, paths: Paths) -> dict:
     loader = make_loader(CachedImages(paths, test, eval_preset(config["image_size"])), p.batch_size, 0)
 
     with tracking.resume_run(paths.root, paths.train_run, paths.evaluate_reports / "mlflow_run.json",
-                             params.flat("evaluate")) as mlflow_run:
+                             params.flat("evaluate"), params) as mlflow_run:
         probabilities, targets = predict_probabilities(model, loader, runtime, tta=p.tta, desc="test")
         probabilities, targets = probabilities.numpy(), targets.numpy()
         results = classification_metrics(targets, probabilities, p.calibration_bins)

@@ -69,7 +69,7 @@ def run(params: Params, paths: Paths) -> dict:
     }, indent=2) + "\n")
 
     with tracking.resume_run(paths.root, paths.evaluate_reports / "mlflow_run.json",
-                             paths.export_reports / "mlflow_run.json", params.flat("export")) as mlflow_run:
+                             paths.export_reports / "mlflow_run.json", params.flat("export"), params) as mlflow_run:
         test_metrics = json.loads((paths.evaluate_reports / "metrics.json").read_text())
         lineage = mlflow_run.lineage()
         (out / CARD_FILE).write_text(model_card(params, config, test_metrics, results, lineage, paths))

@@ -37,6 +37,11 @@ class Paths:
         return self.root / "models" / "checkpoint.pt"
 
     @property
+    def train_state(self) -> Path:
+        """Resumable training state, rewritten every epoch (a DVC ``persist`` output)."""
+        return self.root / "models" / "train_state.pt"
+
+    @property
     def train_run(self) -> Path:
         return self.root / "models" / "mlflow_run.json"
 

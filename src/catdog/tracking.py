@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+try:
+    import fcntl
+except ImportError:  # Windows: no store lock
+    fcntl = None
+
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -97,6 +102,10 @@ class Run:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
+    def metric_steps(self, key: str) -> set[int]:
+        """The steps at which ``key`` was logged (a resumed run skips those)."""
+        return {m.step for m in MlflowClient().get_metric_history(self.run_id, key)}
+
     def log_params(self, params: dict[str, object]) -> None:
         mlflow.log_params({k: _param_value(v) for k, v in params.items()})
 
@@ -136,22 +145,44 @@ def start_run(params: Params, paths: Paths) -> Iterator[Run]:
     tags = lineage_tags(params, paths)
     run = client.create_run(experiment_id, run_name=run_name(params), tags=tags)
     _write_run_file(paths.train_run, run.info.run_id)
-    with mlflow.start_run(run_id=run.info.run_id):
+    with mlflow.start_run(run_id=run.info.run_id, log_system_metrics=True):
         active = Run(run.info.run_id)
         active.log_params(params.flat("data", "train", "tracking"))
         yield active
 
 
 @contextlib.contextmanager
+def resume(paths: Paths, run_id: str) -> Iterator[Run]:
+    """Reopen the train run ``run_id`` after a killed train stage: the same run, params already logged."""
+    _client(paths.root)
+    _write_run_file(paths.train_run, run_id)  # a DVC output: DVC deleted it before rerunning train
+    with mlflow.start_run(run_id=run_id, log_system_metrics=True):
+        yield Run(run_id)
+
+
+def run_exists(project_root: Path, run_id: str) -> bool:
+    """Whether ``run_id`` is a live run in the project's store (a deleted run cannot be resumed)."""
+    try:
+        return _client(project_root).get_run(run_id).info.lifecycle_stage == "active"
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
+@contextlib.contextmanager
 def resume_run(project_root: Path, upstream_run_file: Path, run_file: Path,
-               section_params: dict[str, object]) -> Iterator[Run]:
-    """Reopen the upstream stage's run (or a derived one when ``section_params`` conflict)."""
+               section_params: dict[str, object], params: Params | None = None) -> Iterator[Run]:
+    """Reopen the upstream stage's run (or a derived one when ``section_params`` conflict).
+
+    A derived run is tagged with the current DVC experiment and, given the stage's full
+    ``params``, their hash: it belongs to this experiment, not to the one it copies from.
+    """
     client = _client(project_root)
     run_id = json.loads(upstream_run_file.read_text())["run_id"]
     logged = client.get_run(run_id).data.params
     values = {k: _param_value(v) for k, v in section_params.items()}
     if any(k in logged and logged[k] != v for k, v in values.items()):
-        run_id = _derive_run(client, run_id, drop=set(values))
+        run_id = _derive_run(client, run_id, drop=set(values),
+                             params_digest=params_hash(params) if params is not None else None)
         logged = {}
     _write_run_file(run_file, run_id)
     with mlflow.start_run(run_id=run_id):
@@ -168,12 +199,16 @@ def _beats_champion(client: MlflowClient, name: str, test_accuracy: float) -> bo
     return test_accuracy > float(champion.tags.get("test_accuracy", "-inf"))
 
 
-def _derive_run(client: MlflowClient, source_id: str, drop: set[str]) -> str:
+def _derive_run(client: MlflowClient, source_id: str, drop: set[str], params_digest: str | None = None) -> str:
     source = client.get_run(source_id)
-    tags = {k: v for k, v in source.data.tags.items() if k not in _RUN_OWN_TAGS}
+    tags = {k: v for k, v in source.data.tags.items()
+            if k not in _RUN_OWN_TAGS and k not in _DVC_EXP_TAGS.values()}
+    tags.update(_dvc_exp_tags())  # this run's experiment, not the source's
     tags["catdog.derived_from"] = source_id
-    run = client.create_run(source.info.experiment_id, run_name=f"{source.info.run_name}-re",
-                            tags=tags)
+    if params_digest:
+        tags["catdog.params_hash"] = params_digest
+    run = client.create_run(source.info.experiment_id,
+                            run_name=os.environ.get("DVC_EXP_NAME") or f"{source.info.run_name}-re", tags=tags)
     history = [m for key in source.data.metrics for m in client.get_metric_history(source_id, key)]
     params = [Param(k, v) for k, v in source.data.params.items() if k not in drop]
     for start in range(0, max(len(history), 1), 900):  # log_batch takes at most 1000 metrics
@@ -194,10 +229,17 @@ def lineage_tags(params: Params, paths: Paths) -> dict[str, str]:
         tags["git.dirty"] = str(bool(_git(paths.root, "status", "--porcelain", "--", *_LINEAGE_FILES)))
     if paths.manifest.is_file():
         tags["data.hash"] = hashlib.md5(paths.manifest.read_bytes()).hexdigest()
-    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev")):
-        if os.environ.get(env):
-            tags[tag] = os.environ[env]
+    tags.update(_dvc_exp_tags())
     return tags
+
+
+# Set by DVC for every stage of `dvc exp run`, in the workspace and in queued runs (.dvc/tmp/exps);
+# not by a plain `dvc repro`.
+_DVC_EXP_TAGS = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}
+
+
+def _dvc_exp_tags() -> dict[str, str]:
+    return {tag: os.environ[env] for env, tag in _DVC_EXP_TAGS.items() if os.environ.get(env)}
 
 
 def run_name(params: Params) -> str:
@@ -215,7 +257,33 @@ def _client(project_root: Path) -> MlflowClient:
     if uri == default_tracking_uri(project_root):
         _defaults_in_use.add(uri)
     mlflow.set_tracking_uri(uri)
+    _prepare_sqlite_store(uri)
     return MlflowClient()
+
+
+_prepared_stores: set[str] = set()
+
+
+def _prepare_sqlite_store(uri: str) -> None:
+    """Let MLflow create/migrate a sqlite store's schema under an exclusive file lock, once per process.
+
+    MLflow builds a new sqlite store's schema on first use, unguarded: the stages of parallel
+    experiments (``dvc queue start -j 2``) that meet a fresh ``mlflow.db`` together fail with
+    "duplicate column name" or alembic's "expected to match one row". Once the schema exists,
+    concurrent writers are fine: MLflow sets ``PRAGMA busy_timeout = 20000`` on every session.
+    """
+    if fcntl is None or not uri.startswith("sqlite:///") or uri in _prepared_stores:
+        return
+    db = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    if db.name in ("", ":memory:"):
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # tracking tables and migrations
+        client.search_registered_models(max_results=1)  # model registry tables
+    _prepared_stores.add(uri)
 
 
 def _experiment_id(client: MlflowClient, name: str, project_root: Path) -> str:

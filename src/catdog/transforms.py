@@ -26,3 +26,16 @@ def eval_preset(image_size: int) -> v2.Compose:
         v2.Resize((image_size, image_size), antialias=True),
         v2.ToDtype(torch.float32, scale=True),
     ])
+
+
+def train_transforms(image_size: int, augment: bool, on_device: bool):
+    """(per-image transform for the DataLoader, batch transform on the device or None).
+
+    With augmentation on CUDA (``on_device``) the loader only collates the cached uint8 images
+    (a quarter of the float32 bytes to copy) and the augmentation runs on the GPU image by image:
+    given a whole batch, a v2 transform would draw one crop and one flip for all of it.
+    """
+    preset = train_preset(image_size, augment)
+    if not (augment and on_device):
+        return preset, None
+    return v2.Identity(), lambda batch: torch.stack([preset(image) for image in batch])
