@@ -13,8 +13,6 @@ each step snapshotting the store's runs and the workspace's run files:
   ws-eval       only ``evaluate.batch_size`` changes: evaluate/export continue in a derived run
   ws-eval-back  ``evaluate.batch_size`` back: evaluate/export restored from DVC's run-cache
 
-(train itself is never restored from the run-cache: DVC 3 keeps no run-cache entry for a stage
-with `cache: false` or `persist` outs, and train has both; see README, "Run-cache".)
 
 The first tests need no DVC: the sqlite store race in plain processes, and derived-run tags.
 """

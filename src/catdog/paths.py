@@ -38,7 +38,7 @@ class Paths:
 
     @property
     def train_state(self) -> Path:
-        """Resumable training state, rewritten every epoch (a DVC ``persist`` output)."""
+        """Resumable training state, rewritten every epoch (git-ignored, not a DVC output)."""
         return self.root / "models" / "train_state.pt"
 
     @property

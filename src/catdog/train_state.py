@@ -4,8 +4,8 @@ It holds what continuing needs (the weights that train, optimizer, scheduler, Gr
 rank's RNG states, the history, the best epoch so far, the MLflow run id) and a fingerprint of
 what the training depends on: the train and tracking params, the prepared data and the number
 of processes. The train stage resumes from it when the fingerprint matches and it is not marked
-complete; anything else starts afresh. dvc.yaml declares it ``persist: true``, so DVC keeps it
-when it reruns train after a kill.
+complete; anything else starts afresh. It is not a DVC output, so DVC never deletes it when it
+reruns train after a kill.
 """
 
 from __future__ import annotations
