@@ -210,6 +210,23 @@ def seed_store(template: Path, root: Path) -> Path:
     return db
 
 
+def prepared_project(root: Path, template: Path, **defaults):
+    """10 + 10 synthetic images prepared in ``root`` with an MLflow store; returns
+    (paths, params) where ``params(**overrides)`` builds Params from ``defaults`` + overrides."""
+    from catdog import prepare
+
+    data = build_dataset(root / "raw", n_per_class=10)
+    seed_store(template, root)
+    paths = Paths.under(root)
+
+    def params(**overrides):
+        return build_params({"data.source": str(data.zip), "data.val_fraction": 0.2, "data.test_fraction": 0.2,
+                             **defaults, **overrides})
+
+    prepare.run(params(), paths)
+    return paths, params
+
+
 @pytest.fixture
 def mlflow_store(mlflow_template, tmp_path) -> Path:
     """``tmp_path/mlflow.db``: the default store of ``Paths.under(tmp_path)``."""

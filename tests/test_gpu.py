@@ -14,12 +14,12 @@ import pytest
 import torch
 import yaml
 
-from catdog import prepare, train
+from catdog import train
 from catdog.device import resolve_runtime
 from catdog.models import create_model, load_checkpoint
 from catdog.paths import Paths
 
-from conftest import REPO_ROOT, build_dataset, build_params, client_for, seed_store
+from conftest import REPO_ROOT, client_for, prepared_project
 
 pytestmark = pytest.mark.gpu
 
@@ -27,17 +27,9 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture
 def gpu_project(tmp_path, mlflow_template):
     """10 + 10 images prepared at 64 px, with a store; ``params(**overrides)`` for full mode on it."""
-    data = build_dataset(tmp_path / "raw", n_per_class=10)
-    seed_store(mlflow_template, tmp_path)
-    paths = Paths.under(tmp_path)
-
-    def params(**overrides):
-        return build_params({"data.source": str(data.zip), "data.val_fraction": 0.2, "data.test_fraction": 0.2,
-                             "train.mode": "full", "train.epochs": 1, "train.batch_size": 4, "train.lr": 0.001,
-                             "train.augment": True, "train.workers": 2, **overrides})
-
-    prepare.run(params(), paths)
-    return paths, params
+    return prepared_project(tmp_path, mlflow_template, **{
+        "train.mode": "full", "train.epochs": 1, "train.batch_size": 4, "train.lr": 0.001,
+        "train.augment": True, "train.workers": 2})
 
 
 def _trained(paths: Paths, metrics: dict) -> tuple[dict, dict]:

@@ -12,16 +12,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from catdog import CLASSES, prepare, train
+from catdog import CLASSES, train
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import resolve_runtime
 from catdog.engine import evaluate as evaluate_loop
 from catdog.errors import CatdogError
 from catdog.models import create_model, load_checkpoint
-from catdog.paths import Paths
 from catdog.transforms import eval_preset
 
-from conftest import PIPELINE_OVERRIDES, build_dataset, build_params, client_for, seed_store
+from conftest import PIPELINE_OVERRIDES, client_for, prepared_project
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -284,17 +283,8 @@ def test_export_logs_into_the_same_run_and_registers_the_model(pipeline):
 @pytest.fixture
 def small_project(tmp_path, mlflow_template):
     """10 + 10 images prepared at 32 px in tmp_path, with an MLflow store."""
-    data = build_dataset(tmp_path / "raw", n_per_class=10)
-    seed_store(mlflow_template, tmp_path)
-    paths = Paths.under(tmp_path)
-
-    def params(**overrides):
-        return build_params({"data.source": str(data.zip), "data.cache_size": 32, "data.val_fraction": 0.2,
-                             "data.test_fraction": 0.2, "train.image_size": 32, "train.epochs": 1,
-                             "train.batch_size": 8, **overrides})
-
-    prepare.run(params(), paths)
-    return paths, params
+    return prepared_project(tmp_path, mlflow_template, **{
+        "data.cache_size": 32, "train.image_size": 32, "train.epochs": 1, "train.batch_size": 8})
 
 
 def test_head_mode_with_augment_trains_the_head_only(small_project):

@@ -12,15 +12,14 @@ import yaml
 import torch.nn.functional as F
 from torch import nn
 
-from catdog import prepare, train, train_state
+from catdog import train, train_state
 from catdog.device import resolve_runtime
 from catdog.engine import train_one_epoch
 from catdog.models import ARCHITECTURES, create_model
 from catdog.params import ParamsError, load_params, parse_params
-from catdog.paths import Paths
 from catdog.transforms import train_transforms
 
-from conftest import REPO_ROOT, build_dataset, build_params, client_for, repo_params_raw, seed_store
+from conftest import REPO_ROOT, client_for, prepared_project, repo_params_raw
 
 
 def with_train(**values) -> dict:
@@ -174,16 +173,8 @@ def test_augmentation_on_the_device_draws_per_image():
 
 @pytest.fixture
 def small_project(tmp_path, mlflow_template):
-    data = build_dataset(tmp_path / "raw", n_per_class=10)
-    seed_store(mlflow_template, tmp_path)
-    paths = Paths.under(tmp_path)
-
-    def params(**overrides):
-        return build_params({"data.source": str(data.zip), "data.cache_size": 32, "data.val_fraction": 0.2,
-                             "data.test_fraction": 0.2, "train.image_size": 32, "train.batch_size": 4, **overrides})
-
-    prepare.run(params(), paths)
-    return paths, params
+    return prepared_project(tmp_path, mlflow_template, **{
+        "data.cache_size": 32, "train.image_size": 32, "train.batch_size": 4})
 
 
 def test_top_mode_with_head_warm_up_trains_the_head_first_then_the_last_block(small_project, capsys, monkeypatch):
