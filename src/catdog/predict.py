@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,21 +68,9 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _download_registered(uri: str) -> Path:
-    import logging
+    from catdog.tracking import download_registered_model  # imports mlflow: only for registry URIs
 
-    import mlflow
-
-    from catdog.tracking import DB_FILE, tracking_uri
-
-    if not os.environ.get("MLFLOW_TRACKING_URI") and not (Path.cwd() / DB_FILE).is_file():
-        raise CatdogError(f"no MLflow store for {uri}: run from the project root (where {DB_FILE} is) "
-                          "or set MLFLOW_TRACKING_URI")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # keep stderr to our one line
-    mlflow.set_tracking_uri(tracking_uri(Path.cwd()))
-    try:
-        return Path(mlflow.artifacts.download_artifacts(uri)) / "model.onnx"
-    except mlflow.exceptions.MlflowException as exc:
-        raise CatdogError(f"cannot load {uri} from {mlflow.get_tracking_uri()}: {exc.message}") from None
+    return download_registered_model(uri, Path.cwd()) / "model.onnx"
 
 
 def expand_paths(paths: Iterable[str]) -> list[Path]:

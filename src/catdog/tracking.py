@@ -27,6 +27,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from catdog.errors import CatdogError
 from catdog.params import Params
 from catdog.paths import Paths
 
@@ -189,6 +190,21 @@ def resume_run(project_root: Path, upstream_run_file: Path, run_file: Path,
         active = Run(run_id)
         active.log_params({k: v for k, v in values.items() if k not in logged})
         yield active
+
+
+def download_registered_model(uri: str, project_root: Path) -> Path:
+    """The local folder of a registry model (``models:/<name>@<alias>``) from the project's store."""
+    import logging
+
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not (project_root / DB_FILE).is_file():
+        raise CatdogError(f"no MLflow store for {uri}: run from the project root (where {DB_FILE} is) "
+                          "or set MLFLOW_TRACKING_URI")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # keep stderr to our one line
+    mlflow.set_tracking_uri(tracking_uri(project_root))
+    try:
+        return Path(mlflow.artifacts.download_artifacts(uri))
+    except mlflow.exceptions.MlflowException as exc:
+        raise CatdogError(f"cannot load {uri} from {mlflow.get_tracking_uri()}: {exc.message}") from None
 
 
 def _beats_champion(client: MlflowClient, name: str, test_accuracy: float) -> bool:
