@@ -2,7 +2,7 @@
 
 ``train.nproc > 1`` makes the train stage re-launch itself with
 ``python -m torch.distributed.run --standalone --nproc_per_node=N``; a multi-node job starts the
-stage under torchrun itself (README: "Multi-GPU and multi-node"). Every rank trains; rank 0 alone
+stage under torchrun itself (docs/training.md: "Multi-GPU and multi-node"). Every rank trains; rank 0 alone
 validates, logs to MLflow and writes files.
 """
 
