@@ -79,18 +79,27 @@ class Run:
         """The run's tags plus its id: what a model card cites."""
         return {**MlflowClient().get_run(self.run_id).data.tags, "run_id": self.run_id}
 
-    def register_onnx_model(self, onnx_file: Path, extra_files: list[Path], name: str, test_accuracy: float,
-                            promote: bool) -> Registration:
-        """Log the ONNX model as an MLflow model, register a new version and set aliases:
-        ``candidate`` always, ``champion`` only if ``promote`` and it beats the current champion."""
-        import mlflow.onnx
-        import onnx
-        import onnxruntime
+    def log_image_classifier(self, artifacts: dict[str, Path], classes: list[str], example_image: bytes,
+                             name: str | None, test_accuracy: float, promote: bool) -> Registration | None:
+        """Log the pyfunc of :mod:`catdog.serving` as the run's ``classifier`` model: ``artifacts``
+        (``onnx_model`` and the labels/preprocessing files beside it), the catdog code, a signature,
+        ``example_image`` as input example and pinned requirements. With ``name``, register it as a
+        new version; ``candidate`` always moves to it, ``champion`` only if ``promote`` and it beats
+        the current champion's test accuracy."""
+        import mlflow.pyfunc
+        import pandas as pd
 
-        info = mlflow.onnx.log_model(
-            onnx.load(str(onnx_file)), name="onnx_model", extra_files=[str(f) for f in extra_files],
-            save_as_external_data=False, registered_model_name=name,
-            pip_requirements=[f"onnxruntime=={onnxruntime.__version__}"])
+        from catdog import serving
+
+        info = mlflow.pyfunc.log_model(
+            name="classifier", python_model=serving.ImageClassifier(),
+            artifacts={key: str(path) for key, path in artifacts.items()},
+            code_paths=[str(Path(serving.__file__).parent)],  # loadable where catdog is not installed
+            signature=serving.signature(classes),
+            input_example=pd.DataFrame({serving.IMAGE_COLUMN: [example_image]}),
+            pip_requirements=serving.requirements(), registered_model_name=name)
+        if not name:
+            return None
         version = str(info.registered_model_version)
         client = MlflowClient()
         client.set_model_version_tag(name, version, "test_accuracy", str(test_accuracy))
