@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from catdog import tracking
+from catdog import serving, tracking
 from catdog.paths import Paths
 
 from conftest import build_params, client_for, jpeg_bytes, seed_store
@@ -342,16 +342,14 @@ def _tiny_export(folder: Path) -> dict[str, Path]:
             "preprocess": folder / "preprocess.json"}
 
 
-def test_image_classifier_moves_champion_only_on_improvement(mlflow_store, tmp_path, params):
-    artifacts = _tiny_export(tmp_path / "export")
-    example = jpeg_bytes("cat", 1)
+def test_pyfunc_model_moves_champion_only_on_improvement(mlflow_store, tmp_path, params):
+    model = serving.pyfunc_model(_tiny_export(tmp_path / "export"), ["cat", "dog"], jpeg_bytes("cat", 1))
     steps = [(0.90, True), (0.80, True), (0.95, False), (0.95, True), (0.95, True)]
     registrations = []
     with tracking.start_run(params, Paths.under(tmp_path)) as run:
         for accuracy, promote in steps:
-            registrations.append(run.log_image_classifier(artifacts, ["cat", "dog"], example, "catdog-test",
-                                                          accuracy, promote))
-        assert run.log_image_classifier(artifacts, ["cat", "dog"], example, None, 0.99, True) is None
+            registrations.append(run.log_pyfunc_model(model, "catdog-test", accuracy, promote))
+        assert run.log_pyfunc_model(model, None, 0.99, True) is None
     assert [r.version for r in registrations] == ["1", "2", "3", "4", "5"]
     # first is champion; worse is not; not asked to promote; better; a tie is no improvement
     assert [r.promoted for r in registrations] == [True, False, False, True, False]

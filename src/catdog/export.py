@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 from PIL import Image
 
-from catdog import tracking
+from catdog import serving, tracking
 from catdog.data import CachedImages, Split, load_split
 from catdog.errors import CatdogError
 from catdog.models import load_checkpoint
@@ -81,10 +81,11 @@ def run(params: Params, paths: Paths) -> dict:
         # dvc.lock as it stands now: every upstream stage's hashes (export's own entry lands after this)
         for name in ("params.yaml", "dvc.yaml", "dvc.lock"):
             mlflow_run.log_artifact(paths.root / name, "lineage")
-        registry = mlflow_run.log_image_classifier(
+        classifier = serving.pyfunc_model(
             {"onnx_model": out / MODEL_FILE, "labels": out / LABELS_FILE, "preprocess": out / PREPROCESS_FILE},
-            config["classes"], example_jpeg(paths, test), p.registered_model_name,
-            test_accuracy=test_metrics["accuracy"], promote=p.promote_champion)
+            config["classes"], example_jpeg(paths, test))
+        registry = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name,
+                                               test_accuracy=test_metrics["accuracy"], promote=p.promote_champion)
         if registry:
             results.update(registered_version=registry.version, promoted_champion=registry.promoted)
         mlflow_run.log_metrics({f"export_{k}": v for k, v in results.items() if not isinstance(v, bool)})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
@@ -62,6 +63,15 @@ def _pixels(model: ExportedModel, image: bytes | str) -> np.ndarray | str:
         return "not_base64: a string must hold the base64-encoded image"
     except BadImage as exc:
         return str(exc)
+
+
+def pyfunc_model(artifacts: dict[str, Path], classes: list[str], example_image: bytes) -> dict:
+    """What ``mlflow.pyfunc.log_model`` needs to log it: ``artifacts`` (``onnx_model`` with the labels
+    and preprocessing files beside it), the catdog code (so it loads where catdog is not installed),
+    a signature, ``example_image`` as input example and pinned requirements."""
+    return {"python_model": ImageClassifier(), "artifacts": {key: str(path) for key, path in artifacts.items()},
+            "code_paths": [str(Path(__file__).parent)], "signature": signature(classes),
+            "input_example": pd.DataFrame({IMAGE_COLUMN: [example_image]}), "pip_requirements": requirements()}
 
 
 def signature(classes: list[str]):

@@ -79,25 +79,15 @@ class Run:
         """The run's tags plus its id: what a model card cites."""
         return {**MlflowClient().get_run(self.run_id).data.tags, "run_id": self.run_id}
 
-    def log_image_classifier(self, artifacts: dict[str, Path], classes: list[str], example_image: bytes,
-                             name: str | None, test_accuracy: float, promote: bool) -> Registration | None:
-        """Log the pyfunc of :mod:`catdog.serving` as the run's ``classifier`` model: ``artifacts``
-        (``onnx_model`` and the labels/preprocessing files beside it), the catdog code, a signature,
-        ``example_image`` as input example and pinned requirements. With ``name``, register it as a
-        new version; ``candidate`` always moves to it, ``champion`` only if ``promote`` and it beats
-        the current champion's test accuracy."""
+    def log_pyfunc_model(self, model: dict, name: str | None, test_accuracy: float,
+                         promote: bool) -> Registration | None:
+        """Log ``model`` (``mlflow.pyfunc.log_model`` arguments, e.g. from
+        :func:`catdog.serving.pyfunc_model`) as the run's ``classifier``. With ``name``, register it
+        as a new version; ``candidate`` always moves to it, ``champion`` only if ``promote`` and it
+        beats the current champion's test accuracy."""
         import mlflow.pyfunc
-        import pandas as pd
 
-        from catdog import serving
-
-        info = mlflow.pyfunc.log_model(
-            name="classifier", python_model=serving.ImageClassifier(),
-            artifacts={key: str(path) for key, path in artifacts.items()},
-            code_paths=[str(Path(serving.__file__).parent)],  # loadable where catdog is not installed
-            signature=serving.signature(classes),
-            input_example=pd.DataFrame({serving.IMAGE_COLUMN: [example_image]}),
-            pip_requirements=serving.requirements(), registered_model_name=name)
+        info = mlflow.pyfunc.log_model(name="classifier", registered_model_name=name, **model)
         if not name:
             return None
         version = str(info.registered_model_version)
