@@ -148,6 +148,7 @@ class ExportParams:
 @dataclass(frozen=True)
 class TrackingParams:
     experiment_name: str = "catdog"
+    log_pytorch_model: bool = False  # train also logs the full PyTorch model (~15 MB per run)
 
     def __post_init__(self):
         _check(bool(self.experiment_name.strip()), "tracking.experiment_name", "must not be empty",
