@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-import yaml
 import torch.nn.functional as F
 from torch import nn
 
@@ -16,10 +15,10 @@ from catdog import train, train_state
 from catdog.device import resolve_runtime
 from catdog.engine import train_one_epoch
 from catdog.models import ARCHITECTURES, create_model
-from catdog.params import ParamsError, load_params, parse_params
+from catdog.params import ParamsError, parse_params
 from catdog.transforms import train_transforms
 
-from conftest import REPO_ROOT, client_for, prepared_project, repo_params_raw
+from conftest import client_for, prepared_project, repo_params_raw
 
 
 def with_train(**values) -> dict:
