@@ -123,9 +123,10 @@ class Run:
         mlflow.set_tags(tags)
 
     def log_pytorch_model(self, model, example_input) -> None:
-        """The model with its signature, loadable with ``mlflow.pytorch.load_model`` (MLflow's default
-        pt2 format: a torch.export program, no pickle; call it, no ``.eval()``). No input example:
-        a float image tensor as JSON takes megabytes; ``example_input`` only gives the signature."""
+        """The model with signature and input example, loadable with ``mlflow.pytorch.load_model``
+        (MLflow's default pt2 format: a torch.export program, no pickle; call it, no ``.eval()``).
+        pt2 needs the example, which MLflow stores as JSON (megabytes at 224 px): only logged when
+        ``tracking.log_pytorch_model`` asks."""
         import mlflow.pytorch
         import numpy as np
         import torch
@@ -138,6 +139,7 @@ class Run:
             model,
             name="model",
             signature=infer_signature(example_input, example_output.astype(np.float32)),
+            input_example=example_input,
             # Written out rather than inferred: inference re-imports the model in a subprocess.
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "efficientnet-lite-pytorch==0.1.0"],
         )
