@@ -10,7 +10,6 @@ reruns train after a kill.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -30,8 +29,8 @@ VERSION = 1
 def fingerprint(params: Params, paths: Paths, world_size: int) -> str:
     material = {
         "version": VERSION,
-        "train": dataclasses.asdict(params.train),
-        "tracking": dataclasses.asdict(params.tracking),
+        "train": params.train.model_dump(),
+        "tracking": params.tracking.model_dump(),
         "data_hash": integrity.data_hash(paths),  # the cache and manifest, verified at stage start
         "world_size": world_size,
     }
