@@ -78,12 +78,15 @@ def run(params: Params, paths: Paths) -> dict:
         # dvc.lock as it stands now: every upstream stage's hashes (export's own entry lands after this)
         for name in ("params.yaml", "dvc.yaml", "dvc.lock"):
             mlflow_run.log_artifact(paths.root / name, "lineage")
+        mlflow_run.log_metrics("export", {k: v for k, v in results.items() if k != "parity_images"})
+        registry = {}
         if p.registered_model_name:
-            registry = mlflow_run.register_onnx_model(
+            registration = mlflow_run.register_onnx_model(
                 out / MODEL_FILE, [out / LABELS_FILE, out / PREPROCESS_FILE], p.registered_model_name,
                 test_accuracy=test_metrics["accuracy"], promote=p.promote_champion)
-            results.update(registered_version=registry.version, promoted_champion=registry.promoted)
-        mlflow_run.log_metrics({f"export_{k}": v for k, v in results.items() if not isinstance(v, bool)})
+            registry = {"registered_version": registration.version, "promoted_champion": registration.promoted}
+        mlflow_run.log_facts({"parity_images": count, **registry})
+        results.update(registry)
     _write_metrics(paths, results)
     return results
 
