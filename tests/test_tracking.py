@@ -59,8 +59,8 @@ def test_start_run_creates_run_with_params_tags_and_run_file(mlflow_store, mlflo
     paths.manifest.parent.mkdir(parents=True)
     paths.manifest.write_text("path,label,split,pixel_md5\ntrain/cat.1.jpg,cat,train,abc\n")
     with tracking.start_run(params, paths) as run:
-        run.log_metrics({"val_accuracy": 0.5}, step=1)
-        run.log_metrics({"val_accuracy": 0.75}, step=2)
+        run.log_metrics("val", {"accuracy": 0.5}, step=1)
+        run.log_metrics("val", {"accuracy": 0.75}, step=2)
     run_id = run_file_id(paths.train_run)
     assert run_id == run.run_id
 
@@ -85,7 +85,7 @@ def test_start_run_creates_run_with_params_tags_and_run_file(mlflow_store, mlflo
     assert "dvc.exp_name" not in tags
     assert "mlflow.source.git.commit" not in tags  # tmp_path is no git repository
     assert logged.info.run_name == f"efficientnet_lite0-features-{tracking.params_hash(params)[:6]}"
-    assert metric_history(client, run_id, "val_accuracy") == [(1, 0.5), (2, 0.75)]
+    assert metric_history(client, run_id, "val/accuracy") == [(1, 0.5), (2, 0.75)]
 
 
 def test_every_run_logs_the_prepared_data_as_an_mlflow_dataset(mlflow_store, tmp_path, params):
@@ -268,7 +268,7 @@ def train_run(mlflow_store, tmp_path, params):
     paths = Paths.under(tmp_path)
     with tracking.start_run(params, paths) as run:
         for epoch in (1, 2, 3):
-            run.log_metrics({"val_accuracy": 0.5 + epoch / 10, "val_loss": 1.0 / epoch}, step=epoch)
+            run.log_metrics("val", {"accuracy": 0.5 + epoch / 10, "loss": 1.0 / epoch}, step=epoch)
         run.set_tags({"custom.note": "from train"})
     return paths, run.run_id
 
@@ -278,12 +278,12 @@ def test_resume_with_same_params_reuses_the_run(train_run, mlflow_store, params)
     evaluate_file = paths.evaluate_reports / "mlflow_run.json"
     for attempt in (1, 2):  # rerunning evaluate with unchanged params stays in the run
         with tracking.resume_run(paths.root, paths.train_run, evaluate_file, params.flat("evaluate")) as run:
-            run.log_metrics({"test_accuracy": 0.9})
+            run.log_metrics("test", {"accuracy": 0.9})
         assert run.run_id == train_id
         assert run_file_id(evaluate_file) == train_id
     logged = client_for(mlflow_store).get_run(train_id)
     assert logged.data.params["evaluate.batch_size"] == "16"
-    assert logged.data.metrics["test_accuracy"] == 0.9
+    assert logged.data.metrics["test/accuracy"] == 0.9
     assert len(client_for(mlflow_store).search_runs([logged.info.experiment_id])) == 1
 
 
@@ -293,7 +293,7 @@ def test_resume_with_conflicting_params_derives_a_new_run(train_run, mlflow_stor
     with tracking.resume_run(paths.root, paths.train_run, evaluate_file, {"evaluate.batch_size": 16}):
         pass
     with tracking.resume_run(paths.root, paths.train_run, evaluate_file, {"evaluate.batch_size": 32}) as run:
-        run.log_metrics({"test_accuracy": 0.8})
+        run.log_metrics("test", {"accuracy": 0.8})
     derived_id = run.run_id
     assert derived_id != train_id
     assert run_file_id(evaluate_file) == derived_id
@@ -312,10 +312,10 @@ def test_resume_with_conflicting_params_derives_a_new_run(train_run, mlflow_stor
     assert {k: v for k, v in derived.data.params.items() if k != "evaluate.batch_size"} == \
            {k: v for k, v in source.data.params.items() if k != "evaluate.batch_size"}
     # the whole per-epoch history, not only the last values
-    assert metric_history(client, derived_id, "val_accuracy") == [(1, 0.6), (2, 0.7), (3, 0.8)]
-    assert metric_history(client, derived_id, "val_loss") == metric_history(client, train_id, "val_loss")
-    assert derived.data.metrics["test_accuracy"] == 0.8
-    assert "test_accuracy" not in source.data.metrics
+    assert metric_history(client, derived_id, "val/accuracy") == [(1, 0.6), (2, 0.7), (3, 0.8)]
+    assert metric_history(client, derived_id, "val/loss") == metric_history(client, train_id, "val/loss")
+    assert derived.data.metrics["test/accuracy"] == 0.8
+    assert "test/accuracy" not in source.data.metrics
 
 
 def test_resume_with_new_section_params_logs_them_in_the_same_run(train_run, mlflow_store, params):

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 from PIL import Image
 
-from catdog import serving, tracking
+from catdog import integrity, serving, tracking
 from catdog.data import CachedImages, Split, load_split
 from catdog.errors import CatdogError
 from catdog.models import load_checkpoint
@@ -35,6 +35,7 @@ MODEL_FILE, PT2_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE = (
 
 def run(params: Params, paths: Paths) -> dict:
     p = params.export
+    integrity.verify(paths)
     model, config = load_checkpoint(paths.checkpoint)
     out = paths.exported
     out.mkdir(parents=True, exist_ok=True)
@@ -66,6 +67,7 @@ def run(params: Params, paths: Paths) -> dict:
     (out / LABELS_FILE).write_text(json.dumps({"classes": config["classes"]}, indent=2) + "\n")
     (out / PREPROCESS_FILE).write_text(json.dumps({
         "cache_size": config["cache_size"],  # decode: EXIF-rotate, RGB, squash-resize (bilinear)
+        "min_image_size": params.data.min_image_size,  # smaller images are refused, as prepare does
         "image_size": size,  # then resize to the model input
         "layout": "NCHW", "dtype": "float32", "scale": [0.0, 1.0],
         "normalization": "inside the model",
@@ -81,14 +83,16 @@ def run(params: Params, paths: Paths) -> dict:
         # dvc.lock as it stands now: every upstream stage's hashes (export's own entry lands after this)
         for name in ("params.yaml", "dvc.yaml", "dvc.lock"):
             mlflow_run.log_artifact(paths.root / name, "lineage")
+        mlflow_run.log_metrics("export", {k: v for k, v in results.items() if k != "parity_images"})
         classifier = serving.pyfunc_model(
             {"onnx_model": out / MODEL_FILE, "labels": out / LABELS_FILE, "preprocess": out / PREPROCESS_FILE},
             config["classes"], example_jpeg(paths, test))
-        registry = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name,
-                                               test_accuracy=test_metrics["accuracy"], promote=p.promote_champion)
-        if registry:
-            results.update(registered_version=registry.version, promoted_champion=registry.promoted)
-        mlflow_run.log_metrics({f"export_{k}": v for k, v in results.items() if not isinstance(v, bool)})
+        registration = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name,
+                                                   test_accuracy=test_metrics["accuracy"], promote=p.promote_champion)
+        registry = {"registered_version": registration.version,
+                    "promoted_champion": registration.promoted} if registration else {}
+        mlflow_run.log_facts({"parity_images": count, **registry})
+        results.update(registry)
     _write_metrics(paths, results)
     return results
 
@@ -148,7 +152,7 @@ Binary image classifier: **cat** or **dog**, fine-tuned from ImageNet weights.
 ## Data
 - Source: `{params.data.source}` ({summary['images']} usable images; {splits}).
 - Rejected files: {summary['rejected_total']}; duplicate groups kept within one split: {summary['duplicate_groups_merged']}.
-- Data hash (md5 of the prepared manifest): `{lineage.get('data.hash', 'n/a')}`.
+- Data hash (md5 of `data/prepared/content.json`: size and md5 of the image cache and manifest): `{lineage.get('data.hash', 'n/a')}`.
 
 ## Training params
 | param | value |
