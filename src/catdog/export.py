@@ -11,17 +11,16 @@ test accuracy beats the current champion's).
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from catdog import tracking
 from catdog.data import CachedImages, load_split
 from catdog.errors import CatdogError
 from catdog.models import load_checkpoint
+from catdog.onnx_runtime import create_session, export_onnx
 from catdog.params import Params
 from catdog.paths import Paths
 from catdog.transforms import eval_preset
@@ -37,7 +36,7 @@ def run(params: Params, paths: Paths) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     size = config["image_size"]
     example = torch.rand(2, 3, size, size)
-    export_onnx(model, example, out / MODEL_FILE, p.opset)
+    export_onnx(model, example, out / MODEL_FILE, p.opset, names=("image", "logits"))
     export_pt2(model, example, out / PT2_FILE)
 
     test = load_split(paths, "test")
@@ -88,15 +87,6 @@ def run(params: Params, paths: Paths) -> dict:
     return results
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # exporter chatter about its own internals
-        program = torch.onnx.export(model.eval(), (example,), input_names=["image"], output_names=["logits"],
-                                    dynamic_shapes={"images": {0: _batch_dim()}}, opset_version=opset,
-                                    dynamo=True, verbose=False)
-    program.save(str(path))
-
-
 def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     """torch.export (the successor of TorchScript): loadable with ``torch.export.load`` alone."""
     program = torch.export.export(model.eval(), (example,), dynamic_shapes={"images": {0: _batch_dim()}})
@@ -104,7 +94,7 @@ def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Non
 
 
 def onnx_logits(path: Path, batch: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = create_session(path)
     return session.run(None, {session.get_inputs()[0].name: batch})[0]
 
 
