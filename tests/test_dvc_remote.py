@@ -3,7 +3,7 @@ nothing left to do.
 
 The shared experiments project (tests/dvc_project.py) configured a local-directory remote
 (``dvc remote add -d storage <dir>``, committed in .dvc/config), reproduced the tiny pipeline,
-committed the result and ran ``dvc push``. An S3 remote works the same way (README).
+committed the result and ran ``dvc push``. An S3 remote works the same way (docs/operations.md).
 """
 
 from __future__ import annotations

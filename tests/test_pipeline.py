@@ -177,11 +177,11 @@ def test_one_mlflow_run_in_the_project_store_with_params_metrics_and_lineage(pro
     assert "export.tolerance" in params and "tracking.experiment_name" in params
 
     client = project.client()
-    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    history = client.get_metric_history(run.info.run_id, "val/accuracy")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
-    assert "test_accuracy" in run.data.metrics
-    assert run.data.metrics["test_accuracy"] == project.json("reports/evaluate/metrics.json")["accuracy"]
-    assert "export_onnx_max_abs_diff" in run.data.metrics
+    assert "test/accuracy" in run.data.metrics
+    assert run.data.metrics["test/accuracy"] == project.json("reports/evaluate/metrics.json")["accuracy"]
+    assert "export/onnx_max_abs_diff" in run.data.metrics
 
     tags = run.data.tags
     assert tags.get("mlflow.source.git.commit") == project.git("rev-parse", "HEAD")
@@ -197,7 +197,7 @@ def test_mlflow_logged_model_and_artifacts(project: Project):
     # MLflow 3: log_model(name=...) creates a LoggedModel, linked to the run as an output.
     models = {m.name: m for m in client.search_logged_models(experiment_ids=[project.experiment_id()])
               if m.source_run_id == run_id}
-    assert sorted(models) == ["model", "onnx_model"], models  # PyTorch from train, ONNX from export
+    assert sorted(models) == ["classifier", "model"], models  # PyTorch from train, pyfunc (ONNX) from export
     model = models["model"]
     assert str(model.status).endswith("READY"), model.status
     outputs = client.get_run(run_id).outputs
@@ -212,10 +212,10 @@ def test_mlflow_logged_model_and_artifacts(project: Project):
     assert tuple(logits.shape) == (2, 2)
 
     artifacts = project.artifacts(run_id)
-    expected = {"export/model.onnx", "export/model.pt2", "export/labels.json", "export/preprocess.json",
-                "export/MODEL_CARD.md", "lineage/params.yaml", "lineage/dvc.lock", "lineage/dvc.yaml",
+    expected = {"export/MODEL_CARD.md", "lineage/params.yaml", "lineage/dvc.lock", "lineage/dvc.yaml",
                 "plots/curves.png", "plots/confusion_matrix.png"}
     assert expected <= artifacts, f"missing: {sorted(expected - artifacts)}; have {sorted(artifacts)}"
+    assert not {"export/model.onnx", "export/model.pt2"} & artifacts  # the model files live in logged models
 
     logged_params = Path(client.download_artifacts(run_id, "lineage/params.yaml"))
     assert yaml.safe_load(logged_params.read_text()) == project.params()
@@ -284,7 +284,7 @@ def test_train_param_change_reruns_downstream_in_a_new_run(project: Project, lr_
     assert run.data.params["train.lr"] == str(SECOND_LR)
     assert run.data.tags.get("mlflow.source.git.commit") == project.git("rev-parse", "HEAD")
     assert "catdog.derived_from" not in run.data.tags
-    assert "test_accuracy" in run.data.metrics and "export_onnx_max_abs_diff" in run.data.metrics
+    assert "test/accuracy" in run.data.metrics and "export/onnx_max_abs_diff" in run.data.metrics
     # The old run is untouched.
     assert project.client().get_run(before.train_run).data.params["train.lr"] == str(FIRST_LR)
 
@@ -306,9 +306,9 @@ def test_evaluate_param_change_continues_in_a_derived_run(project: Project, eval
     assert run.data.params["evaluate.batch_size"] == str(SECOND_EVAL_BATCH)
     assert run.data.params["train.lr"] == str(SECOND_LR)  # copied from the source run
     assert run.data.tags.get("data.hash") == client.get_run(before.train_run).data.tags["data.hash"]
-    history = client.get_metric_history(derived, "val_accuracy")
+    history = client.get_metric_history(derived, "val/accuracy")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), "metric history copied"
-    assert run.data.metrics["test_accuracy"] == project.json("reports/evaluate/metrics.json")["accuracy"]
+    assert run.data.metrics["test/accuracy"] == project.json("reports/evaluate/metrics.json")["accuracy"]
     artifacts = project.artifacts(derived)
     assert {"plots/confusion_matrix.png", "export/model.onnx", "lineage/dvc.lock"} <= artifacts, artifacts
     # The source run keeps its own value: MLflow params are immutable.

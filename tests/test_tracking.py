@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from catdog import tracking
+from catdog import serving, tracking
 from catdog.paths import Paths
 
-from conftest import build_params, client_for, seed_store
+from conftest import build_params, client_for, jpeg_bytes, seed_store
 
 
 @pytest.fixture
@@ -59,8 +59,8 @@ def test_start_run_creates_run_with_params_tags_and_run_file(mlflow_store, mlflo
     paths.manifest.parent.mkdir(parents=True)
     paths.manifest.write_text("path,label,split,pixel_md5\ntrain/cat.1.jpg,cat,train,abc\n")
     with tracking.start_run(params, paths) as run:
-        run.log_metrics({"val_accuracy": 0.5}, step=1)
-        run.log_metrics({"val_accuracy": 0.75}, step=2)
+        run.log_metrics("val", {"accuracy": 0.5}, step=1)
+        run.log_metrics("val", {"accuracy": 0.75}, step=2)
     run_id = run_file_id(paths.train_run)
     assert run_id == run.run_id
 
@@ -85,7 +85,7 @@ def test_start_run_creates_run_with_params_tags_and_run_file(mlflow_store, mlflo
     assert "dvc.exp_name" not in tags
     assert "mlflow.source.git.commit" not in tags  # tmp_path is no git repository
     assert logged.info.run_name == f"efficientnet_lite0-features-{tracking.params_hash(params)[:6]}"
-    assert metric_history(client, run_id, "val_accuracy") == [(1, 0.5), (2, 0.75)]
+    assert metric_history(client, run_id, "val/accuracy") == [(1, 0.5), (2, 0.75)]
 
 
 def test_start_run_without_manifest_has_no_data_hash(mlflow_store, tmp_path, params):
@@ -241,7 +241,7 @@ def train_run(mlflow_store, tmp_path, params):
     paths = Paths.under(tmp_path)
     with tracking.start_run(params, paths) as run:
         for epoch in (1, 2, 3):
-            run.log_metrics({"val_accuracy": 0.5 + epoch / 10, "val_loss": 1.0 / epoch}, step=epoch)
+            run.log_metrics("val", {"accuracy": 0.5 + epoch / 10, "loss": 1.0 / epoch}, step=epoch)
         run.set_tags({"custom.note": "from train"})
     return paths, run.run_id
 
@@ -251,12 +251,12 @@ def test_resume_with_same_params_reuses_the_run(train_run, mlflow_store, params)
     evaluate_file = paths.evaluate_reports / "mlflow_run.json"
     for attempt in (1, 2):  # rerunning evaluate with unchanged params stays in the run
         with tracking.resume_run(paths.root, paths.train_run, evaluate_file, params.flat("evaluate")) as run:
-            run.log_metrics({"test_accuracy": 0.9})
+            run.log_metrics("test", {"accuracy": 0.9})
         assert run.run_id == train_id
         assert run_file_id(evaluate_file) == train_id
     logged = client_for(mlflow_store).get_run(train_id)
     assert logged.data.params["evaluate.batch_size"] == "16"
-    assert logged.data.metrics["test_accuracy"] == 0.9
+    assert logged.data.metrics["test/accuracy"] == 0.9
     assert len(client_for(mlflow_store).search_runs([logged.info.experiment_id])) == 1
 
 
@@ -266,7 +266,7 @@ def test_resume_with_conflicting_params_derives_a_new_run(train_run, mlflow_stor
     with tracking.resume_run(paths.root, paths.train_run, evaluate_file, {"evaluate.batch_size": 16}):
         pass
     with tracking.resume_run(paths.root, paths.train_run, evaluate_file, {"evaluate.batch_size": 32}) as run:
-        run.log_metrics({"test_accuracy": 0.8})
+        run.log_metrics("test", {"accuracy": 0.8})
     derived_id = run.run_id
     assert derived_id != train_id
     assert run_file_id(evaluate_file) == derived_id
@@ -285,10 +285,10 @@ def test_resume_with_conflicting_params_derives_a_new_run(train_run, mlflow_stor
     assert {k: v for k, v in derived.data.params.items() if k != "evaluate.batch_size"} == \
            {k: v for k, v in source.data.params.items() if k != "evaluate.batch_size"}
     # the whole per-epoch history, not only the last values
-    assert metric_history(client, derived_id, "val_accuracy") == [(1, 0.6), (2, 0.7), (3, 0.8)]
-    assert metric_history(client, derived_id, "val_loss") == metric_history(client, train_id, "val_loss")
-    assert derived.data.metrics["test_accuracy"] == 0.8
-    assert "test_accuracy" not in source.data.metrics
+    assert metric_history(client, derived_id, "val/accuracy") == [(1, 0.6), (2, 0.7), (3, 0.8)]
+    assert metric_history(client, derived_id, "val/loss") == metric_history(client, train_id, "val/loss")
+    assert derived.data.metrics["test/accuracy"] == 0.8
+    assert "test/accuracy" not in source.data.metrics
 
 
 def test_resume_with_new_section_params_logs_them_in_the_same_run(train_run, mlflow_store, params):
@@ -321,26 +321,35 @@ def test_derived_run_copies_long_metric_histories(mlflow_store, tmp_path, params
 
 # --- model registry ----------------------------------------------------------------------------
 
-def _tiny_onnx(path: Path) -> Path:
+def _tiny_export(folder: Path) -> dict[str, Path]:
+    """An exported-model folder: a 2-class ONNX model on 8x8 RGB input, its labels and preprocessing."""
+    import numpy as np
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["logits"])], "tiny",
-                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 2])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
-    return path
+    weights = numpy_helper.from_array(np.array([[1, -1], [0, 0], [-1, 1]], dtype=np.float32), "weights")
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "weights"], ["logits"])], "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])], [weights])
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(folder / "model.onnx"))
+    (folder / "labels.json").write_text('{"classes": ["cat", "dog"]}\n')
+    (folder / "preprocess.json").write_text('{"cache_size": 8, "image_size": 8}\n')
+    return {"onnx_model": folder / "model.onnx", "labels": folder / "labels.json",
+            "preprocess": folder / "preprocess.json"}
 
 
-def test_register_onnx_model_moves_champion_only_on_improvement(mlflow_store, tmp_path, params):
-    model = _tiny_onnx(tmp_path / "model.onnx")
-    labels = tmp_path / "labels.json"
-    labels.write_text('{"classes": ["cat", "dog"]}\n')
+def test_pyfunc_model_moves_champion_only_on_improvement(mlflow_store, tmp_path, params):
+    model = serving.pyfunc_model(_tiny_export(tmp_path / "export"), ["cat", "dog"], jpeg_bytes("cat", 1))
     steps = [(0.90, True), (0.80, True), (0.95, False), (0.95, True), (0.95, True)]
     registrations = []
     with tracking.start_run(params, Paths.under(tmp_path)) as run:
         for accuracy, promote in steps:
-            registrations.append(run.register_onnx_model(model, [labels], "catdog-test", accuracy, promote))
+            registrations.append(run.log_pyfunc_model(model, "catdog-test", accuracy, promote))
+        assert run.log_pyfunc_model(model, None, 0.99, True) is None
     assert [r.version for r in registrations] == ["1", "2", "3", "4", "5"]
     # first is champion; worse is not; not asked to promote; better; a tie is no improvement
     assert [r.promoted for r in registrations] == [True, False, False, True, False]
@@ -349,3 +358,4 @@ def test_register_onnx_model_moves_champion_only_on_improvement(mlflow_store, tm
     assert str(client.get_model_version_by_alias("catdog-test", "candidate").version) == "5"
     assert client.get_model_version("catdog-test", "2").tags["test_accuracy"] == "0.8"
     assert client.get_model_version("catdog-test", "1").run_id == run.run_id
+    assert len(client.search_model_versions("name = 'catdog-test'")) == 5  # no name: logged, not registered

@@ -3,21 +3,24 @@ against the eager model, a label map, the preprocessing config and a model card.
 
 The stage fails when an exported model's logits on test images differ from PyTorch's by
 more than ``export.tolerance``, or its test accuracy differs: a model that deploys
-differently from how it was evaluated is worse than no model. The ONNX model is then
-registered in MLflow's model registry (alias ``candidate``; ``champion`` moves only when the
-test accuracy beats the current champion's).
+differently from how it was evaluated is worse than no model. The ONNX model, wrapped in the
+pyfunc of :mod:`catdog.serving` (encoded images in, labels out), is then logged to MLflow and
+registered (alias ``candidate``; ``champion`` moves only when the test accuracy beats the
+current champion's).
 """
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from catdog import tracking
-from catdog.data import CachedImages, load_split
+from catdog import serving, tracking
+from catdog.data import CachedImages, Split, load_split
 from catdog.errors import CatdogError
 from catdog.models import load_checkpoint
 from catdog.onnx_runtime import create_session, export_onnx
@@ -72,19 +75,31 @@ def run(params: Params, paths: Paths) -> dict:
         test_metrics = json.loads((paths.evaluate_reports / "metrics.json").read_text())
         lineage = mlflow_run.lineage()
         (out / CARD_FILE).write_text(model_card(params, config, test_metrics, results, lineage, paths))
-        for name in (MODEL_FILE, PT2_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE):
-            mlflow_run.log_artifact(out / name, "export")
+        # model.onnx, labels and preprocessing live in the logged model; model.pt2 only in DVC's cache
+        mlflow_run.log_artifact(out / CARD_FILE, "export")
         # dvc.lock as it stands now: every upstream stage's hashes (export's own entry lands after this)
         for name in ("params.yaml", "dvc.yaml", "dvc.lock"):
             mlflow_run.log_artifact(paths.root / name, "lineage")
-        if p.registered_model_name:
-            registry = mlflow_run.register_onnx_model(
-                out / MODEL_FILE, [out / LABELS_FILE, out / PREPROCESS_FILE], p.registered_model_name,
-                test_accuracy=test_metrics["accuracy"], promote=p.promote_champion)
-            results.update(registered_version=registry.version, promoted_champion=registry.promoted)
-        mlflow_run.log_metrics({f"export_{k}": v for k, v in results.items() if not isinstance(v, bool)})
+        mlflow_run.log_metrics("export", {k: v for k, v in results.items() if k != "parity_images"})
+        classifier = serving.pyfunc_model(
+            {"onnx_model": out / MODEL_FILE, "labels": out / LABELS_FILE, "preprocess": out / PREPROCESS_FILE},
+            config["classes"], example_jpeg(paths, test))
+        registration = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name,
+                                                   test_accuracy=test_metrics["accuracy"], promote=p.promote_champion)
+        registry = {"registered_version": registration.version,
+                    "promoted_champion": registration.promoted} if registration else {}
+        mlflow_run.log_facts({"parity_images": count, **registry})
+        results.update(registry)
     _write_metrics(paths, results)
     return results
+
+
+def example_jpeg(paths: Paths, test: Split) -> bytes:
+    """The registered model's input example: the first test image as a JPEG (cached decode, ~20 KB)."""
+    pixels = np.load(paths.images, mmap_mode="r")[test.rows[0]]
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
