@@ -185,8 +185,8 @@ def test_one_mlflow_run_in_the_project_store_with_params_metrics_and_lineage(pro
 
     tags = run.data.tags
     assert tags.get("mlflow.source.git.commit") == project.git("rev-parse", "HEAD")
-    manifest = project.root / "data" / "prepared" / "manifest.csv"
-    assert tags.get("data.hash") == hashlib.md5(manifest.read_bytes()).hexdigest()
+    content = project.root / "data" / "prepared" / "content.json"  # md5 of images.npy and manifest.csv
+    assert tags.get("data.hash") == hashlib.md5(content.read_bytes()).hexdigest()
     assert "catdog.derived_from" not in tags
 
 

@@ -142,6 +142,7 @@ def test_predictions_match_evaluate_on_the_test_images(pipeline, tmp_path):
 def test_predict_in_process_handles_odd_images(pipeline, tmp_path):
     model = ExportedModel.load(pipeline.paths.exported / "model.onnx")
     assert model.classes == ["cat", "dog"] and model.image_size == 64 and model.cache_size == 64
+    assert model.min_image_size == pipeline.params.data.min_image_size
     files = {
         "gray.png": encode(Image.new("L", (70, 60), 90), "PNG"),
         "rgba.png": encode(synthetic_image("dog", 600).convert("RGBA"), "PNG"),
@@ -157,7 +158,7 @@ def test_predict_in_process_handles_odd_images(pipeline, tmp_path):
     assert results["rgba.png"]["label"] == "dog"
     assert results["big_cat.jpg"]["label"] == "cat"
     assert results["empty.jpg"]["error"].startswith("empty")
-    assert results["tiny.png"]["label"] in {"cat", "dog"}  # predict has no minimum size
+    assert results["tiny.png"]["error"].startswith("too_small")  # what prepare refuses, predict refuses
     assert results["a_dir.jpg"]["error"] == "is a directory"
 
 

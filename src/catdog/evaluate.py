@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
-from catdog import CLASSES, plots, tracking
+from catdog import CLASSES, integrity, plots, tracking
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import resolve_runtime
 from catdog.engine import predict_probabilities
@@ -29,6 +29,7 @@ PLOTS = ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "confid
 
 def run(params: Params, paths: Paths) -> dict:
     p = params.evaluate
+    integrity.verify(paths)
     runtime = resolve_runtime()
     model, config = load_checkpoint(paths.checkpoint)
     model = inference_module(runtime.prepare_model(model), config["arch"], config["image_size"], runtime)

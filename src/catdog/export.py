@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from catdog import serving, tracking
+from catdog import integrity, serving, tracking
 from catdog.data import CachedImages, Split, load_split
 from catdog.errors import CatdogError
 from catdog.models import load_checkpoint
@@ -34,6 +34,7 @@ MODEL_FILE, PT2_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE = (
 
 def run(params: Params, paths: Paths) -> dict:
     p = params.export
+    integrity.verify(paths)
     model, config = load_checkpoint(paths.checkpoint)
     out = paths.exported
     out.mkdir(parents=True, exist_ok=True)
@@ -65,6 +66,7 @@ def run(params: Params, paths: Paths) -> dict:
     (out / LABELS_FILE).write_text(json.dumps({"classes": config["classes"]}, indent=2) + "\n")
     (out / PREPROCESS_FILE).write_text(json.dumps({
         "cache_size": config["cache_size"],  # decode: EXIF-rotate, RGB, squash-resize (bilinear)
+        "min_image_size": params.data.min_image_size,  # smaller images are refused, as prepare does
         "image_size": size,  # then resize to the model input
         "layout": "NCHW", "dtype": "float32", "scale": [0.0, 1.0],
         "normalization": "inside the model",
@@ -140,7 +142,7 @@ Binary image classifier: **cat** or **dog**, fine-tuned from ImageNet weights.
 ## Data
 - Source: `{params.data.source}` ({summary['images']} usable images; {splits}).
 - Rejected files: {summary['rejected_total']}; duplicate groups kept within one split: {summary['duplicate_groups_merged']}.
-- Data hash (md5 of the prepared manifest): `{lineage.get('data.hash', 'n/a')}`.
+- Data hash (md5 of `data/prepared/content.json`: size and md5 of the image cache and manifest): `{lineage.get('data.hash', 'n/a')}`.
 
 ## Training params
 | param | value |

@@ -28,6 +28,7 @@ class ExportedModel:
     classes: list[str]
     cache_size: int
     image_size: int
+    min_image_size: int = 1  # prepare's data.min_image_size (exports before it was recorded: 1)
 
     @classmethod
     def load(cls, spec: str | Path) -> "ExportedModel":
@@ -48,11 +49,12 @@ class ExportedModel:
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
             raise CatdogError(f"cannot load {path} as an ONNX model: {str(exc).splitlines()[0]}") from None
         return cls(session, session.get_inputs()[0].name, config["classes"], config["cache_size"],
-                   config["image_size"])
+                   config["image_size"], config.get("min_image_size", 1))
 
     def preprocess(self, data: bytes) -> np.ndarray:
-        """The same decode as prepare, then the model's input size; CHW float32 in [0, 1]."""
-        pixels = resize(decode_image(data, self.cache_size), self.image_size)
+        """The same decode and checks as prepare (BadImage ``too_small`` below its minimum size),
+        then the model's input size; CHW float32 in [0, 1]."""
+        pixels = resize(decode_image(data, self.cache_size, self.min_image_size), self.image_size)
         return pixels.transpose(2, 0, 1).astype(np.float32) / 255.0
 
     def probabilities(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:

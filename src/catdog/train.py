@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from catdog import CLASSES, distributed, plots, tracking, train_state
+from catdog import CLASSES, distributed, integrity, plots, tracking, train_state
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import Runtime, resolve_runtime
 from catdog.distributed import World
@@ -47,6 +47,7 @@ from catdog.transforms import eval_preset, train_transforms
 
 def run(params: Params, paths: Paths) -> dict:
     """Train in this process, or in ``train.nproc`` processes under torchrun (this process waits)."""
+    integrity.verify(paths)
     if params.train.nproc > 1 and not distributed.under_torchrun():
         distributed.relaunch(params.train.nproc, params, paths.root)
         return json.loads((paths.train_reports / "metrics.json").read_text())
@@ -130,6 +131,7 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
                     "seconds": seconds_before + time.perf_counter() - started,
                 }
                 train_state.save(paths.train_state, saved)
+                mlflow_run.progress["catdog.epoch_reached"] = str(epoch)  # tagged if the stage is stopped
                 mlflow_run.log_epoch(row)
             epochs.set_postfix(val_acc=f"{val.accuracy:.4f}", val_loss=f"{val.loss:.4f}", refresh=False)
 
