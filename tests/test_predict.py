@@ -162,6 +162,24 @@ def test_predict_in_process_handles_odd_images(pipeline, tmp_path):
     assert results["a_dir.jpg"]["error"] == "is a directory"
 
 
+def test_predict_streams_decoding_at_most_two_batches_ahead(pipeline, tmp_path):
+    model = ExportedModel.load(pipeline.paths.exported / "model.onnx")
+    listed = []
+
+    def files():  # a lazy listing: predict never holds more than the batches in flight
+        for index in range(40):
+            path = tmp_path / f"{index}.jpg"
+            path.write_bytes(jpeg_bytes("cat" if index % 2 else "dog", index))
+            listed.append(path)
+            yield path
+
+    results = predict(model, files(), batch_size=4)
+    first = next(results)
+    assert first["path"] == str(tmp_path / "0.jpg") and 4 <= len(listed) <= 12
+    rest = list(results)
+    assert [r["path"] for r in [first, *rest]] == [str(p) for p in listed] and len(listed) == 40
+
+
 def test_expand_paths(tmp_path):
     (tmp_path / "d" / "x").mkdir(parents=True)
     for name in ("d/b.jpg", "d/a.PNG", "d/x/c.webp", "d/notes.txt", "d/.hidden.jpg", "lone.txt"):
