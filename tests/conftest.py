@@ -276,6 +276,7 @@ PIPELINE_OVERRIDES = {
     "train.batch_size": 4,
     "train.lr": 0.02,
     "tracking.experiment_name": "catdog-test",
+    "tracking.log_pytorch_model": True,  # the opt-in path; tests/test_pipeline.py runs the default
 }
 
 

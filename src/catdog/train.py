@@ -159,8 +159,9 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
             mlflow_run.log_facts({"best_epoch": metrics["best_epoch"], "epochs_trained": len(history)})
             mlflow_run.log_artifact(paths.train_reports / "curves.png", "plots")
             mlflow_run.log_artifact(paths.train_reports / "history.csv", "reports")
-            example = torch.stack([val_images[i][0] for i in range(2)]).numpy()  # batch 2: keeps the batch dim dynamic
-            mlflow_run.log_pytorch_model(model, example)
+            if params.tracking.log_pytorch_model:
+                example = torch.stack([val_images[i][0] for i in range(2)]).numpy()  # batch 2: keeps the batch dim dynamic
+                mlflow_run.log_pytorch_model(model, example)
             train_state.save(paths.train_state, {**saved, "complete": True})  # last: the outputs are all there
     return metrics
 
