@@ -267,8 +267,7 @@ def test_export_logs_into_the_same_run_and_registers_the_model(pipeline):
     assert run.data.metrics["export/onnx_max_abs_diff"] == pytest.approx(pipeline.export["onnx_max_abs_diff"])
     assert run.data.params["export.opset"] == "18"
     exported = {a.path for a in client.list_artifacts(train_id, "export")}
-    assert {"export/model.onnx", "export/model.pt2", "export/labels.json", "export/preprocess.json",
-            "export/MODEL_CARD.md"} <= exported
+    assert exported == {"export/MODEL_CARD.md"}  # the model files are in the logged classifier, once
     assert len(client.search_runs([run.info.experiment_id])) == 1  # one pipeline run, one MLflow run
 
     name = pipeline.params.export.registered_model_name
