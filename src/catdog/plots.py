@@ -78,5 +78,5 @@ def gallery(images: list[np.ndarray], captions: list[str], path: Path, title: st
 
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Software": None})  # the same figure, the same bytes
     plt.close(fig)
