@@ -13,7 +13,6 @@ Prints one JSON object per comparison with both timings and their ratio:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -92,7 +91,7 @@ def bench_prepare(folder: Path, tmp: Path) -> dict:
     base = load_params(ROOT / "params.yaml")
     timings = {}
     for workers in (0, 1):
-        params = dataclasses.replace(base, data=dataclasses.replace(base.data, source=str(folder), workers=workers))
+        params = base.model_copy(update={"data": base.data.model_copy(update={"source": str(folder), "workers": workers})})
         started = time.perf_counter()
         prepare_run(params, Paths.under(tmp / f"workers{workers}"))
         timings[workers] = time.perf_counter() - started

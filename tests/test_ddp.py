@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import json
 import math
@@ -35,7 +34,7 @@ def ddp_project(tmp_path, mlflow_template):
         "train.log_every_n_steps": 1,
         "train.nproc": 2})
     prepare.run(params, Paths.under(tmp_path))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     return tmp_path
 
 

@@ -4,7 +4,6 @@ all through the real train stage."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import subprocess
@@ -87,7 +86,7 @@ def test_ddp_over_two_gpus(gpu_project):
         pytest.skip("needs two GPUs")
     paths, params = gpu_project
     p = params(**{"train.nproc": 2, "train.epochs": 2})
-    (paths.root / "params.yaml").write_text(yaml.safe_dump(dataclasses.asdict(p), sort_keys=False))
+    (paths.root / "params.yaml").write_text(yaml.safe_dump(p.model_dump(), sort_keys=False))
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "train.py"), "--params",
                            str(paths.root / "params.yaml"), "--root", str(paths.root)],
                           cwd=paths.root, env={**os.environ, "TQDM_DISABLE": "1"}, capture_output=True, text=True,

@@ -19,7 +19,6 @@ here, naming the line to add (or to remove).
 from __future__ import annotations
 
 import ast
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -31,7 +30,7 @@ from catdog.paths import Paths
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "catdog"
-SECTIONS = {f.name for f in dataclasses.fields(Params)}
+SECTIONS = set(Params.model_fields)
 
 # Functions allowed to read all of params without naming sections (the whole is not a dependency).
 WHOLE_PARAMS_READERS = {

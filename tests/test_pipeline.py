@@ -228,7 +228,7 @@ def test_mlflow_logged_model_and_artifacts(project: Project):
     # MLflow 3: log_model(name=...) creates a LoggedModel, linked to the run as an output.
     models = {m.name: m for m in client.search_logged_models(experiment_ids=[project.experiment_id()])
               if m.source_run_id == run_id}
-    assert sorted(models) == ["model", "onnx_model"], models  # PyTorch from train, ONNX from export
+    assert sorted(models) == ["classifier", "model"], models  # PyTorch from train, pyfunc (ONNX) from export
     model = models["model"]
     assert str(model.status).endswith("READY"), model.status
     outputs = client.get_run(run_id).outputs
@@ -243,10 +243,10 @@ def test_mlflow_logged_model_and_artifacts(project: Project):
     assert tuple(logits.shape) == (2, 2)
 
     artifacts = project.artifacts(run_id)
-    expected = {"export/model.onnx", "export/model.pt2", "export/labels.json", "export/preprocess.json",
-                "export/MODEL_CARD.md", "lineage/params.yaml", "lineage/dvc.lock", "lineage/dvc.yaml",
+    expected = {"export/MODEL_CARD.md", "lineage/params.yaml", "lineage/dvc.lock", "lineage/dvc.yaml",
                 "plots/curves.png", "plots/confusion_matrix.png"}
     assert expected <= artifacts, f"missing: {sorted(expected - artifacts)}; have {sorted(artifacts)}"
+    assert not {"export/model.onnx", "export/model.pt2"} & artifacts  # the model files live in logged models
 
     logged_params = Path(client.download_artifacts(run_id, "lineage/params.yaml"))
     assert yaml.safe_load(logged_params.read_text()) == project.params()

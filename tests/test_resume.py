@@ -7,7 +7,6 @@ exactly the weights, history and per-epoch metrics of an uninterrupted run with 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import os
 import shutil
 import signal
@@ -58,7 +57,7 @@ def _project(prepared: Path, root: Path, mlflow_template: Path, overrides: dict)
     shutil.copytree(prepared / "data" / "prepared", root / "data" / "prepared")
     seed_store(mlflow_template, root)
     params = _params({"data.source": str(prepared / "raw" / "train.zip"), **overrides})
-    (root / "params.yaml").write_text(yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     return root
 
 

@@ -8,11 +8,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import build_params, client_for, seed_store
 
-from catdog import tracking
+from catdog import serving, tracking
 from catdog.errors import CatdogError
 from catdog.paths import Paths
+
+from conftest import build_params, client_for, jpeg_bytes, seed_store
 
 
 @pytest.fixture
@@ -346,26 +347,35 @@ def test_a_derived_run_copies_long_metric_histories(train_run, mlflow_store, par
 
 # --- model registry ----------------------------------------------------------------------------
 
-def _tiny_onnx(path: Path) -> Path:
+def _tiny_export(folder: Path) -> dict[str, Path]:
+    """An exported-model folder: a 2-class ONNX model on 8x8 RGB input, its labels and preprocessing."""
+    import numpy as np
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["logits"])], "tiny",
-                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 2])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
-    return path
+    weights = numpy_helper.from_array(np.array([[1, -1], [0, 0], [-1, 1]], dtype=np.float32), "weights")
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "weights"], ["logits"])], "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])], [weights])
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(folder / "model.onnx"))
+    (folder / "labels.json").write_text('{"classes": ["cat", "dog"]}\n')
+    (folder / "preprocess.json").write_text('{"cache_size": 8, "image_size": 8}\n')
+    return {"onnx_model": folder / "model.onnx", "labels": folder / "labels.json",
+            "preprocess": folder / "preprocess.json"}
 
 
-def test_register_onnx_model_moves_champion_only_on_improvement(mlflow_store, tmp_path, params):
-    model = _tiny_onnx(tmp_path / "model.onnx")
-    labels = tmp_path / "labels.json"
-    labels.write_text('{"classes": ["cat", "dog"]}\n')
+def test_pyfunc_model_moves_champion_only_on_improvement(mlflow_store, tmp_path, params):
+    model = serving.pyfunc_model(_tiny_export(tmp_path / "export"), ["cat", "dog"], jpeg_bytes("cat", 1))
     steps = [(0.90, True), (0.80, True), (0.95, False), (0.95, True), (0.95, True)]
     registrations = []
     with tracking.start_run(params, Paths.under(tmp_path)) as run:
         for accuracy, promote in steps:
-            registrations.append(run.register_onnx_model(model, [labels], "catdog-test", accuracy, promote))
+            registrations.append(run.log_pyfunc_model(model, "catdog-test", accuracy, promote))
+        assert run.log_pyfunc_model(model, None, 0.99, True) is None
     assert [r.version for r in registrations] == ["1", "2", "3", "4", "5"]
     # first is champion; worse is not; not asked to promote; better; a tie is no improvement
     assert [r.promoted for r in registrations] == [True, False, False, True, False]
@@ -374,3 +384,4 @@ def test_register_onnx_model_moves_champion_only_on_improvement(mlflow_store, tm
     assert str(client.get_model_version_by_alias("catdog-test", "candidate").version) == "5"
     assert client.get_model_version("catdog-test", "2").tags["test_accuracy"] == "0.8"
     assert client.get_model_version("catdog-test", "1").run_id == run.run_id
+    assert len(client.search_model_versions("name = 'catdog-test'")) == 5  # no name: logged, not registered

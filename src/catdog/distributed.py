@@ -9,7 +9,6 @@ validates, logs to MLflow and writes files.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import subprocess
 import sys
@@ -95,7 +94,7 @@ def relaunch(nproc: int, params: Params, root: Path) -> None:
         raise CatdogError(f"train.nproc is {nproc} but this machine has {torch.cuda.device_count()} GPU(s)")
     with tempfile.TemporaryDirectory(prefix="catdog-train-") as folder:
         params_file = Path(folder) / "params.yaml"
-        params_file.write_text(yaml.safe_dump(dataclasses.asdict(params), sort_keys=False))
+        params_file.write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    "-m", "catdog.train", "--params", str(params_file), "--root", str(root)]
         returncode = subprocess.run(command).returncode

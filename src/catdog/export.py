@@ -3,13 +3,15 @@ against the eager model, a label map, the preprocessing config and a model card.
 
 The stage fails when an exported model's logits on test images differ from PyTorch's by
 more than ``export.tolerance``, or its test accuracy differs: a model that deploys
-differently from how it was evaluated is worse than no model. The ONNX model is then
-registered in MLflow's model registry (alias ``candidate``; ``champion`` moves only when the
-test accuracy beats the current champion's).
+differently from how it was evaluated is worse than no model. The ONNX model, wrapped in the
+pyfunc of :mod:`catdog.serving` (encoded images in, labels out), is then logged to MLflow and
+registered (alias ``candidate``; ``champion`` moves only when the test accuracy beats the
+current champion's).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -17,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from PIL import Image
 
-from catdog import reports, tracking
-from catdog.data import CachedImages, load_split
+from catdog import reports, serving, tracking
+from catdog.data import CachedImages, Split, load_split
 from catdog.errors import CatdogError
 from catdog.models import load_checkpoint
 from catdog.params import Params
@@ -72,18 +75,28 @@ def run(params: Params, paths: Paths) -> dict:
     with tracking.stage_run(params, paths, "export") as mlflow_run:
         test_metrics = json.loads(paths.evaluate_metrics.read_text())
         (out / CARD_FILE).write_text(model_card(params, config, test_metrics, results, paths))
-        for name in (MODEL_FILE, PT2_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE):
-            mlflow_run.log_artifact(out / name, "export")
+        # model.onnx, labels and preprocessing live in the logged model; model.pt2 only in DVC's cache
+        mlflow_run.log_artifact(out / CARD_FILE, "export")
         # dvc.lock as it stands now: every upstream stage's hashes (export's own entry lands after this)
         for name in ("params.yaml", "dvc.yaml", "dvc.lock"):
             mlflow_run.log_artifact(paths.root / name, "lineage")
-        if p.registered_model_name:
-            registry = mlflow_run.register_onnx_model(
-                out / MODEL_FILE, [out / LABELS_FILE, out / PREPROCESS_FILE], p.registered_model_name,
-                test_accuracy=test_metrics["accuracy"], promote=p.promote_champion)
+        classifier = serving.pyfunc_model(
+            {"onnx_model": out / MODEL_FILE, "labels": out / LABELS_FILE, "preprocess": out / PREPROCESS_FILE},
+            config["classes"], example_jpeg(paths, test))
+        registry = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name,
+                                               test_accuracy=test_metrics["accuracy"], promote=p.promote_champion)
+        if registry:
             results.update(registered_version=registry.version, promoted_champion=registry.promoted)
         mlflow_run.log_metrics({f"export_{k}": v for k, v in results.items() if not isinstance(v, bool)})
     return results
+
+
+def example_jpeg(paths: Paths, test: Split) -> bytes:
+    """The registered model's input example: the first test image as a JPEG (cached decode, ~20 KB)."""
+    pixels = np.load(paths.images, mmap_mode="r")[test.rows[0]]
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(pixels)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:

@@ -70,7 +70,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def _download_registered(uri: str) -> Path:
     from catdog.tracking import download_registered_model  # imports mlflow: only for registry URIs
 
-    return download_registered_model(uri, Path.cwd()) / "model.onnx"
+    return download_registered_model(uri, Path.cwd()) / "artifacts" / "model.onnx"  # see catdog.serving
 
 
 def expand_paths(paths: Iterable[str]) -> list[Path]:

@@ -88,18 +88,17 @@ class Run:
     def __init__(self, run_id: str):
         self.run_id = run_id
 
-    def register_onnx_model(self, onnx_file: Path, extra_files: list[Path], name: str, test_accuracy: float,
-                            promote: bool) -> Registration:
-        """Log the ONNX model as an MLflow model, register a new version and set aliases:
-        ``candidate`` always, ``champion`` only if ``promote`` and it beats the current champion."""
-        import mlflow.onnx
-        import onnx
-        import onnxruntime
+    def log_pyfunc_model(self, model: dict, name: str | None, test_accuracy: float,
+                         promote: bool) -> Registration | None:
+        """Log ``model`` (``mlflow.pyfunc.log_model`` arguments, e.g. from
+        :func:`catdog.serving.pyfunc_model`) as the run's ``classifier``. With ``name``, register it
+        as a new version; ``candidate`` always moves to it, ``champion`` only if ``promote`` and it
+        beats the current champion's test accuracy."""
+        import mlflow.pyfunc
 
-        info = mlflow.onnx.log_model(
-            onnx.load(str(onnx_file)), name="onnx_model", extra_files=[str(f) for f in extra_files],
-            save_as_external_data=False, registered_model_name=name,
-            pip_requirements=[f"onnxruntime=={onnxruntime.__version__}"])
+        info = mlflow.pyfunc.log_model(name="classifier", registered_model_name=name, **model)
+        if not name:
+            return None
         version = str(info.registered_model_version)
         client = MlflowClient()
         client.set_model_version_tag(name, version, "test_accuracy", str(test_accuracy))

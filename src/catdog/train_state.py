@@ -10,7 +10,6 @@ reruns train after a kill.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -31,8 +30,8 @@ def fingerprint(params: Params, paths: Paths, world_size: int) -> str:
     images = np.load(paths.images, mmap_mode="r")
     material = {
         "version": VERSION,
-        "train": dataclasses.asdict(params.train),
-        "tracking": dataclasses.asdict(params.tracking),
+        "train": params.train.model_dump(),
+        "tracking": params.tracking.model_dump(),
         "manifest_md5": hashlib.md5(paths.manifest.read_bytes()).hexdigest(),  # every image's pixel md5
         "images": [list(images.shape), str(images.dtype)],  # the cache itself: too big to hash every start
         "world_size": world_size,
