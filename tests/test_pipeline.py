@@ -71,8 +71,8 @@ def assert_full_results(run, train_lr: float, eval_batch: int) -> None:
     assert params["train.lr"] == str(train_lr) and params["evaluate.batch_size"] == str(eval_batch), params
     assert "export.tolerance" in params and "data.source" in params and "tracking.experiment_name" in params
     assert {tags.get(f"catdog.results.{stage}") for stage in ("train", "evaluate", "export")} <= {"logged", "copied"}
-    assert "test_accuracy" in run.data.metrics and "export_onnx_max_abs_diff" in run.data.metrics
-    assert "val_accuracy" in run.data.metrics
+    assert "test/accuracy" in run.data.metrics and "export/onnx_max_abs_diff" in run.data.metrics
+    assert "val/accuracy" in run.data.metrics
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -207,11 +207,11 @@ def test_one_mlflow_run_in_the_project_store_with_params_metrics_and_lineage(pro
     assert "export.tolerance" in params and "tracking.experiment_name" in params
 
     client = project.client()
-    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    history = client.get_metric_history(run.info.run_id, "val/accuracy")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
-    assert "test_accuracy" in run.data.metrics
-    assert run.data.metrics["test_accuracy"] == project.json("reports/evaluate/metrics.json")["accuracy"]
-    assert "export_onnx_max_abs_diff" in run.data.metrics
+    assert "test/accuracy" in run.data.metrics
+    assert run.data.metrics["test/accuracy"] == project.json("reports/evaluate/metrics.json")["accuracy"]
+    assert "export/onnx_max_abs_diff" in run.data.metrics
 
     tags = run.data.tags
     assert tags.get("mlflow.source.git.commit") == project.git("rev-parse", "HEAD")
@@ -342,9 +342,9 @@ def test_only_evaluate_reruns_in_a_run_with_every_stages_results(project: Projec
     assert run.data.tags.get("catdog.reused_from") == before.run
     assert run.data.tags["catdog.results.train"] == "copied" and run.data.tags["catdog.results.evaluate"] == "logged"
     assert run.data.tags.get("data.hash") == client.get_run(before.run).data.tags["data.hash"]
-    history = client.get_metric_history(derived, "val_accuracy")
+    history = client.get_metric_history(derived, "val/accuracy")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), "metric history copied"
-    assert run.data.metrics["test_accuracy"] == project.json("reports/evaluate/metrics.json")["accuracy"]
+    assert run.data.metrics["test/accuracy"] == project.json("reports/evaluate/metrics.json")["accuracy"]
     assert "plots/confusion_matrix.png" in project.artifacts(derived)
     # The source run keeps its own value: MLflow params are immutable.
     source = client.get_run(before.run)

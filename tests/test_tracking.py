@@ -55,8 +55,8 @@ def test_start_run_creates_run_with_params_and_tags(mlflow_store, mlflow_client,
     paths.manifest.parent.mkdir(parents=True)
     paths.manifest.write_text("path,label,split,pixel_md5\ntrain/cat.1.jpg,cat,train,abc\n")
     with tracking.start_run(params, paths) as run:
-        run.log_metrics({"val_accuracy": 0.5}, step=1)
-        run.log_metrics({"val_accuracy": 0.75}, step=2)
+        run.log_metrics("val", {"accuracy": 0.5}, step=1)
+        run.log_metrics("val", {"accuracy": 0.75}, step=2)
     run_id = run.run_id
     assert not (tmp_path / "models").exists()  # no run id in a file: runs are found by checkpoint md5
 
@@ -81,7 +81,7 @@ def test_start_run_creates_run_with_params_and_tags(mlflow_store, mlflow_client,
     assert "dvc.exp_name" not in tags
     assert "mlflow.source.git.commit" not in tags  # tmp_path is no git repository
     assert logged.info.run_name == f"efficientnet_lite0-features-{tracking.params_hash(params)[:6]}"
-    assert metric_history(client, run_id, "val_accuracy") == [(1, 0.5), (2, 0.75)]
+    assert metric_history(client, run_id, "val/accuracy") == [(1, 0.5), (2, 0.75)]
 
 
 def test_start_run_without_manifest_has_no_data_hash(mlflow_store, tmp_path, params):
@@ -237,7 +237,7 @@ def train_run(mlflow_store, tmp_path, params):
     paths.checkpoint.write_bytes(b"weights v1")
     with tracking.start_run(params, paths) as run:
         for epoch in (1, 2, 3):
-            run.log_metrics({"val_accuracy": 0.5 + epoch / 10, "val_loss": 1.0 / epoch}, step=epoch)
+            run.log_metrics("val", {"accuracy": 0.5 + epoch / 10, "loss": 1.0 / epoch}, step=epoch)
         run.set_tags({"custom.note": "from train"})
         tracking.record_checkpoint(run, paths.checkpoint)
     return paths, run.run_id
@@ -252,13 +252,13 @@ def test_stages_log_into_the_run_of_their_checkpoint(train_run, mlflow_store, pa
     paths, train_id = train_run
     for stage in ("evaluate", "export"):
         with tracking.stage_run(params, paths, stage) as run:
-            run.log_metrics({f"{stage}_figure": 0.9})
+            run.log_metrics("test" if stage == "evaluate" else "export", {"figure": 0.9})
         assert run.run_id == train_id
     logged = client_for(mlflow_store).get_run(train_id).data
     assert logged.tags["catdog.checkpoint_md5"] == hashlib.md5(b"weights v1").hexdigest()
     assert {logged.tags[f"catdog.results.{s}"] for s in ("train", "evaluate", "export")} == {"logged"}
     assert logged.params["evaluate.batch_size"] == "16" and logged.params["export.opset"] == "18"
-    assert logged.metrics["evaluate_figure"] == 0.9
+    assert logged.metrics["test/figure"] == logged.metrics["export/figure"] == 0.9
     assert len(_runs(mlflow_store, train_id)) == 1
 
 
@@ -266,11 +266,11 @@ def test_a_stage_rerun_starts_a_run_with_the_full_results(train_run, mlflow_stor
     """Only evaluate params changed: DVC reruns evaluate alone; its new run copies train's results."""
     paths, train_id = train_run
     with tracking.stage_run(params, paths, "evaluate") as run:
-        run.log_metrics({"test_accuracy": 0.9})
+        run.log_metrics("test", {"accuracy": 0.9})
     changed = build_params({**{k: v for k, v in params.flat().items() if k != "evaluate.batch_size"},
                             "evaluate.batch_size": 32})
     with tracking.stage_run(changed, paths, "evaluate") as run:
-        run.log_metrics({"test_accuracy": 0.8})
+        run.log_metrics("test", {"accuracy": 0.8})
     derived_id = run.run_id
     assert derived_id != train_id
 
@@ -288,8 +288,8 @@ def test_a_stage_rerun_starts_a_run_with_the_full_results(train_run, mlflow_stor
     assert {k: v for k, v in derived.data.params.items() if k != "evaluate.batch_size"} == \
            {k: v for k, v in source.data.params.items() if k != "evaluate.batch_size"}
     # the whole per-epoch history, not only the last values
-    assert metric_history(client, derived_id, "val_accuracy") == [(1, 0.6), (2, 0.7), (3, 0.8)]
-    assert derived.data.metrics["test_accuracy"] == 0.8 and source.data.metrics["test_accuracy"] == 0.9
+    assert metric_history(client, derived_id, "val/accuracy") == [(1, 0.6), (2, 0.7), (3, 0.8)]
+    assert derived.data.metrics["test/accuracy"] == 0.8 and source.data.metrics["test/accuracy"] == 0.9
     # export then finds the new run, the most recent one of the checkpoint, and completes it
     with tracking.stage_run(changed, paths, "export") as run:
         pass
@@ -301,9 +301,9 @@ def test_an_identical_checkpoint_copies_the_downstream_results(train_run, mlflow
     paths, first_id = train_run
     for stage in ("evaluate", "export"):
         with tracking.stage_run(params, paths, stage) as run:
-            run.log_metrics({"test_accuracy": 0.9})
+            run.log_metrics("test", {"accuracy": 0.9})
     with tracking.start_run(params, paths) as run:
-        run.log_metrics({"val_accuracy": 0.7}, step=1)
+        run.log_metrics("val", {"accuracy": 0.7}, step=1)
         tracking.record_checkpoint(run, paths.checkpoint)
     client = client_for(mlflow_store)
     again = client.get_run(run.run_id).data
@@ -311,11 +311,11 @@ def test_an_identical_checkpoint_copies_the_downstream_results(train_run, mlflow
     assert again.tags["catdog.reused_from"] == first_id
     assert again.tags["catdog.results.train"] == "logged"
     assert again.tags["catdog.results.evaluate"] == again.tags["catdog.results.export"] == "copied"
-    assert again.params["evaluate.batch_size"] == "16" and again.metrics["test_accuracy"] == 0.9
-    assert metric_history(client, run.run_id, "val_accuracy") == [(1, 0.7)]  # its own, not copied
+    assert again.params["evaluate.batch_size"] == "16" and again.metrics["test/accuracy"] == 0.9
+    assert metric_history(client, run.run_id, "val/accuracy") == [(1, 0.7)]  # its own, not copied
     # a forced evaluate rerun with the same params completes that run instead of starting another
     with tracking.stage_run(params, paths, "evaluate") as evaluate:
-        evaluate.log_metrics({"test_accuracy": 0.9})
+        evaluate.log_metrics("test", {"accuracy": 0.9})
     assert evaluate.run_id == run.run_id
     assert client.get_run(run.run_id).data.tags["catdog.results.evaluate"] == "logged"
     assert len(_runs(mlflow_store, first_id)) == 2

@@ -110,13 +110,15 @@ def test_train_mlflow_run_has_params_epoch_history_and_model(pipeline):
     assert run.data.params["train.mode"] == "features"
     assert run.data.tags["data.hash"]
     history = read_csv(pipeline.paths.train_reports / "history.csv")
-    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+    for column, key in (("train_loss", "train/loss"), ("train_accuracy", "train/accuracy"), ("val_loss", "val/loss"),
+                        ("val_accuracy", "val/accuracy"), ("lr", "schedule/lr")):
         points = sorted((m.step, m.value) for m in client.get_metric_history(train_id, key))
         assert [step for step, _ in points] == [1, 2, 3], key
-        assert [value for _, value in points] == pytest.approx([float(row[key]) for row in history], abs=1e-6)
-    assert run.data.metrics["best_epoch"] == pipeline.train["best_epoch"]
-    assert run.data.metrics["best_val_accuracy"] == pytest.approx(pipeline.train["val_accuracy"])
-    assert "train_seconds" in run.data.metrics
+        assert [value for _, value in points] == pytest.approx([float(row[column]) for row in history], abs=1e-6)
+    assert run.data.tags["catdog.best_epoch"] == str(pipeline.train["best_epoch"])
+    assert run.data.tags["catdog.epochs_trained"] == "3"
+    assert run.data.metrics["val/best_accuracy"] == pytest.approx(pipeline.train["val_accuracy"])
+    assert "train/seconds" in run.data.metrics
 
     artifacts = {a.path for folder in ("plots", "reports") for a in client.list_artifacts(train_id, folder)}
     assert {"plots/curves.png", "reports/history.csv"} <= artifacts
@@ -176,7 +178,7 @@ def test_evaluate_logs_into_the_train_run(pipeline):
     train_id = run_id(pipeline.paths)
     run = client.get_run(train_id)
     for key in ("accuracy", "precision", "recall", "f1", "log_loss"):
-        assert run.data.metrics[f"test_{key}"] == pytest.approx(pipeline.evaluate[key])
+        assert run.data.metrics[f"test/{key}"] == pytest.approx(pipeline.evaluate[key])
     assert run.data.params["evaluate.batch_size"] == str(pipeline.params.evaluate.batch_size)
     artifacts = {a.path for folder in ("plots", "reports") for a in client.list_artifacts(train_id, folder)}
     assert {"plots/confusion_matrix.png", "reports/predictions.csv"} <= artifacts
@@ -265,7 +267,7 @@ def test_export_logs_into_the_same_run_and_registers_the_model(pipeline):
     client = client_for(pipeline.root)
     train_id = run_id(pipeline.paths)
     run = client.get_run(train_id)
-    assert run.data.metrics["export_onnx_max_abs_diff"] == pytest.approx(pipeline.export["onnx_max_abs_diff"])
+    assert run.data.metrics["export/onnx_max_abs_diff"] == pytest.approx(pipeline.export["onnx_max_abs_diff"])
     assert run.data.params["export.opset"] == "18"
     exported = {a.path for a in client.list_artifacts(train_id, "export")}
     assert {"export/model.onnx", "export/model.pt2", "export/labels.json", "export/preprocess.json",
@@ -279,6 +281,22 @@ def test_export_logs_into_the_same_run_and_registers_the_model(pipeline):
     assert str(version.version) == "1" and version.run_id == train_id
     assert str(client.get_model_version_by_alias(name, "candidate").version) == "1"
     assert float(version.tags["test_accuracy"]) == pytest.approx(pipeline.evaluate["accuracy"])
+
+
+def test_mlflow_metrics_are_grouped_by_section_and_facts_are_tags(pipeline):
+    """The run page charts metrics by the prefix before "/"; counts, versions, flags are no metrics."""
+    run = client_for(pipeline.root).get_run(run_id(pipeline.paths.train_run))
+    metrics = set(run.data.metrics)
+    assert not [key for key in metrics if "/" not in key], sorted(metrics)
+    assert {key.split("/")[0] for key in metrics} <= {"train", "val", "test", "export", "schedule", "system"}
+    assert {"train/loss", "train/accuracy", "val/loss", "val/accuracy", "schedule/lr",
+            "test/accuracy", "test/log_loss", "test/roc_auc", "test/f1", "test/ece", "test/precision_cat",
+            "test/recall_dog", "export/onnx_max_abs_diff", "export/pt2_max_abs_diff"} <= metrics, sorted(metrics)
+    assert not metrics & {"test/n", "export/parity_images", "export/registered_version"}
+    tags = run.data.tags
+    assert tags["catdog.test_images"] == str(len(read_csv(pipeline.paths.evaluate_reports / "predictions.csv")))
+    assert tags["catdog.parity_images"] == "10" and tags["catdog.epochs_trained"] == "3"
+    assert (tags["catdog.registered_version"], tags["catdog.promoted_champion"]) == ("1", "True")
 
 
 # --- other modes -------------------------------------------------------------------------------
