@@ -285,7 +285,7 @@ def test_export_logs_into_the_same_run_and_registers_the_model(pipeline):
 
 def test_mlflow_metrics_are_grouped_by_section_and_facts_are_tags(pipeline):
     """The run page charts metrics by the prefix before "/"; counts, versions, flags are no metrics."""
-    run = client_for(pipeline.root).get_run(run_id(pipeline.paths.train_run))
+    run = client_for(pipeline.root).get_run(run_id(pipeline.paths))
     metrics = set(run.data.metrics)
     assert not [key for key in metrics if "/" not in key], sorted(metrics)
     assert {key.split("/")[0] for key in metrics} <= {"train", "val", "test", "export", "schedule", "system"}
