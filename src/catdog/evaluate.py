@@ -18,6 +18,7 @@ from catdog import CLASSES, atomic, integrity, plots, tracking
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import resolve_runtime
 from catdog.engine import predict_probabilities
+from catdog.frozen import inference_module
 from catdog.models import load_checkpoint
 from catdog.params import Params
 from catdog.paths import Paths
@@ -31,7 +32,7 @@ def run(params: Params, paths: Paths) -> dict:
     integrity.verify(paths)
     runtime = resolve_runtime()
     model, config = load_checkpoint(paths.checkpoint)
-    model = runtime.prepare_model(model)
+    model = inference_module(runtime.prepare_model(model), config["arch"], config["image_size"], runtime)
     test = load_split(paths, "test")
     loader = make_loader(CachedImages(paths, test, eval_preset(config["image_size"])), p.batch_size, 0)
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from PIL import Image
 
@@ -25,6 +23,7 @@ from catdog import atomic, integrity, serving, tracking
 from catdog.data import CachedImages, Split, load_split
 from catdog.errors import CatdogError
 from catdog.models import load_checkpoint
+from catdog.onnx_runtime import create_session, export_onnx
 from catdog.params import Params
 from catdog.paths import Paths
 from catdog.transforms import eval_preset
@@ -41,7 +40,7 @@ def run(params: Params, paths: Paths) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     size = config["image_size"]
     example = torch.rand(2, 3, size, size)
-    export_onnx(model, example, out / MODEL_FILE, p.opset)
+    export_onnx(model, example, out / MODEL_FILE, p.opset, names=("image", "logits"))
     export_pt2(model, example, out / PT2_FILE)
 
     test = load_split(paths, "test")
@@ -105,16 +104,6 @@ def example_jpeg(paths: Paths, test: Split) -> bytes:
     return buffer.getvalue()
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # exporter chatter about its own internals
-        program = torch.onnx.export(model.eval(), (example,), input_names=["image"], output_names=["logits"],
-                                    dynamic_shapes={"images": {0: _batch_dim()}}, opset_version=opset,
-                                    dynamo=True, verbose=False)
-    with atomic.replacing(path) as temporary:
-        program.save(str(temporary))
-
-
 def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     """torch.export (the successor of TorchScript): loadable with ``torch.export.load`` alone."""
     program = torch.export.export(model.eval(), (example,), dynamic_shapes={"images": {0: _batch_dim()}})
@@ -123,7 +112,7 @@ def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Non
 
 
 def onnx_logits(path: Path, batch: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = create_session(path)
     return session.run(None, {session.get_inputs()[0].name: batch})[0]
 
 

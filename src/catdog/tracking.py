@@ -10,6 +10,7 @@ different from those already logged (say only ``evaluate.*`` changed) cannot rew
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
@@ -17,6 +18,8 @@ import random
 import subprocess
 import sys
 import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +30,9 @@ except ImportError:  # Windows: no store lock
     fcntl = None
 
 import mlflow
+import yaml
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -156,7 +162,9 @@ class Run:
 
     def log_pytorch_model(self, model, example_input) -> None:
         """The model with signature and input example, loadable with ``mlflow.pytorch.load_model``
-        (MLflow's default pt2 format: a torch.export program, no pickle; call it, no ``.eval()``)."""
+        (MLflow's default pt2 format: a torch.export program, no pickle; call it, no ``.eval()``).
+        pt2 needs the example, which MLflow stores as JSON (megabytes at 224 px): only logged when
+        ``tracking.log_pytorch_model`` asks."""
         import mlflow.pytorch
         import numpy as np
         import torch
@@ -186,6 +194,8 @@ def start_run(params: Params, paths: Paths) -> Iterator[Run]:
     _write_run_file(paths.train_run, run.info.run_id)
     with _opened(run.info.run_id, "train", log_system_metrics=True) as active:
         active.log_params(params.flat("data", "train", "tracking"))
+        if paths.manifest.is_file():
+            mlflow.log_input(prepared_dataset(params, paths), context="training")
         yield active
 
 
@@ -340,7 +350,60 @@ def _derive_run(client: MlflowClient, source_id: str, drop: set[str], params_dig
                                                    for m in history[start:start + 900]],
                          params=params if start == 0 else [], tags=[RunTag(k, v) for k, v in tags.items()]
                          if start == 0 else [])
+    if source.inputs and source.inputs.dataset_inputs:  # the same data, still shown in the runs table
+        client.log_inputs(run.info.run_id, datasets=source.inputs.dataset_inputs)
     return run.info.run_id
+
+
+class _PreparedImages(MetaDataset):
+    """The prepared data as MLflow sees it: a name, a digest and a profile (no rows to load)."""
+
+    def __init__(self, source: str, name: str, digest: str, profile: dict):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": a local file it is
+            resolved = resolve_dataset_source(source)
+        super().__init__(resolved, name=name, digest=digest)
+        self._profile = profile
+
+    @property
+    def profile(self) -> dict:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def prepared_dataset(params: Params, paths: Paths) -> _PreparedImages:
+    """``data/prepared`` as an MLflow dataset: named after ``data.source``, DVC's md5 as digest,
+    the image count per split as profile."""
+    with paths.manifest.open(newline="") as handle:
+        splits = Counter(row["split"] for row in csv.DictReader(handle))
+    source = Path(params.data.source)
+    return _PreparedImages(str(source if source.is_absolute() else paths.root / source), source.name,
+                           prepared_digest(paths), {"images": sum(splits.values()), **splits})
+
+
+def prepared_digest(paths: Paths) -> str:
+    """DVC's md5 of ``data/prepared``: as dvc.lock records prepare's output, else computed the
+    way DVC does (md5 of the sorted file list with each file's md5, plus ``.dir``), taking the
+    md5s prepare recorded in content.json (which the stages verify) instead of hashing again."""
+    lock = paths.root / "dvc.lock"
+    if lock.is_file():
+        outs = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("prepare", {}).get("outs", [])
+        for out in outs:
+            if out.get("path") == paths.prepared.relative_to(paths.root).as_posix() and "md5" in out:
+                return out["md5"]
+    recorded = json.loads(paths.prepared_content.read_text()) if paths.prepared_content.is_file() else {}
+    entries = [{"md5": recorded.get(f.name, {}).get("md5") or _file_md5(f),
+                "relpath": f.relative_to(paths.prepared).as_posix()}
+               for f in sorted(paths.prepared.rglob("*")) if f.is_file()]
+    listing = json.dumps(sorted(entries, key=lambda e: e["relpath"]), sort_keys=True)
+    return hashlib.md5(listing.encode()).hexdigest() + ".dir"
+
+
+def _file_md5(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 def lineage_tags(params: Params, paths: Paths) -> dict[str, str]:
