@@ -90,8 +90,6 @@ def write_reports(paths: Paths, files: list[str], rows: np.ndarray, targets: np.
                   probabilities: np.ndarray, results: dict, calibration_bins: int, gallery_size: int) -> None:
     folder = paths.evaluate_reports
     write_predictions(folder / "predictions.csv", files, targets, probabilities)
-    reports.write_json(paths.evaluate_metrics, {key: results[key] for key in HEADLINE})
-    reports.write_json(paths.evaluate_details, results)
 
     matrix = skm.confusion_matrix(targets, probabilities.argmax(1), labels=range(len(CLASSES)))
     plots.confusion_matrix(matrix, CLASSES, folder / "confusion_matrix.png",
@@ -114,6 +112,8 @@ def write_reports(paths: Paths, files: list[str], rows: np.ndarray, targets: np.
                    f"({probabilities[i].max():.0%})" for i in worst],
                   folder / "confidently_wrong.png",
                   title=f"Most confidently wrong test images ({len(wrong)} wrong of {len(targets)})")
+    reports.write_json(paths.evaluate_details, results)
+    reports.write_json(paths.evaluate_metrics, {key: results[key] for key in HEADLINE})  # last: all else is there
 
 
 def write_predictions(path: Path, files: list[str], targets: np.ndarray, probabilities: np.ndarray) -> None:

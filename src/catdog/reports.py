@@ -12,9 +12,10 @@ import csv
 import io
 import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from catdog import atomic
 
 DECIMALS = 6
 
@@ -49,9 +50,4 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> No
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(
-        f".{path.name}.tmp"
-    )  # same folder: os.replace is then atomic
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    atomic.write_text(path, text)

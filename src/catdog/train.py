@@ -325,8 +325,8 @@ def _write_outputs(paths: Paths, model: Classifier, p: TrainParams, history: lis
     })
     tqdm.write(f"train: wrote {paths.checkpoint.relative_to(paths.root)} (best epoch {metrics['best_epoch']})")
     reports.write_csv(paths.train_reports / "history.csv", list(history[0]), [list(row.values()) for row in history])
-    reports.write_json(paths.train_metrics, metrics)
     plots.training_curves(history, metrics["best_epoch"], paths.train_reports / "curves.png")
+    reports.write_json(paths.train_metrics, metrics)  # last: all else is there
 
 
 if __name__ == "__main__":  # the entry torchrun starts (catdog.distributed.relaunch)
