@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from catdog import CLASSES, distributed, integrity, plots, tracking, train_state
+from catdog import CLASSES, atomic, distributed, integrity, plots, tracking, train_state
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import Runtime, resolve_runtime
 from catdog.distributed import World
@@ -330,13 +330,13 @@ def _write_outputs(paths: Paths, model: Classifier, p: TrainParams, history: lis
     tqdm.write(f"train: wrote {paths.checkpoint.relative_to(paths.root)} (best epoch {metrics['best_epoch']})")
     reports = paths.train_reports
     reports.mkdir(parents=True, exist_ok=True)
-    with (reports / "history.csv").open("w", newline="") as handle:
+    with atomic.replacing(reports / "history.csv") as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(history[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
                          for row in history)
-    (reports / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plots.training_curves(history, metrics["best_epoch"], reports / "curves.png")
+    atomic.write_text(reports / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: all else is there
 
 
 if __name__ == "__main__":  # the entry torchrun starts (catdog.distributed.relaunch)
