@@ -39,7 +39,7 @@ def run(params: Params, paths: Paths) -> dict:
     out = paths.exported
     out.mkdir(parents=True, exist_ok=True)
     size = config["image_size"]
-    example = torch.rand(2, 3, size, size)
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # saved in model.pt2
     export_onnx(model, example, out / MODEL_FILE, p.opset, names=("image", "logits"))
     export_pt2(model, example, out / PT2_FILE)
 
@@ -105,8 +105,11 @@ def example_jpeg(paths: Paths, test: Split) -> bytes:
 def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     """torch.export (the successor of TorchScript): loadable with ``torch.export.load`` alone."""
     program = torch.export.export(model.eval(), (example,), dynamic_shapes={"images": {0: _batch_dim()}})
-    with atomic.replacing(path) as temporary:
-        torch.export.save(program, str(temporary))
+    for node in program.graph.nodes:  # stack traces name this machine's source paths
+        node.meta.pop("stack_trace", None)
+    # to a file object: torch names the archive's records after a file name (here a temporary one)
+    with atomic.replacing(path) as temporary, temporary.open("wb") as handle:
+        torch.export.save(program, handle)
 
 
 def onnx_logits(path: Path, batch: np.ndarray) -> np.ndarray:

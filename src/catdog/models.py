@@ -294,8 +294,9 @@ def _torch_load(path: str | Path):
 
 def save_checkpoint(path: Path, model: Classifier, config: dict) -> None:
     """``config`` holds what rebuilding needs (arch, image_size, classes, ...), saved with the weights."""
-    with atomic.replacing(path) as temporary:
-        torch.save({"config": config, "state_dict": model.state_dict()}, temporary)
+    # to a file object: torch names the archive's records after a file name (here a temporary one)
+    with atomic.replacing(path) as temporary, temporary.open("wb") as handle:
+        torch.save({"config": config, "state_dict": model.state_dict()}, handle)
 
 
 def load_checkpoint(path: Path) -> tuple[Classifier, dict]:

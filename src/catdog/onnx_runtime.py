@@ -68,6 +68,8 @@ def export_onnx(module, example, path: Path, opset: int = 18, names: tuple[str, 
         program = torch.onnx.export(module, (example,), input_names=[names[0]], output_names=[names[1]],
                                     dynamic_shapes={argument: {0: batch}}, opset_version=opset, dynamo=True,
                                     verbose=False)
+    for node in program.model.graph.all_nodes():  # stack traces naming this machine's source paths
+        node.metadata_props.clear()  # the same weights then give the same bytes anywhere
     with atomic.replacing(path) as temporary:
         program.save(str(temporary))
 
