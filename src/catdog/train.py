@@ -31,12 +31,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from catdog import CLASSES, distributed, plots, tracking, train_state
+from catdog import CLASSES, distributed, integrity, plots, tracking, train_state
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import Runtime, resolve_runtime
 from catdog.distributed import World
-from catdog.engine import evaluate, extract_features, train_one_epoch
+from catdog.engine import evaluate, train_one_epoch
 from catdog.errors import CatdogError
+from catdog.frozen import FrozenPart, cached_activations, split_for_training
 from catdog.models import Classifier, create_model, save_checkpoint
 from catdog.params import Params, TrainParams
 from catdog.paths import Paths
@@ -46,6 +47,7 @@ from catdog.transforms import eval_preset, train_transforms
 
 def run(params: Params, paths: Paths) -> dict:
     """Train in this process, or in ``train.nproc`` processes under torchrun (this process waits)."""
+    integrity.verify(paths)
     if params.train.nproc > 1 and not distributed.under_torchrun():
         distributed.relaunch(params.train.nproc, params, paths.root)
         return json.loads((paths.train_reports / "metrics.json").read_text())
@@ -63,7 +65,10 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
     train_split, val_split = load_split(paths, "train"), load_split(paths, "val")
     model = runtime.prepare_model(
         create_model(p.arch, p.pretrained, len(CLASSES), p.weights, p.image_size, p.dropout))
-    forward = model.head if p.mode == "features" else model  # what the loops call
+    frozen, rest = split_for_training(model, p.arch, p.image_size, p.mode, p.unfreeze_blocks, runtime)
+    # the frozen part runs once over the images (its activations cached) unless augmentation or DDP
+    cached = frozen is not None and not p.augment and not world.distributed
+    forward = rest if cached or frozen is None else nn.Sequential(frozen, rest)  # what the loops call
     trained = model.head if p.mode in ("features", "head") else model  # what changes: saved each epoch
     fingerprint = train_state.fingerprint(params, paths, world.world_size) if world.is_main else None
     state = world.broadcast(_resumable_state(paths, fingerprint) if world.is_main else None)
@@ -75,7 +80,7 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
             _note(world, "train: compile skipped: torch.compile is used on CUDA only")
         val_images = CachedImages(paths, val_split, eval_preset(p.image_size))
         train_loader, val_loader, sampler, batch_transform = _loaders(
-            model, paths, train_split, val_images, p, runtime, world, generator)
+            frozen if cached else None, paths, train_split, val_images, p, runtime, world, generator)
         optimizer = _optimizer(model, p)
         scheduler = _scheduler(optimizer, p, len(train_loader))
         scaler = torch.amp.GradScaler() if runtime.needs_grad_scaler else None
@@ -126,6 +131,7 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
                     "seconds": seconds_before + time.perf_counter() - started,
                 }
                 train_state.save(paths.train_state, saved)
+                mlflow_run.progress["catdog.epoch_reached"] = str(epoch)  # tagged if the stage is stopped
                 mlflow_run.log_epoch(row)
             epochs.set_postfix(val_acc=f"{val.accuracy:.4f}", val_loss=f"{val.loss:.4f}", refresh=False)
 
@@ -149,8 +155,9 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
             mlflow_run.log_facts({"best_epoch": metrics["best_epoch"], "epochs_trained": len(history)})
             mlflow_run.log_artifact(paths.train_reports / "curves.png", "plots")
             mlflow_run.log_artifact(paths.train_reports / "history.csv", "reports")
-            example = torch.stack([val_images[i][0] for i in range(2)]).numpy()  # batch 2: keeps the batch dim dynamic
-            mlflow_run.log_pytorch_model(model, example)
+            if params.tracking.log_pytorch_model:
+                example = torch.stack([val_images[i][0] for i in range(2)]).numpy()  # batch 2: keeps the batch dim dynamic
+                mlflow_run.log_pytorch_model(model, example)
             train_state.save(paths.train_state, {**saved, "complete": True})  # last: the outputs are all there
     return metrics
 
@@ -279,14 +286,15 @@ def _scheduler(optimizer: torch.optim.Optimizer, p: TrainParams, steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _loaders(model: Classifier, paths: Paths, train_split, val_images: CachedImages, p: TrainParams,
+def _loaders(frozen: FrozenPart | None, paths: Paths, train_split, val_images: CachedImages, p: TrainParams,
              runtime: Runtime, world: World, generator: torch.Generator):
-    """(train loader, val loader, DDP sampler or None, augmentation to run on the device or None)."""
+    """(train loader, val loader, DDP sampler or None, augmentation to run on the device or None);
+    given ``frozen``, the loaders hold its cached activations instead of the images."""
     on_cuda = runtime.device.type == "cuda"
     loader_transform, batch_transform = train_transforms(p.image_size, p.augment, on_device=on_cuda)
     train_images = CachedImages(paths, train_split, loader_transform)
-    if p.mode == "features":
-        return (*_feature_loaders(model, train_images, val_images, p, runtime, generator), None, None)
+    if frozen is not None:
+        return (*_activation_loaders(frozen, train_images, val_images, p, generator), None, None)
     sampler = (DistributedSampler(train_images, world.world_size, world.rank, shuffle=True, seed=p.seed)
                if world.distributed else None)
     # Fresh workers every epoch, seeded from the shuffling generator that the state saves:
@@ -297,14 +305,13 @@ def _loaders(model: Classifier, paths: Paths, train_split, val_images: CachedIma
     return train_loader, val_loader, sampler, batch_transform
 
 
-def _feature_loaders(model: Classifier, train_images, val_images, p: TrainParams, runtime: Runtime,
-                     generator: torch.Generator):
-    """Embeddings of every train/val image, computed once; the head then trains on them.
-    A resumed run computes them again: the same frozen weights give the same embeddings."""
+def _activation_loaders(frozen: FrozenPart, train_images, val_images, p: TrainParams, generator: torch.Generator):
+    """The frozen part's activations of every train/val image, computed once; then each epoch runs
+    only what trains. A resumed run computes them again: the same frozen weights give the same ones."""
     loaders = []
     for name, images in (("train", train_images), ("val", val_images)):
         loader = make_loader(images, p.batch_size, p.workers)
-        features, labels = extract_features(model, loader, runtime, desc=f"features ({name})")
+        features, labels = cached_activations(frozen, loader, desc=f"frozen activations ({name})")
         loaders.append(make_loader(TensorDataset(features, labels), p.batch_size, 0,
                                    shuffle=name == "train", generator=generator))
     return loaders
