@@ -284,6 +284,20 @@ def test_dvc_exp_show_lists_experiments_with_params_and_test_accuracy(exps):
 
 
 @pytest.mark.slow
+def test_dvc_exp_show_only_changed_fits_a_120_column_terminal(exps):
+    """The experiments above differ from the baseline in one or two params (train.lr, and
+    evaluate.batch_size): at 120 columns ``dvc exp show --only-changed`` shows every cell whole
+    (DVC ends a cell it cannot fit with '…')."""
+    width = 120
+    shown = exps.project.dvc("exp", "show", "--only-changed", "--no-pager",
+                             env={**exps.project.env, "COLUMNS": str(width)}).stdout
+    experiments = [name for name in (*QUEUED, WORKSPACE_EXP, EVAL_EXP) if name in shown]
+    assert len(experiments) == 4, shown
+    too_wide = [line for line in shown.splitlines() if len(line) > width]
+    assert not too_wide and "…" not in shown, f"does not fit {width} columns:\n{shown}"
+
+
+@pytest.mark.slow
 def test_dvc_metrics_and_plots_diff_compare_two_experiments(exps, tmp_path):
     proj = exps.project
     a, b = QUEUED
