@@ -25,12 +25,19 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 UI_TIMEOUT_MS = 60_000
 PLOTTED_METRICS = ("val/loss", "test/log_loss")
 
@@ -43,9 +50,24 @@ def serve_ui(root: Path, log: Path, timeout: float = 120) -> Iterator[str]:
         port = sock.getsockname()[1]
     mlflow = Path(sys.executable).with_name("mlflow")
     with log.open("w") as handle:
-        server = subprocess.Popen([str(mlflow), "ui", "--backend-store-uri", "sqlite:///mlflow.db", "--host",
-                                   "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=root,
-                                  stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [
+                str(mlflow),
+                "ui",
+                "--backend-store-uri",
+                "sqlite:///mlflow.db",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            cwd=root,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_for_health(base, server, log, timeout)
@@ -56,17 +78,25 @@ def serve_ui(root: Path, log: Path, timeout: float = 120) -> Iterator[str]:
         server.wait(30)
 
 
-def _wait_for_health(base: str, server: subprocess.Popen, log: Path, timeout: float) -> None:
+def _wait_for_health(
+    base: str, server: subprocess.Popen, log: Path, timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"mlflow ui exited with {server.returncode}:\n{log.read_text()[-2000:]}")
-        with contextlib.suppress(urllib.error.URLError, OSError):
-            with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
+            raise RuntimeError(
+                f"mlflow ui exited with {server.returncode}:\n{log.read_text()[-2000:]}"
+            )
+        with (
+            contextlib.suppress(urllib.error.URLError, OSError),
+            urllib.request.urlopen(f"{base}/health", timeout=5) as response,
+        ):
+            if response.status == 200:
+                return
         time.sleep(0.5)
-    raise RuntimeError(f"mlflow ui did not answer within {timeout:.0f} s:\n{log.read_text()[-2000:]}")
+    raise RuntimeError(
+        f"mlflow ui did not answer within {timeout:.0f} s:\n{log.read_text()[-2000:]}"
+    )
 
 
 @contextlib.contextmanager
@@ -75,14 +105,17 @@ def browser_page(playwright) -> Iterator:
     blocked: list[str] = []
 
     def loopback_only(route):
-        if urllib.parse.urlsplit(route.request.url).hostname == "127.0.0.1" or \
-                route.request.url.startswith(("data:", "blob:")):
+        if urllib.parse.urlsplit(
+            route.request.url
+        ).hostname == "127.0.0.1" or route.request.url.startswith(("data:", "blob:")):
             route.continue_()
         else:
             blocked.append(route.request.url)
             route.abort()
 
-    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    browser = playwright.chromium.launch(
+        executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
+    )
     try:
         context = browser.new_context(viewport={"width": 1280, "height": 800})
         context.route("**/*", loopback_only)
@@ -113,7 +146,9 @@ def compare_runs(page, base: str, experiment_id: str, run_ids: list[str]) -> lis
         run_row(page, run_id).first.wait_for()
     close_assistant(page)
     for run_id in run_ids:
-        page.locator(f'.ag-pinned-left-cols-container [row-id="{run_id}"] .ag-selection-checkbox').click()
+        page.locator(
+            f'.ag-pinned-left-cols-container [row-id="{run_id}"] .ag-selection-checkbox'
+        ).click()
     page.get_by_role("button", name="Compare", exact=True).click()
     page.wait_for_url("**/compare-runs**")
     page.get_by_text(f"Comparing {len(run_ids)} Runs").wait_for()
@@ -124,7 +159,8 @@ def compare_runs(page, base: str, experiment_id: str, run_ids: list[str]) -> lis
 def section_box(page, section: str):
     """The compare view's Parameters or Metrics section."""
     return page.get_by_role("switch", name=f"{section} - Show diff only").locator(
-        "xpath=ancestor::div[contains(@class, 'collapse-item')][1]")
+        "xpath=ancestor::div[contains(@class, 'collapse-item')][1]"
+    )
 
 
 def show_differences_only(page) -> None:
@@ -132,8 +168,12 @@ def show_differences_only(page) -> None:
 
     for section in ("Parameters", "Metrics"):
         page.get_by_role("switch", name=f"{section} - Show diff only").click()
-    page.set_viewport_size({"width": 1280, "height": 4000})  # the metrics grid renders visible rows only
-    expect(section_box(page, "Metrics")).to_contain_text("val/loss", timeout=UI_TIMEOUT_MS)
+    page.set_viewport_size(
+        {"width": 1280, "height": 4000}
+    )  # the metrics grid renders visible rows only
+    expect(section_box(page, "Metrics")).to_contain_text(
+        "val/loss", timeout=UI_TIMEOUT_MS
+    )
     page.wait_for_timeout(500)
 
 
@@ -162,8 +202,17 @@ def metric_sections(page, base: str, experiment_id: str, run_id: str) -> dict[st
     page.get_by_role("button", name="Add chart").first.wait_for()
     close_assistant(page)
     page.wait_for_timeout(500)
-    text = page.inner_text("main") if page.locator("main").count() else page.inner_text("body")
-    return {name: int(count) for name, count in re.findall(r"^(\S+)\n\((\d+)\)\nAdd chart$", text, re.M)}
+    text = (
+        page.inner_text("main")
+        if page.locator("main").count()
+        else page.inner_text("body")
+    )
+    return {
+        name: int(count)
+        for name, count in re.findall(
+            r"^(\S+)\n\((\d+)\)\nAdd chart$", text, re.MULTILINE
+        )
+    }
 
 
 def take(root: Path, out: Path, run_names: list[str] | None = None) -> Path:
@@ -172,26 +221,48 @@ def take(root: Path, out: Path, run_names: list[str] | None = None) -> Path:
     from playwright.sync_api import sync_playwright
 
     client = MlflowClient(f"sqlite:///{root.resolve() / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"])
-    chosen = [next(r for r in runs if r.info.run_name == name) for name in run_names] if run_names else runs[:2]
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        "attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    chosen = (
+        [next(r for r in runs if r.info.run_name == name) for name in run_names]
+        if run_names
+        else runs[:2]
+    )
     if len(chosen) != 2 or chosen[0].info.experiment_id != chosen[1].info.experiment_id:
-        raise SystemExit(f"need two finished runs of one experiment in {root}/mlflow.db")
+        raise SystemExit(
+            f"need two finished runs of one experiment in {root}/mlflow.db"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
-    with serve_ui(root, out.with_suffix(".mlflow-ui.log")) as base, sync_playwright() as playwright:
-        with browser_page(playwright) as page:
-            compare_runs(page, base, chosen[0].info.experiment_id, [r.info.run_id for r in chosen])
-            show_differences_only(page)
-            plot_parallel_coordinates(page)
-            page.screenshot(path=str(out))
-    out.with_suffix(".mlflow-ui.log").unlink()
+    log = out.with_suffix(".mlflow-ui.log")
+    with (
+        serve_ui(root, log) as base,
+        sync_playwright() as playwright,
+        browser_page(playwright) as page,
+    ):
+        compare_runs(
+            page, base, chosen[0].info.experiment_id, [r.info.run_id for r in chosen]
+        )
+        show_differences_only(page)
+        plot_parallel_coordinates(page)
+        page.screenshot(path=str(out))
+    log.unlink()
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="*", help="two run names (default: the two newest finished runs)")
-    parser.add_argument("--root", type=Path, default=Path("."), help="the project whose mlflow.db to show")
+    parser.add_argument(
+        "runs", nargs="*", help="two run names (default: the two newest finished runs)"
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=Path("."),
+        help="the project whose mlflow.db to show",
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/mlflow-compare.png"))
     args = parser.parse_args()
     if args.runs and len(args.runs) != 2:

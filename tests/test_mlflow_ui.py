@@ -13,13 +13,12 @@ from __future__ import annotations
 import math
 import sys
 
-import pytest
-
 import dvc_project as dp
+import pytest
 from dvc_project import QUEUED, REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
-import mlflow_screenshot as ui_driver  # noqa: E402
+import mlflow_screenshot as ui_driver
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +34,7 @@ def format_metric(value: float) -> str:
         return f"{mantissa}e{int(exponent)}"
     digits = 3 if abs(value) < 10 else 2 if abs(value) < 100 else 1
     text = repr(math.floor(value * 10 ** digits + 0.5) / 10 ** digits)
-    return text[:-2] if text.endswith(".0") else text
+    return text.removesuffix(".0")
 
 
 def test_format_metric_matches_the_ui():
@@ -133,7 +132,7 @@ def test_runs_list_then_compare_shows_both_runs_and_their_differences(ui, page, 
 
 def test_run_page_groups_metric_charts_by_section(ui, page):
     """MLflow charts a run's metrics in one group per key prefix: train, val, test, export, schedule."""
-    exps, base, log = ui
+    exps, base, _ = ui
     run = exps.run_named(next(iter(QUEUED)))
     sections = ui_driver.metric_sections(page, base, exps.project.experiment_id(), run.info.run_id)
     logged = {}
