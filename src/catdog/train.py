@@ -38,6 +38,7 @@ from catdog.distributed import World
 from catdog.engine import evaluate, train_one_epoch
 from catdog.errors import CatdogError
 from catdog.frozen import FrozenPart, cached_activations, split_for_training
+from catdog.linear_probe import fit_logistic_head
 from catdog.models import Classifier, create_model, save_checkpoint
 from catdog.params import Params, TrainParams
 from catdog.paths import Paths
@@ -109,9 +110,12 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
             if sampler is not None:
                 sampler.set_epoch(epoch)
             lrs = scheduler.get_last_lr()
-            fit = train_one_epoch(net, train_loader, optimizer, scheduler, runtime, scaler, desc=f"epoch {epoch}",
-                                  criterion=criterion, grad_clip_norm=p.grad_clip_norm,
-                                  batch_transform=batch_transform, on_step=on_step)
+            if p.head == "logistic":
+                fit = fit_logistic_head(model.head, *train_loader.dataset.tensors, p.logistic_c)
+            else:
+                fit = train_one_epoch(net, train_loader, optimizer, scheduler, runtime, scaler, desc=f"epoch {epoch}",
+                                      criterion=criterion, grad_clip_norm=p.grad_clip_norm,
+                                      batch_transform=batch_transform, on_step=on_step)
             val = world.broadcast(evaluate(forward, val_loader, runtime, desc="val") if world.is_main else None)
             row = {"epoch": epoch, "train_loss": fit.loss, "train_accuracy": fit.accuracy,
                    "val_loss": val.loss, "val_accuracy": val.accuracy, "lr": lrs[0]}
