@@ -73,9 +73,17 @@ def serve_ui(root: Path, log: Path, timeout: float = 120) -> Iterator[str]:
         _wait_for_health(base, server, log, timeout)
         yield base
     finally:
+        _stop(server)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group, SIGKILL if it is still up after 30 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+            os.killpg(server.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(30)
+            return
 
 
 def _wait_for_health(
@@ -168,12 +176,13 @@ def show_differences_only(page) -> None:
 
     for section in ("Parameters", "Metrics"):
         page.get_by_role("switch", name=f"{section} - Show diff only").click()
-    page.set_viewport_size(
-        {"width": 1280, "height": 4000}
-    )  # the metrics grid renders visible rows only
-    expect(section_box(page, "Metrics")).to_contain_text(
-        "val/loss", timeout=UI_TIMEOUT_MS
-    )
+    page.set_viewport_size({"width": 1280, "height": 4000})
+    box = section_box(page, "Metrics")
+    box.get_by_text("test/").first.wait_for()
+    # The metrics grid renders the rows in its scrolled view only: scroll to val/ (the last section).
+    for grid in box.locator(".ReactVirtualized__Grid").all():
+        grid.evaluate("element => { element.scrollTop = element.scrollHeight; }")
+    expect(box).to_contain_text("val/loss", timeout=UI_TIMEOUT_MS)
     page.wait_for_timeout(500)
 
 
