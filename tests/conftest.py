@@ -6,7 +6,9 @@ torch models. Nothing of catdog is mocked.
 
 from __future__ import annotations
 
+import csv
 import io
+import json
 import os
 import shutil
 import sys
@@ -155,6 +157,21 @@ def make_dataset(tmp_path):
     return make
 
 
+# --- reading outputs ---------------------------------------------------------------------------
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def run_id(path) -> str:
+    """The MLflow run id in a stage's run file (``models/mlflow_run.json`` and the like)."""
+    return json.loads(path.read_text())["run_id"]
+
+
 # --- params and paths --------------------------------------------------------------------------
 
 def repo_params_raw() -> dict:
@@ -284,6 +301,9 @@ def pipeline(tmp_path_factory, mlflow_template) -> PipelineRun:
     seed_store(mlflow_template, root)
     params = build_params({**PIPELINE_OVERRIDES, "data.source": str(data.zip)})
     paths = Paths.under(root)
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
+    for name in ("dvc.yaml", "dvc.lock"):  # export logs them as the run's lineage
+        shutil.copy(REPO_ROOT / name, root / name)
     with pytest.MonkeyPatch.context() as patch:
         for name in _CATDOG_ENV:
             patch.delenv(name, raising=False)

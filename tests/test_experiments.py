@@ -123,13 +123,13 @@ def test_derived_run_belongs_to_the_current_experiment(mlflow_store, tmp_path, m
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
     with tracking.start_run(first, paths) as source:
         pass
-    with tracking.resume_run(paths.root, paths.train_run, tmp_path / "evaluate.json",
+    with tracking.continue_pipeline_run(paths.root, paths.train_run, tmp_path / "evaluate.json",
                              first.flat("evaluate"), first):  # the first experiment's evaluate stage
         pass
     second = build_params({"data.source": "data/raw/train.zip", "evaluate.batch_size": 8})
     monkeypatch.setenv("DVC_EXP_NAME", "second-exp")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "b" * 40)
-    with tracking.resume_run(paths.root, paths.train_run, tmp_path / "evaluate.json",
+    with tracking.continue_pipeline_run(paths.root, paths.train_run, tmp_path / "evaluate.json",
                              second.flat("evaluate"), second) as derived:
         pass
     client = dp.Project(tmp_path, {}).client()
@@ -145,7 +145,7 @@ def test_derived_run_belongs_to_the_current_experiment(mlflow_store, tmp_path, m
     monkeypatch.delenv("DVC_EXP_NAME")
     monkeypatch.delenv("DVC_EXP_BASELINE_REV")
     third = build_params({"data.source": "data/raw/train.zip", "evaluate.batch_size": 4})
-    with tracking.resume_run(paths.root, paths.train_run, tmp_path / "evaluate.json",
+    with tracking.continue_pipeline_run(paths.root, paths.train_run, tmp_path / "evaluate.json",
                              third.flat("evaluate"), third) as plain:
         pass
     tags = client.get_run(plain.run_id).data.tags

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from catdog import serving, tracking
+from catdog.errors import CatdogError
 from catdog.paths import Paths
 
 from conftest import build_params, client_for, jpeg_bytes, seed_store
@@ -220,20 +221,20 @@ def test_experiment_is_reused(mlflow_store, tmp_path, params):
     assert client.get_run(first.run_id).info.experiment_id == client.get_run(second.run_id).info.experiment_id
 
 
-def test_log_artifact_skips_missing_files(mlflow_store, tmp_path, params):
+def test_log_artifact_of_a_missing_file_is_an_error(mlflow_store, tmp_path, params):
     paths = Paths.under(tmp_path)
     report = tmp_path / "reports" / "note.txt"
     report.parent.mkdir()
     report.write_text("hello\n")
     with tracking.start_run(params, paths) as run:
         run.log_artifact(report, "reports")
-        run.log_artifact(tmp_path / "missing.png", "plots")  # no error
+        with pytest.raises(CatdogError, match=r"missing\.png.*not there"):
+            run.log_artifact(tmp_path / "missing.png", "plots")
     artifacts = [a.path for a in client_for(mlflow_store).list_artifacts(run.run_id, "reports")]
     assert artifacts == ["reports/note.txt"]
-    assert not client_for(mlflow_store).list_artifacts(run.run_id, "plots")
 
 
-# --- resume_run --------------------------------------------------------------------------------
+# --- continue_pipeline_run --------------------------------------------------------------------------------
 
 @pytest.fixture
 def train_run(mlflow_store, tmp_path, params):
@@ -250,7 +251,7 @@ def test_resume_with_same_params_reuses_the_run(train_run, mlflow_store, params)
     paths, train_id = train_run
     evaluate_file = paths.evaluate_reports / "mlflow_run.json"
     for attempt in (1, 2):  # rerunning evaluate with unchanged params stays in the run
-        with tracking.resume_run(paths.root, paths.train_run, evaluate_file, params.flat("evaluate")) as run:
+        with tracking.continue_pipeline_run(paths.root, paths.train_run, evaluate_file, params.flat("evaluate")) as run:
             run.log_metrics({"test_accuracy": 0.9})
         assert run.run_id == train_id
         assert run_file_id(evaluate_file) == train_id
@@ -263,9 +264,9 @@ def test_resume_with_same_params_reuses_the_run(train_run, mlflow_store, params)
 def test_resume_with_conflicting_params_derives_a_new_run(train_run, mlflow_store, params):
     paths, train_id = train_run
     evaluate_file = paths.evaluate_reports / "mlflow_run.json"
-    with tracking.resume_run(paths.root, paths.train_run, evaluate_file, {"evaluate.batch_size": 16}):
+    with tracking.continue_pipeline_run(paths.root, paths.train_run, evaluate_file, {"evaluate.batch_size": 16}):
         pass
-    with tracking.resume_run(paths.root, paths.train_run, evaluate_file, {"evaluate.batch_size": 32}) as run:
+    with tracking.continue_pipeline_run(paths.root, paths.train_run, evaluate_file, {"evaluate.batch_size": 32}) as run:
         run.log_metrics({"test_accuracy": 0.8})
     derived_id = run.run_id
     assert derived_id != train_id
@@ -294,7 +295,7 @@ def test_resume_with_conflicting_params_derives_a_new_run(train_run, mlflow_stor
 def test_resume_with_new_section_params_logs_them_in_the_same_run(train_run, mlflow_store, params):
     paths, train_id = train_run
     export_file = paths.export_reports / "mlflow_run.json"
-    with tracking.resume_run(paths.root, paths.train_run, export_file, params.flat("export")) as run:
+    with tracking.continue_pipeline_run(paths.root, paths.train_run, export_file, params.flat("export")) as run:
         pass
     assert run.run_id == train_id
     logged = client_for(mlflow_store).get_run(train_id).data.params
@@ -310,7 +311,7 @@ def test_derived_run_copies_long_metric_histories(mlflow_store, tmp_path, params
     client = client_for(mlflow_store)
     client.log_batch(run.run_id, metrics=[Metric("step_loss", float(i), 1_700_000_000_000 + i, i)
                                           for i in range(950)])  # more than one 900-metric batch
-    with tracking.resume_run(paths.root, paths.train_run, tmp_path / "eval.json", {"train.lr": 0.1}) as derived:
+    with tracking.continue_pipeline_run(paths.root, paths.train_run, tmp_path / "eval.json", {"train.lr": 0.1}) as derived:
         pass
     assert derived.run_id != run.run_id
     history = metric_history(client, derived.run_id, "step_loss")

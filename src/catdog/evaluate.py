@@ -28,13 +28,13 @@ PLOTS = ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "confid
 
 def run(params: Params, paths: Paths) -> dict:
     p = params.evaluate
-    runtime = resolve_runtime()
+    runtime = resolve_runtime("fp32")  # the deployed model's precision: the champion is chosen on these numbers
     model, config = load_checkpoint(paths.checkpoint)
     model = runtime.prepare_model(model)
     test = load_split(paths, "test")
     loader = make_loader(CachedImages(paths, test, eval_preset(config["image_size"])), p.batch_size, 0)
 
-    with tracking.resume_run(paths.root, paths.train_run, paths.evaluate_reports / "mlflow_run.json",
+    with tracking.continue_pipeline_run(paths.root, paths.train_run, paths.evaluate_reports / "mlflow_run.json",
                              params.flat("evaluate"), params) as mlflow_run:
         probabilities, targets = predict_probabilities(model, loader, runtime, tta=p.tta, desc="test")
         probabilities, targets = probabilities.numpy(), targets.numpy()

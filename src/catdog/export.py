@@ -71,7 +71,7 @@ def run(params: Params, paths: Paths) -> dict:
         "normalization": "inside the model",
     }, indent=2) + "\n")
 
-    with tracking.resume_run(paths.root, paths.evaluate_reports / "mlflow_run.json",
+    with tracking.continue_pipeline_run(paths.root, paths.evaluate_reports / "mlflow_run.json",
                              paths.export_reports / "mlflow_run.json", params.flat("export"), params) as mlflow_run:
         test_metrics = json.loads((paths.evaluate_reports / "metrics.json").read_text())
         lineage = mlflow_run.lineage()

@@ -110,8 +110,9 @@ class Run:
         mlflow.log_params({k: _param_value(v) for k, v in params.items()})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if path.exists():
-            mlflow.log_artifact(str(path), artifact_path)
+        if not path.is_file():
+            raise CatdogError(f"cannot log {path} to MLflow: the file is not there (the stage should have written it)")
+        mlflow.log_artifact(str(path), artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         mlflow.set_tags(tags)
@@ -152,7 +153,7 @@ def start_run(params: Params, paths: Paths) -> Iterator[Run]:
 
 
 @contextlib.contextmanager
-def resume(paths: Paths, run_id: str) -> Iterator[Run]:
+def reopen_train_run(paths: Paths, run_id: str) -> Iterator[Run]:
     """Reopen the train run ``run_id`` after a killed train stage: the same run, params already logged."""
     _client(paths.root)
     _write_run_file(paths.train_run, run_id)  # a DVC output: DVC deleted it before rerunning train
@@ -169,7 +170,7 @@ def run_exists(project_root: Path, run_id: str) -> bool:
 
 
 @contextlib.contextmanager
-def resume_run(project_root: Path, upstream_run_file: Path, run_file: Path,
+def continue_pipeline_run(project_root: Path, upstream_run_file: Path, run_file: Path,
                section_params: dict[str, object], params: Params | None = None) -> Iterator[Run]:
     """Reopen the upstream stage's run (or a derived one when ``section_params`` conflict).
 
