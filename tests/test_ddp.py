@@ -53,14 +53,14 @@ def test_two_processes_train_one_model_into_one_mlflow_run(ddp_project):
     assert run.info.status == "FINISHED"
     assert run.data.tags["catdog.processes"] == "2"
     assert json.loads((root / "models" / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
-    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+    for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "schedule/lr"):
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
         assert steps == list(range(1, EPOCHS + 1)), key
     # step-level loss: rank 0 logs its steps, each once (each rank gets half the batches)
     train_images = sum(1 for row in csv.DictReader((root / "data" / "prepared" / "manifest.csv").open())
                        if row["split"] == "train")
     steps_per_epoch = math.ceil(math.ceil(train_images / 2) / 4)  # DistributedSampler pads to equal halves
-    step_losses = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train_step_loss"))
+    step_losses = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/step_loss"))
     assert step_losses == list(range(1, EPOCHS * steps_per_epoch + 1))
     assert [m.name for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])
             if m.source_run_id == run.info.run_id] == ["model"]

@@ -49,10 +49,10 @@ def test_metrics_match_hand_computation():
 def test_per_class_and_ranking_metrics_match_hand_computation():
     m = classification_metrics(TARGETS, probs(PROB_DOG))
     # cat as the positive class: TP 4, FP 2 (missed dogs), FN 1
-    assert m["cat_precision"] == pytest.approx(4 / 6)
-    assert m["cat_recall"] == pytest.approx(0.8)
-    assert m["cat_f1"] == pytest.approx(2 * (4 / 6) * 0.8 / (4 / 6 + 0.8))  # 0.7272727
-    assert m["dog_precision"] == pytest.approx(0.75) and m["dog_recall"] == pytest.approx(0.6)
+    assert m["precision_cat"] == pytest.approx(4 / 6)
+    assert m["recall_cat"] == pytest.approx(0.8)
+    assert m["f1_cat"] == pytest.approx(2 * (4 / 6) * 0.8 / (4 / 6 + 0.8))  # 0.7272727
+    assert m["precision_dog"] == pytest.approx(0.75) and m["recall_dog"] == pytest.approx(0.6)
     assert m["balanced_accuracy"] == pytest.approx(0.7)  # (0.8 + 0.6) / 2
     # average precision, thresholds .9 .8 .7 .6 .4 .3 .2 .1 -> recall steps of 0.2 at
     # precision 1, 2/3, 3/4, 4/6, 5/9: 0.2 * 131/36
@@ -155,7 +155,7 @@ def test_evaluate_logs_into_the_train_run(pipeline):
     assert run_id(pipeline.paths.evaluate_reports / "mlflow_run.json") == train_id
     run = client.get_run(train_id)
     for key in ("accuracy", "precision", "recall", "f1", "log_loss"):
-        assert run.data.metrics[f"test_{key}"] == pytest.approx(pipeline.evaluate[key])
+        assert run.data.metrics[f"test/{key}"] == pytest.approx(pipeline.evaluate[key])
     assert run.data.params["evaluate.batch_size"] == str(pipeline.params.evaluate.batch_size)
     artifacts = {a.path for folder in ("plots", "reports") for a in client.list_artifacts(train_id, folder)}
     assert {"plots/confusion_matrix.png", "reports/predictions.csv"} <= artifacts

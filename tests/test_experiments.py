@@ -67,7 +67,7 @@ def test_parallel_stages_on_a_fresh_sqlite_store_all_succeed(tmp_path):
             time.sleep(0.01)
         with tracking.start_run(params, paths) as run:
             for step in range(1, 21):
-                run.log_metrics({{"val_accuracy": step / 20, "val_loss": 1 / step}}, step=step)
+                run.log_metrics("val", {{"accuracy": step / 20, "loss": 1 / step}}, step=step)
             run.set_tags({{"worker": str(index)}})
     """))
     env = clean_env(DVC_ROOT=str(repo))
@@ -101,7 +101,7 @@ def test_parallel_stages_on_a_fresh_sqlite_store_all_succeed(tmp_path):
     assert sorted(r.data.tags["worker"] for r in runs) == [str(i) for i in range(WORKERS)]
     for run in runs:
         assert run.info.status == "FINISHED"
-        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        history = client.get_metric_history(run.info.run_id, "val/accuracy")
         assert sorted(m.step for m in history) == list(range(1, 21))
         # the run files went to each worker's own directory, the store to the repository
         run_file = repo / ".dvc/tmp/exps" / f"tmp{run.data.tags['worker']}" / "models/mlflow_run.json"
@@ -175,9 +175,9 @@ def assert_complete(exps: dp.Experiments, run, lr: float) -> None:
     assert run.info.status == "FINISHED", run.info
     assert run.data.params["train.lr"] == str(lr)
     epochs = dp.TINY_PARAMS["train"]["epochs"]
-    history = proj.client().get_metric_history(run.info.run_id, "val_accuracy")
+    history = proj.client().get_metric_history(run.info.run_id, "val/accuracy")
     assert sorted(m.step for m in history) == list(range(1, epochs + 1))
-    for key in ("test_accuracy", "test_log_loss", "export_onnx_max_abs_diff"):
+    for key in ("test/accuracy", "test/log_loss", "export/onnx_max_abs_diff"):
         assert key in run.data.metrics, sorted(run.data.metrics)
     assert run.info.artifact_uri.startswith((proj.root / "mlruns").as_uri()), run.info.artifact_uri
     artifacts = proj.artifacts(run.info.run_id)
@@ -274,7 +274,7 @@ def test_dvc_exp_show_lists_experiments_with_params_and_test_accuracy(exps):
         assert data["params"]["params.yaml"]["data"]["train"]["lr"] == lr, name
         accuracy = data["metrics"]["reports/evaluate/metrics.json"]["data"]["accuracy"]
         # the same figure as in the MLflow run of that experiment
-        assert exps.run_named(name).data.metrics["test_accuracy"] == pytest.approx(accuracy), name
+        assert exps.run_named(name).data.metrics["test/accuracy"] == pytest.approx(accuracy), name
     assert baseline["data"]["metrics"]["reports/evaluate/metrics.json"]["data"]["accuracy"] >= 0
 
     table = proj.dvc("exp", "show", "--csv", "--drop", ".*", "--keep", "Experiment|train.lr|^accuracy$").stdout
@@ -290,8 +290,8 @@ def test_dvc_metrics_and_plots_diff_compare_two_experiments(exps, tmp_path):
     diff = json.loads(proj.dvc("metrics", "diff", a, b, "--all", "--json").stdout)
     evaluate = diff["reports/evaluate/metrics.json"]
     for key in ("accuracy", "log_loss"):
-        assert evaluate[key]["old"] == pytest.approx(exps.run_named(a).data.metrics[f"test_{key}"])
-        assert evaluate[key]["new"] == pytest.approx(exps.run_named(b).data.metrics[f"test_{key}"])
+        assert evaluate[key]["old"] == pytest.approx(exps.run_named(a).data.metrics[f"test/{key}"])
+        assert evaluate[key]["new"] == pytest.approx(exps.run_named(b).data.metrics[f"test/{key}"])
     assert "val_loss" in diff["reports/train/metrics.json"]
 
     params = json.loads(proj.dvc("params", "diff", a, b, "--json").stdout)

@@ -65,7 +65,7 @@ def test_export_logs_into_the_same_run_and_registers_the_model(pipeline):
     train_id = run_id(pipeline.paths.train_run)
     assert run_id(pipeline.paths.export_reports / "mlflow_run.json") == train_id
     run = client.get_run(train_id)
-    assert run.data.metrics["export_onnx_max_abs_diff"] == pytest.approx(pipeline.export["onnx_max_abs_diff"])
+    assert run.data.metrics["export/onnx_max_abs_diff"] == pytest.approx(pipeline.export["onnx_max_abs_diff"])
     assert run.data.params["export.opset"] == "18"
     exported = {a.path for a in client.list_artifacts(train_id, "export")}
     assert exported == {"export/MODEL_CARD.md"}  # the model files live in the logged models

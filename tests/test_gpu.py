@@ -96,7 +96,7 @@ def test_ddp_over_two_gpus(gpu_project):
     client = client_for(paths.root)
     (run,) = client.search_runs([client.get_experiment_by_name("catdog").experiment_id])
     assert run.data.tags["catdog.processes"] == "2" and run.data.tags["catdog.runtime"].startswith("cuda")
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss")) == [1, 2]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/loss")) == [1, 2]
 
 
 def test_evaluate_scores_in_fp32_like_the_deployed_onnx_model(gpu_project):

@@ -177,11 +177,11 @@ def test_one_mlflow_run_in_the_project_store_with_params_metrics_and_lineage(pro
     assert "export.tolerance" in params and "tracking.experiment_name" in params
 
     client = project.client()
-    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    history = client.get_metric_history(run.info.run_id, "val/accuracy")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))
-    assert "test_accuracy" in run.data.metrics
-    assert run.data.metrics["test_accuracy"] == project.json("reports/evaluate/metrics.json")["accuracy"]
-    assert "export_onnx_max_abs_diff" in run.data.metrics
+    assert "test/accuracy" in run.data.metrics
+    assert run.data.metrics["test/accuracy"] == project.json("reports/evaluate/metrics.json")["accuracy"]
+    assert "export/onnx_max_abs_diff" in run.data.metrics
 
     tags = run.data.tags
     assert tags.get("mlflow.source.git.commit") == project.git("rev-parse", "HEAD")
@@ -284,7 +284,7 @@ def test_train_param_change_reruns_downstream_in_a_new_run(project: Project, lr_
     assert run.data.params["train.lr"] == str(SECOND_LR)
     assert run.data.tags.get("mlflow.source.git.commit") == project.git("rev-parse", "HEAD")
     assert "catdog.derived_from" not in run.data.tags
-    assert "test_accuracy" in run.data.metrics and "export_onnx_max_abs_diff" in run.data.metrics
+    assert "test/accuracy" in run.data.metrics and "export/onnx_max_abs_diff" in run.data.metrics
     # The old run is untouched.
     assert project.client().get_run(before.train_run).data.params["train.lr"] == str(FIRST_LR)
 
@@ -306,9 +306,9 @@ def test_evaluate_param_change_continues_in_a_derived_run(project: Project, eval
     assert run.data.params["evaluate.batch_size"] == str(SECOND_EVAL_BATCH)
     assert run.data.params["train.lr"] == str(SECOND_LR)  # copied from the source run
     assert run.data.tags.get("data.hash") == client.get_run(before.train_run).data.tags["data.hash"]
-    history = client.get_metric_history(derived, "val_accuracy")
+    history = client.get_metric_history(derived, "val/accuracy")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), "metric history copied"
-    assert run.data.metrics["test_accuracy"] == project.json("reports/evaluate/metrics.json")["accuracy"]
+    assert run.data.metrics["test/accuracy"] == project.json("reports/evaluate/metrics.json")["accuracy"]
     artifacts = project.artifacts(derived)
     assert {"plots/confusion_matrix.png", "export/model.onnx", "lineage/dvc.lock"} <= artifacts, artifacts
     # The source run keeps its own value: MLflow params are immutable.

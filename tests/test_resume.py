@@ -26,7 +26,7 @@ from catdog.paths import Paths
 from conftest import REPO_ROOT, build_dataset, build_params, client_for, seed_store
 
 STAGE = REPO_ROOT / "stages" / "train.py"
-EPOCH_KEYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+EPOCH_KEYS = ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "schedule/lr")
 
 # Tiny and fast, yet slow enough per epoch (a state save and an MLflow write each) to be
 # killed by a poller long before the last epoch.
@@ -126,15 +126,15 @@ def test_killed_train_resumes_in_the_same_run_and_ends_like_an_uninterrupted_one
     run_file = json.loads((killed / "models" / "mlflow_run.json").read_text())
     assert run.info.run_id == state["run_id"] == run_file["run_id"]
     assert run.info.status == "FINISHED"
-    assert [value for _, value in epoch_history(client, run.info.run_id, "resumed_from_epoch")] == [saved_epoch]
+    assert run.data.tags["catdog.resumed_from_epoch"] == str(saved_epoch)
     reference_client = client_for(reference)
     (reference_run,) = reference_client.search_runs([reference_client.get_experiment_by_name("catdog").experiment_id])
-    for key in (*EPOCH_KEYS, "train_step_loss"):
+    for key in (*EPOCH_KEYS, "train/step_loss"):
         resumed = epoch_history(client, run.info.run_id, key)
         steps = [step for step, _ in resumed]
         assert steps == sorted(set(steps)), f"{key}: a step logged twice: {steps}"
         assert resumed == epoch_history(reference_client, reference_run.info.run_id, key), key
-    assert [step for step, _ in epoch_history(client, run.info.run_id, "val_loss")] == list(range(1, epochs + 1))
+    assert [step for step, _ in epoch_history(client, run.info.run_id, "val/loss")] == list(range(1, epochs + 1))
     assert any(key.startswith("system/") for key in run.data.metrics), sorted(run.data.metrics)
 
     # the same weights and history as the uninterrupted run
@@ -184,7 +184,7 @@ def test_a_completed_state_is_not_resumed(project):
     _train(project)
     client, runs = _runs(project)
     assert len(runs) == 2
-    assert [step for step, _ in epoch_history(client, runs[1].info.run_id, "val_loss")] == [1, 2]
+    assert [step for step, _ in epoch_history(client, runs[1].info.run_id, "val/loss")] == [1, 2]
     assert not list(state_file.parent.glob("*.tmp"))  # atomic saves leave no temp file
 
 
@@ -196,7 +196,7 @@ def test_an_incomplete_state_at_its_last_epoch_only_writes_the_outputs(project):
     again = _train(project)
     client, runs = _runs(project)
     assert [r.info.run_id for r in runs] == [state["run_id"]]  # the same run, reopened
-    assert [step for step, _ in epoch_history(client, state["run_id"], "val_loss")] == [1, 2]  # nothing retrained
+    assert [step for step, _ in epoch_history(client, state["run_id"], "val/loss")] == [1, 2]  # nothing retrained
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in first.items() if k != "seconds"}
     assert checkpoint.is_file()
 
@@ -208,7 +208,7 @@ def test_a_state_from_other_params_starts_afresh(project, capsys):
     assert "from other params or data: starting afresh" in capsys.readouterr().out
     client, runs = _runs(project)
     assert len(runs) == 2 and runs[1].data.params["train.lr"] == "0.002"
-    assert "resumed_from_epoch" not in runs[1].data.metrics
+    assert "catdog.resumed_from_epoch" not in runs[1].data.tags
 
 
 def test_a_state_whose_mlflow_run_was_deleted_starts_afresh(project, capsys):

@@ -14,7 +14,7 @@ from catdog import serving, tracking
 from catdog.errors import CatdogError
 from catdog.paths import Paths
 
-from conftest import build_params, client_for, jpeg_bytes, seed_store
+from conftest import build_params, client_for, jpeg_bytes, read_csv, run_id, seed_store
 
 
 @pytest.fixture
@@ -60,8 +60,8 @@ def test_start_run_creates_run_with_params_tags_and_run_file(mlflow_store, mlflo
     paths.manifest.parent.mkdir(parents=True)
     paths.manifest.write_text("path,label,split,pixel_md5\ntrain/cat.1.jpg,cat,train,abc\n")
     with tracking.start_run(params, paths) as run:
-        run.log_metrics({"val_accuracy": 0.5}, step=1)
-        run.log_metrics({"val_accuracy": 0.75}, step=2)
+        run.log_metrics("val", {"accuracy": 0.5}, step=1)
+        run.log_metrics("val", {"accuracy": 0.75}, step=2)
     run_id = run_file_id(paths.train_run)
     assert run_id == run.run_id
 
@@ -86,7 +86,7 @@ def test_start_run_creates_run_with_params_tags_and_run_file(mlflow_store, mlflo
     assert "dvc.exp_name" not in tags
     assert "mlflow.source.git.commit" not in tags  # tmp_path is no git repository
     assert logged.info.run_name == f"efficientnet_lite0-features-{tracking.params_hash(params)[:6]}"
-    assert metric_history(client, run_id, "val_accuracy") == [(1, 0.5), (2, 0.75)]
+    assert metric_history(client, run_id, "val/accuracy") == [(1, 0.5), (2, 0.75)]
 
 
 def test_start_run_without_manifest_has_no_data_hash(mlflow_store, tmp_path, params):
@@ -242,7 +242,7 @@ def train_run(mlflow_store, tmp_path, params):
     paths = Paths.under(tmp_path)
     with tracking.start_run(params, paths) as run:
         for epoch in (1, 2, 3):
-            run.log_metrics({"val_accuracy": 0.5 + epoch / 10, "val_loss": 1.0 / epoch}, step=epoch)
+            run.log_metrics("val", {"accuracy": 0.5 + epoch / 10, "loss": 1.0 / epoch}, step=epoch)
         run.set_tags({"custom.note": "from train"})
     return paths, run.run_id
 
@@ -252,12 +252,12 @@ def test_resume_with_same_params_reuses_the_run(train_run, mlflow_store, params)
     evaluate_file = paths.evaluate_reports / "mlflow_run.json"
     for attempt in (1, 2):  # rerunning evaluate with unchanged params stays in the run
         with tracking.continue_pipeline_run(paths.root, paths.train_run, evaluate_file, params.flat("evaluate")) as run:
-            run.log_metrics({"test_accuracy": 0.9})
+            run.log_metrics("test", {"accuracy": 0.9})
         assert run.run_id == train_id
         assert run_file_id(evaluate_file) == train_id
     logged = client_for(mlflow_store).get_run(train_id)
     assert logged.data.params["evaluate.batch_size"] == "16"
-    assert logged.data.metrics["test_accuracy"] == 0.9
+    assert logged.data.metrics["test/accuracy"] == 0.9
     assert len(client_for(mlflow_store).search_runs([logged.info.experiment_id])) == 1
 
 
@@ -267,7 +267,7 @@ def test_resume_with_conflicting_params_derives_a_new_run(train_run, mlflow_stor
     with tracking.continue_pipeline_run(paths.root, paths.train_run, evaluate_file, {"evaluate.batch_size": 16}):
         pass
     with tracking.continue_pipeline_run(paths.root, paths.train_run, evaluate_file, {"evaluate.batch_size": 32}) as run:
-        run.log_metrics({"test_accuracy": 0.8})
+        run.log_metrics("test", {"accuracy": 0.8})
     derived_id = run.run_id
     assert derived_id != train_id
     assert run_file_id(evaluate_file) == derived_id
@@ -286,10 +286,10 @@ def test_resume_with_conflicting_params_derives_a_new_run(train_run, mlflow_stor
     assert {k: v for k, v in derived.data.params.items() if k != "evaluate.batch_size"} == \
            {k: v for k, v in source.data.params.items() if k != "evaluate.batch_size"}
     # the whole per-epoch history, not only the last values
-    assert metric_history(client, derived_id, "val_accuracy") == [(1, 0.6), (2, 0.7), (3, 0.8)]
-    assert metric_history(client, derived_id, "val_loss") == metric_history(client, train_id, "val_loss")
-    assert derived.data.metrics["test_accuracy"] == 0.8
-    assert "test_accuracy" not in source.data.metrics
+    assert metric_history(client, derived_id, "val/accuracy") == [(1, 0.6), (2, 0.7), (3, 0.8)]
+    assert metric_history(client, derived_id, "val/loss") == metric_history(client, train_id, "val/loss")
+    assert derived.data.metrics["test/accuracy"] == 0.8
+    assert "test/accuracy" not in source.data.metrics
 
 
 def test_resume_with_new_section_params_logs_them_in_the_same_run(train_run, mlflow_store, params):
@@ -360,3 +360,21 @@ def test_pyfunc_model_moves_champion_only_on_improvement(mlflow_store, tmp_path,
     assert client.get_model_version("catdog-test", "2").tags["test_accuracy"] == "0.8"
     assert client.get_model_version("catdog-test", "1").run_id == run.run_id
     assert len(client.search_model_versions("name = 'catdog-test'")) == 5  # no name: logged, not registered
+
+
+# --- metric keys of the whole pipeline's run ----------------------------------------------------
+
+def test_mlflow_metrics_are_grouped_by_section_and_facts_are_tags(pipeline):
+    """The run page charts metrics by the prefix before "/"; counts, versions, flags are no metrics."""
+    run = client_for(pipeline.root).get_run(run_id(pipeline.paths.train_run))
+    metrics = set(run.data.metrics)
+    assert not [key for key in metrics if "/" not in key], sorted(metrics)
+    assert {key.split("/")[0] for key in metrics} <= {"train", "val", "test", "export", "schedule", "system"}
+    assert {"train/loss", "train/accuracy", "val/loss", "val/accuracy", "schedule/lr",
+            "test/accuracy", "test/log_loss", "test/roc_auc", "test/f1", "test/ece", "test/precision_cat",
+            "test/recall_dog", "export/onnx_max_abs_diff", "export/pt2_max_abs_diff"} <= metrics, sorted(metrics)
+    assert not metrics & {"test/n", "export/parity_images", "export/registered_version"}
+    tags = run.data.tags
+    assert tags["catdog.test_images"] == str(len(read_csv(pipeline.paths.evaluate_reports / "predictions.csv")))
+    assert tags["catdog.parity_images"] == "10" and tags["catdog.epochs_trained"] == "3"
+    assert (tags["catdog.registered_version"], tags["catdog.promoted_champion"]) == ("1", "True")

@@ -126,11 +126,11 @@ def test_pipeline_logs_run_metrics_and_model_to_the_server(server, pipeline, pos
 
     # params and metrics
     assert run.data.params["train.lr"] == str(TINY_PARAMS["train"]["lr"])
-    history = client.get_metric_history(run_id, "val_loss")
+    history = client.get_metric_history(run_id, "val/loss")
     assert sorted(m.step for m in history) == list(range(1, TINY_PARAMS["train"]["epochs"] + 1))
     evaluate = proj.json("reports/evaluate/metrics.json")
-    assert run.data.metrics["test_accuracy"] == pytest.approx(evaluate["accuracy"])
-    assert "export_onnx_max_abs_diff" in run.data.metrics
+    assert run.data.metrics["test/accuracy"] == pytest.approx(evaluate["accuracy"])
+    assert "export/onnx_max_abs_diff" in run.data.metrics
 
     # artifacts, uploaded through the server into --artifacts-destination, and downloaded back
     assert run.info.artifact_uri.startswith("mlflow-artifacts:"), run.info.artifact_uri

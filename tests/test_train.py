@@ -93,13 +93,15 @@ def test_train_mlflow_run_has_params_epoch_history_and_model(pipeline):
     assert run.data.params["train.mode"] == "features"
     assert run.data.tags["data.hash"]
     history = read_csv(pipeline.paths.train_reports / "history.csv")
-    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+    for column, key in (("train_loss", "train/loss"), ("train_accuracy", "train/accuracy"), ("val_loss", "val/loss"),
+                        ("val_accuracy", "val/accuracy"), ("lr", "schedule/lr")):
         points = sorted((m.step, m.value) for m in client.get_metric_history(train_id, key))
         assert [step for step, _ in points] == [1, 2, 3], key
-        assert [value for _, value in points] == pytest.approx([float(row[key]) for row in history], abs=1e-6)
-    assert run.data.metrics["best_epoch"] == pipeline.train["best_epoch"]
-    assert run.data.metrics["best_val_accuracy"] == pytest.approx(pipeline.train["val_accuracy"])
-    assert "train_seconds" in run.data.metrics
+        assert [value for _, value in points] == pytest.approx([float(row[column]) for row in history], abs=1e-6)
+    assert run.data.tags["catdog.best_epoch"] == str(pipeline.train["best_epoch"])
+    assert run.data.tags["catdog.epochs_trained"] == "3"
+    assert run.data.metrics["val/best_accuracy"] == pytest.approx(pipeline.train["val_accuracy"])
+    assert "train/seconds" in run.data.metrics
 
     artifacts = {a.path for folder in ("plots", "reports") for a in client.list_artifacts(train_id, folder)}
     assert {"plots/curves.png", "reports/history.csv"} <= artifacts

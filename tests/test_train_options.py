@@ -194,4 +194,4 @@ def test_early_stopping_stops_when_the_monitor_stalls(small_project, capsys):
     assert metrics["best_epoch"] == 1
     assert len(list(csv.DictReader((paths.train_reports / "history.csv").open()))) == 3
     run_id = torch.load(paths.train_state, weights_only=True)["run_id"]
-    assert client_for(paths.root).get_run(run_id).data.metrics["epochs_trained"] == 3
+    assert client_for(paths.root).get_run(run_id).data.tags["catdog.epochs_trained"] == "3"

@@ -41,7 +41,8 @@ def run(params: Params, paths: Paths) -> dict:
         results = classification_metrics(targets, probabilities, p.calibration_bins)
         write_reports(paths, test.paths, test.rows, targets, probabilities, results, p.calibration_bins,
                       p.gallery_size)
-        mlflow_run.log_metrics({f"test_{k}": v for k, v in results.items()})
+        mlflow_run.log_metrics("test", {k: v for k, v in results.items() if k != "n"})
+        mlflow_run.log_facts({"test_images": results["n"]})
         for name in PLOTS:
             mlflow_run.log_artifact(paths.evaluate_reports / name, "plots")
         for name in ("predictions.csv", "roc.csv", "pr.csv"):
@@ -63,8 +64,8 @@ def classification_metrics(targets: np.ndarray, probabilities: np.ndarray, calib
         "f1": float(f1[1]),
     }
     for index, name in enumerate(CLASSES):
-        results.update({f"{name}_precision": float(precision[index]), f"{name}_recall": float(recall[index]),
-                        f"{name}_f1": float(f1[index])})
+        results.update({f"precision_{name}": float(precision[index]), f"recall_{name}": float(recall[index]),
+                        f"f1_{name}": float(f1[index])})
     results.update({
         "roc_auc": skm.roc_auc_score(targets, probabilities[:, 1]) if both_classes else float("nan"),
         "pr_auc": skm.average_precision_score(targets, probabilities[:, 1]) if both_classes else float("nan"),

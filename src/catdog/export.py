@@ -81,14 +81,16 @@ def run(params: Params, paths: Paths) -> dict:
         # dvc.lock as it stands now: every upstream stage's hashes (export's own entry lands after this)
         for name in ("params.yaml", "dvc.yaml", "dvc.lock"):
             mlflow_run.log_artifact(paths.root / name, "lineage")
+        mlflow_run.log_metrics("export", {k: v for k, v in results.items() if k != "parity_images"})
         classifier = serving.pyfunc_model(
             {"onnx_model": out / MODEL_FILE, "labels": out / LABELS_FILE, "preprocess": out / PREPROCESS_FILE},
             config["classes"], example_jpeg(paths, test))
-        registry = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name,
-                                               test_accuracy=test_metrics["accuracy"], promote=p.promote_champion)
-        if registry:
-            results.update(registered_version=registry.version, promoted_champion=registry.promoted)
-        mlflow_run.log_metrics({f"export_{k}": v for k, v in results.items() if not isinstance(v, bool)})
+        registration = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name,
+                                                   test_accuracy=test_metrics["accuracy"], promote=p.promote_champion)
+        registry = {"registered_version": registration.version,
+                    "promoted_champion": registration.promoted} if registration else {}
+        mlflow_run.log_facts({"parity_images": count, **registry})
+        results.update(registry)
     _write_metrics(paths, results)
     return results
 

@@ -36,6 +36,17 @@ _RUN_OWN_TAGS = {"mlflow.runName", "mlflow.log-model.history", "mlflow.user"}  #
 _LINEAGE_FILES = ("src", "stages", "dvc.yaml", "params.yaml", "pyproject.toml")  # beside mlflow.db, as MLflow itself does
 DB_FILE = "mlflow.db"
 
+# MLflow metric keys are "<section>/<name>": the run page groups its charts by section, beside
+# MLflow's own "system/...". What is no measurement (counts, versions, flags, the best epoch) is a
+# tag "catdog.<name>" instead (``Run.log_facts``): nothing to chart.
+METRIC_SECTIONS = ("train", "val", "test", "export", "schedule")
+EPOCH_METRIC_KEYS = {  # a row of train's history (history.csv columns) -> its MLflow key
+    "train_loss": "train/loss", "train_accuracy": "train/accuracy",
+    "val_loss": "val/loss", "val_accuracy": "val/accuracy",
+    "lr": "schedule/lr", "lr_backbone": "schedule/lr_backbone",
+}
+STEP_LOSS_KEY = "train/step_loss"
+
 
 def store_root(project_root: Path) -> Path:
     """The repository whose store we log to.
@@ -99,12 +110,34 @@ class Run:
             client.set_registered_model_alias(name, "champion", version)
         return Registration(version, promoted)
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+    def log_metrics(self, section: str, metrics: dict[str, float], step: int | None = None) -> None:
+        """``{name: value}`` logged as ``<section>/<name>``."""
+        if section not in METRIC_SECTIONS:
+            raise ValueError(f"metric section {section!r} is none of {METRIC_SECTIONS}")
+        mlflow.log_metrics({f"{section}/{k}": float(v) for k, v in metrics.items()}, step=step)
 
-    def metric_steps(self, key: str) -> set[int]:
-        """The steps at which ``key`` was logged (a resumed run skips those)."""
+    def log_epoch(self, row: dict[str, float]) -> None:
+        """One row of train's history, at step ``row["epoch"]``."""
+        mlflow.log_metrics({key: float(row[column]) for column, key in EPOCH_METRIC_KEYS.items() if column in row},
+                           step=row["epoch"])
+
+    def log_step_loss(self, loss: float, step: int) -> None:
+        mlflow.log_metric(STEP_LOSS_KEY, loss, step=step)
+
+    def logged_epochs(self) -> set[int]:
+        """The epochs already logged (a resumed run skips those)."""
+        return self._steps(EPOCH_METRIC_KEYS["val_loss"])
+
+    def last_logged_step(self) -> int:
+        """The last training step whose loss was logged, 0 if none."""
+        return max(self._steps(STEP_LOSS_KEY), default=0)
+
+    def _steps(self, key: str) -> set[int]:
         return {m.step for m in MlflowClient().get_metric_history(self.run_id, key)}
+
+    def log_facts(self, facts: dict[str, object]) -> None:
+        """Figures that are no measurement, as tags ``catdog.<name>``."""
+        mlflow.set_tags({f"catdog.{k}": _param_value(v) for k, v in facts.items()})
 
     def log_params(self, params: dict[str, object]) -> None:
         mlflow.log_params({k: _param_value(v) for k, v in params.items()})

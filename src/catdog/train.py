@@ -45,9 +45,6 @@ from catdog.paths import Paths
 from catdog.seeding import rng_state, seed_everything
 from catdog.transforms import eval_preset, train_transforms
 
-EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "lr_backbone")
-
-
 def run(params: Params, paths: Paths) -> dict:
     """Train in this process, or in ``train.nproc`` processes under torchrun (this process waits)."""
     if params.train.nproc > 1 and not distributed.under_torchrun():
@@ -154,7 +151,7 @@ def _fit_epochs(fit: _Fit, progress: train_state.Progress, paths: Paths, mlflow_
             train_state.save_epoch(paths.train_state, fingerprint, mlflow_run.run_id, progress, fit.trained_part,
                                    fit.optimizer, fit.scheduler, fit.scaler, rng,
                                    seconds=progress.seconds + time.perf_counter() - started)
-            mlflow_run.log_metrics(_epoch_metrics(row), step=epoch)
+            mlflow_run.log_epoch(row)
         epochs.set_postfix(val_acc=f"{row['val_accuracy']:.4f}", val_loss=f"{row['val_loss']:.4f}", refresh=False)
 
 
@@ -191,8 +188,9 @@ def _finish(fit: _Fit, progress: train_state.Progress, paths: Paths, mlflow_run:
     }
     if fit.world.is_main:
         _write_outputs(paths, fit.model, fit.p, progress.history, metrics)
-        mlflow_run.log_metrics({"best_epoch": metrics["best_epoch"], "best_val_accuracy": metrics["val_accuracy"],
-                                "train_seconds": metrics["seconds"], "epochs_trained": len(progress.history)})
+        mlflow_run.log_metrics("val", {"best_accuracy": metrics["val_accuracy"], "best_loss": metrics["val_loss"]})
+        mlflow_run.log_metrics("train", {"seconds": metrics["seconds"]})
+        mlflow_run.log_facts({"best_epoch": metrics["best_epoch"], "epochs_trained": len(progress.history)})
         mlflow_run.log_artifact(paths.train_reports / "curves.png", "plots")
         mlflow_run.log_artifact(paths.train_reports / "history.csv", "reports")
         example = torch.stack([fit.val_images[i][0] for i in range(2)]).numpy()  # batch 2: keeps the batch dim dynamic
@@ -214,12 +212,12 @@ def _step_logger(mlflow_run: tracking.Run, state: dict | None, p: TrainParams, s
     may also have logged steps after its last saved epoch, which this run repeats and skips."""
     logged_through = 0
     if state is not None:
-        mlflow_run.log_metrics({"resumed_from_epoch": state["epoch"]}, step=state["epoch"])
-        logged = mlflow_run.metric_steps("val_loss")
+        mlflow_run.log_facts({"resumed_from_epoch": state["epoch"]})
+        logged = mlflow_run.logged_epochs()
         for row in state["history"]:
             if row["epoch"] not in logged:
-                mlflow_run.log_metrics(_epoch_metrics(row), step=row["epoch"])
-        logged_through = max(mlflow_run.metric_steps("train_step_loss"), default=0)
+                mlflow_run.log_epoch(row)
+        logged_through = mlflow_run.last_logged_step()
     return _StepLogger(mlflow_run, p.log_every_n_steps, steps_done, logged_through)
 
 
@@ -236,10 +234,6 @@ def _note(world: World, message: str) -> None:
         tqdm.write(message)
 
 
-def _epoch_metrics(row: dict) -> dict:
-    return {key: row[key] for key in EPOCH_METRICS if key in row}
-
-
 class _StepLogger:
     """``on_step`` of train_one_epoch: the train loss every ``every`` steps, at the global step."""
 
@@ -249,7 +243,7 @@ class _StepLogger:
     def __call__(self, loss: float) -> None:
         self.step += 1
         if self.step % self.every == 0 and self.step > self.logged_through:
-            self.mlflow_run.log_metrics({"train_step_loss": loss}, step=self.step)
+            self.mlflow_run.log_step_loss(loss, self.step)
 
 
 def _better(row: dict, best: dict, monitor: str) -> bool:
