@@ -1,118 +1,267 @@
-"""Speed of the project's paths against a naive baseline, measured in one run on this machine.
+"""Speed of the project's paths, each against its baseline or its limit, measured in one run.
 
-    python scripts/benchmark.py                 # after `dvc repro` (needs the exported model)
-    python scripts/benchmark.py --images 400 --source ../shared/data/dogs-vs-cats/train.zip
+    python scripts/benchmark.py --out reports/benchmark/benchmark.json
+    python scripts/benchmark.py --images 2500 --source ../shared/data/dogs-vs-cats/train.zip
 
-Prints one JSON object per comparison with both timings and their ratio:
-  predict   `catdog predict` (ONNX Runtime, batched, threaded decode) vs PyTorch eager,
-            one image at a time, sequential decode
-  epoch     one pass over prepare's decoded uint8 cache vs decoding every JPEG again
-  prepare   prepare's parallel decode (all cores) vs one process
+Self-contained: it extracts ``--images`` JPEGs from ``--source``, prepares them into a temporary
+project, builds ``--arch`` with its pretrained weights and exports it, then measures (ratio =
+project throughput / baseline throughput; ``target`` where the project promises one):
+
+  features        frozen backbone on ONNX Runtime vs eager PyTorch, same batches
+  extraction      train's feature extraction (loader + ONNX Runtime) vs raw ONNX Runtime (target 0.8)
+  top_epoch       a `top` epoch on cached frozen activations vs recomputing the prefix each batch
+  predict         `catdog predict` on the folder (a subprocess: start-up, decode, inference) vs the
+                  exported model on ONNX Runtime alone on pre-decoded tensors (target 0.8)
+  predict_naive   `catdog predict` vs PyTorch eager, one image at a time, sequential decode
+  epoch           one pass over prepare's uint8 cache vs decoding every JPEG again
+  prepare         prepare's parallel decode (all cores) vs one process
+
+Peak RSS of the benchmark process and of the predict subprocess are reported too. Prints a table
+and writes every figure as JSON to ``--out`` (with the machine and the date).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
+from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
+import yaml
 
+from catdog.data import CachedImages, load_split, make_loader
+from catdog.device import resolve_runtime
+from catdog.engine import train_one_epoch
+from catdog.frozen import cached_activations, split_for_training
 from catdog.images import decode_image
-from catdog.models import load_checkpoint
+from catdog.models import create_model
+from catdog.onnx_runtime import export_onnx, usable_cores
+from catdog.params import parse_params
 from catdog.paths import Paths
-from catdog.params import load_params
+from catdog.predict import ExportedModel
 from catdog.prepare import run as prepare_run
+from catdog.transforms import eval_preset
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=str(ROOT / "data/sample/dogs-vs-cats-sample.zip"))
     parser.add_argument("--images", type=int, default=400)
-    args = parser.parse_args()
-    paths = Paths.under(ROOT)
+    parser.add_argument("--arch", default="efficientnet_lite0")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--unfreeze-blocks", type=int, default=1, help="top_epoch: blocks that train")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(args.source) as archive:
-        folder = Path(tmp) / "images"
-        folder.mkdir()
-        names = sorted(n for n in archive.namelist() if n.endswith(".jpg"))[: args.images]
-        for name in names:
-            (folder / PurePosixPath(name).name).write_bytes(archive.read(name))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        folder = extract_images(Path(args.source), args.images, tmp / "images")
         files = sorted(folder.iterdir())
-        report(bench_predict(paths, folder, files))
-        report(bench_epoch(paths, files))
-        report(bench_prepare(folder, Path(tmp)))
+        prepared, prepare_result = bench_prepare(folder, tmp, args.image_size)
+        model = create_model(args.arch, pretrained=args.arch != "simple_cnn", image_size=args.image_size).eval()
+        export_dir = export_model(model, args.image_size, tmp / "export")
+        results = [
+            bench_features(model, args, prepared),
+            bench_extraction(model, args, prepared),
+            bench_top_epoch(model, args, prepared),
+            *bench_predict(export_dir, folder, files, model, args.image_size),
+            bench_epoch(prepared, files),
+            prepare_result,
+        ]
+    report = {"machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "config": {k: str(v) for k, v in vars(args).items()}, "results": results,
+              "peak_rss_mb": peak_rss_mb(resource.RUSAGE_SELF)}
+    print_table(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
-def bench_predict(paths: Paths, folder: Path, files: list[Path]) -> dict:
+def extract_images(source: Path, count: int, folder: Path) -> Path:
+    """The first ``count`` JPEGs of the zip (cats and dogs alternating), as files in ``folder``."""
+    folder.mkdir(parents=True)
+    with zipfile.ZipFile(source) as archive:
+        names = sorted(n for n in archive.namelist() if n.endswith(".jpg"))
+        by_class = [[n for n in names if PurePosixPath(n).name.startswith(c)] for c in ("cat", "dog")]
+        chosen = [n for pair in zip(*by_class) for n in pair][:count]
+        for name in chosen:
+            (folder / PurePosixPath(name).name).write_bytes(archive.read(name))
+    return folder
+
+
+def bench_prepare(folder: Path, tmp: Path, size: int) -> tuple[Paths, dict]:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    timings = {}
+    for workers in (0, 1):
+        raw["data"].update(source=str(folder), workers=workers, cache_size=size, min_per_class=3)
+        started = time.perf_counter()
+        prepare_run(parse_params(raw), Paths.under(tmp / f"workers{workers}"))
+        timings[workers] = time.perf_counter() - started
+    count = len(list(folder.iterdir()))
+    return Paths.under(tmp / "workers0"), comparison(
+        "prepare", "parallel decode (all cores)", timings[0], "one process", timings[1], count)
+
+
+def export_model(model, image_size: int, out: Path) -> Path:
+    """model.onnx + labels.json + preprocess.json, as the export stage writes them."""
+    export_onnx(model, torch.rand(2, 3, image_size, image_size), out / "model.onnx", names=("image", "logits"))
+    (out / "labels.json").write_text(json.dumps({"classes": ["cat", "dog"]}))
+    (out / "preprocess.json").write_text(json.dumps({"cache_size": image_size, "image_size": image_size}))
+    return out / "model.onnx"
+
+
+def split_images(prepared: Paths, image_size: int, split: str = "train") -> CachedImages:
+    return CachedImages(prepared, load_split(prepared, split), eval_preset(image_size))
+
+
+def stacked_batches(images: CachedImages, batch_size: int) -> list[torch.Tensor]:
+    tensors = torch.stack([images[i][0] for i in range(len(images))])
+    return list(torch.split(tensors, batch_size))
+
+
+def bench_features(model, args, prepared: Paths) -> dict:
+    frozen, _ = split_for_training(model, args.arch, args.image_size, "features", 0, resolve_runtime())
+    batches = stacked_batches(split_images(prepared, args.image_size), args.batch_size)
+    count = sum(len(b) for b in batches)
+    frozen(batches[0][:2])  # warm-up: first-run allocations
+    with torch.inference_mode():
+        ort_s = timed(lambda: [frozen(b) for b in batches])
+        eager_s = timed(lambda: [model.embed(b) for b in batches])
+    return comparison("features", "frozen backbone on ONNX Runtime", ort_s, "eager PyTorch fp32", eager_s, count)
+
+
+def bench_extraction(model, args, prepared: Paths) -> dict:
+    """What train's `features` mode does (DataLoader over the cache + ONNX Runtime) vs the raw
+    ONNX Runtime throughput on the same, already stacked tensors."""
+    frozen, _ = split_for_training(model, args.arch, args.image_size, "features", 0, resolve_runtime())
+    images = split_images(prepared, args.image_size)
+    batches = stacked_batches(images, args.batch_size)
+    frozen(batches[0][:2])
+    raw_s = timed(lambda: [frozen(b) for b in batches])
+    loader = make_loader(images, args.batch_size, 0)
+    stage_s = timed(lambda: cached_activations(frozen, loader, desc="benchmark extraction"))
+    return comparison("extraction", "train's feature extraction (loader + ONNX Runtime)", stage_s,
+                      "raw ONNX Runtime on stacked tensors", raw_s, len(images), target=0.8)
+
+
+def bench_top_epoch(model, args, prepared: Paths) -> dict:
+    """One `top` epoch (last blocks + head train) on cached prefix activations vs recomputing the
+    prefix on ONNX Runtime for every batch; the prefix is computed once in the cached case (timed too)."""
+    runtime = resolve_runtime()
+    model.freeze_backbone(except_last=args.unfreeze_blocks)
+    frozen, rest = split_for_training(model, args.arch, args.image_size, "top", args.unfreeze_blocks, runtime)
+    images = split_images(prepared, args.image_size)
+    optimizer = torch.optim.SGD([w for w in rest.parameters() if w.requires_grad], lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def epoch(module, loader):
+        train_one_epoch(module, loader, optimizer, scheduler, runtime, None, desc="benchmark top epoch")
+
+    image_loader = make_loader(images, args.batch_size, 0)
+    recomputed_s = timed(lambda: epoch(torch.nn.Sequential(frozen, rest), image_loader))
     started = time.perf_counter()
-    out = subprocess.run([str(Path(sys.executable).parent / "catdog"), "predict", str(folder),
-                          "--model", str(paths.exported / "model.onnx")],
-                         capture_output=True, text=True, check=True).stdout
-    project = time.perf_counter() - started  # includes process start and model load
-    assert len(out.splitlines()) == len(files)
+    activations, labels = cached_activations(frozen, image_loader, desc="benchmark prefix")
+    prefix_s = time.perf_counter() - started
+    cached_loader = make_loader(torch.utils.data.TensorDataset(activations, labels), args.batch_size, 0)
+    cached_s = timed(lambda: epoch(rest, cached_loader))
+    model.unfreeze_backbone()
+    result = comparison("top_epoch", "epoch on cached prefix activations", cached_s,
+                        "epoch recomputing the prefix", recomputed_s, len(images))
+    return {**result, "prefix_once_s": round(prefix_s, 3)}
 
-    model, config = load_checkpoint(paths.checkpoint)
+
+def bench_predict(model_file: Path, folder: Path, files: list[Path], model, image_size: int) -> list[dict]:
+    started = time.perf_counter()
+    process = subprocess.Popen([str(Path(sys.executable).parent / "catdog"), "predict", str(folder),
+                                "--model", str(model_file)], stdout=subprocess.PIPE, text=True)
+    out = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    project_s = time.perf_counter() - started  # includes process start and model load
+    if status != 0 or len(out.splitlines()) != len(files):
+        raise RuntimeError(f"catdog predict failed (status {status}): {out[-500:]}")
+    predict_rss = round(usage.ru_maxrss / 1024, 1)
+
+    exported = ExportedModel.load(model_file)
+    batch = np.stack([exported.preprocess(files[i % len(files)].read_bytes()) for i in range(64)])
+    exported.probabilities(batch[:2])
+    rounds = max(1, len(files) // len(batch))
+    limit_s = timed(lambda: [exported.probabilities(batch) for _ in range(rounds)]) * len(files) / (rounds * 64)
+    limit = comparison("predict", "catdog predict (subprocess, decode overlapped)", project_s,
+                       "ONNX Runtime alone on pre-decoded tensors", limit_s, len(files), target=0.8)
+
     started = time.perf_counter()
     with torch.inference_mode():
         for file in files:
-            pixels = decode_image(file.read_bytes(), config["cache_size"])
+            pixels = decode_image(file.read_bytes(), image_size)
             model(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255)
-    naive = time.perf_counter() - started
-    return comparison("predict", "catdog predict (ONNX Runtime, batched)", project,
-                      "PyTorch eager, one image at a time", naive, len(files), unit="images")
+    naive_s = time.perf_counter() - started
+    naive = comparison("predict_naive", "catdog predict", project_s, "PyTorch eager, one image at a time",
+                       naive_s, len(files))
+    return [{**limit, "peak_rss_mb": predict_rss}, naive]
 
 
-def bench_epoch(paths: Paths, files: list[Path]) -> dict:
-    images = np.load(paths.images, mmap_mode="r")
+def bench_epoch(prepared: Paths, files: list[Path]) -> dict:
+    images = np.load(prepared.images, mmap_mode="r")
     count = min(len(files), len(images))
-    started = time.perf_counter()
-    for row in range(count):
-        torch.from_numpy(np.array(images[row])).permute(2, 0, 1).float().div_(255)
-    cached = time.perf_counter() - started
+    cached_s = timed(lambda: [torch.from_numpy(np.array(images[row])).permute(2, 0, 1).float().div_(255)
+                              for row in range(count)])
     size = images.shape[1]
+    decoded_s = timed(lambda: [torch.from_numpy(decode_image(file.read_bytes(), size)).permute(2, 0, 1).float()
+                               .div_(255) for file in files[:count]])
+    return comparison("epoch", "read prepare's uint8 cache", cached_s, "decode every JPEG again", decoded_s, count)
+
+
+def timed(work) -> float:
     started = time.perf_counter()
-    for file in files[:count]:
-        torch.from_numpy(decode_image(file.read_bytes(), size)).permute(2, 0, 1).float().div_(255)
-    decoded = time.perf_counter() - started
-    return comparison("epoch", "read prepare's uint8 cache", cached, "decode every JPEG again", decoded,
-                      count, unit="images")
+    work()
+    return time.perf_counter() - started
 
 
-def bench_prepare(folder: Path, tmp: Path) -> dict:
-    base = load_params(ROOT / "params.yaml")
-    timings = {}
-    for workers in (0, 1):
-        params = base.model_copy(update={"data": base.data.model_copy(update={"source": str(folder), "workers": workers})})
-        started = time.perf_counter()
-        prepare_run(params, Paths.under(tmp / f"workers{workers}"))
-        timings[workers] = time.perf_counter() - started
-    count = len(list(folder.iterdir()))
-    return comparison("prepare", "parallel decode (all cores)", timings[0], "one process", timings[1], count,
-                      unit="images")
-
-
-def comparison(name, project_label, project_s, naive_label, naive_s, count, unit) -> dict:
+def comparison(name, project_label, project_s, baseline_label, baseline_s, count, target=None) -> dict:
     return {
-        "benchmark": name,
-        "project": project_label, "project_s": round(project_s, 3),
-        "project_per_s": round(count / project_s, 1),
-        "baseline": naive_label, "baseline_s": round(naive_s, 3),
-        "baseline_per_s": round(count / naive_s, 1),
-        "speedup": round(naive_s / project_s, 2), "count": count, "unit": unit,
+        "benchmark": name, "count": count,
+        "project": project_label, "project_s": round(project_s, 3), "project_per_s": round(count / project_s, 1),
+        "baseline": baseline_label, "baseline_s": round(baseline_s, 3),
+        "baseline_per_s": round(count / baseline_s, 1),
+        "ratio": round(baseline_s / project_s, 2), "target": target,
     }
 
 
-def report(result: dict) -> None:
-    print(json.dumps(result), flush=True)
+def peak_rss_mb(who: int) -> float:
+    return round(resource.getrusage(who).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "usable_cores": usable_cores(), "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
+            "load_average_1min": round(os.getloadavg()[0], 2)}
+
+
+def print_table(report: dict) -> None:
+    print(f"{'benchmark':<14} {'project/s':>10} {'baseline/s':>11} {'ratio':>7} {'target':>7}  project vs baseline")
+    for r in report["results"]:
+        target = f"{r['target']:.2f}" if r["target"] else ""
+        print(f"{r['benchmark']:<14} {r['project_per_s']:>10.1f} {r['baseline_per_s']:>11.1f} {r['ratio']:>7.2f} "
+              f"{target:>7}  {r['project']} vs {r['baseline']}")
+    predict = next(r for r in report["results"] if r["benchmark"] == "predict")
+    print(f"peak RSS: benchmark {report['peak_rss_mb']} MB, catdog predict {predict['peak_rss_mb']} MB; "
+          f"{report['machine']['cpu']}, {report['machine']['usable_cores']} cores, {report['date']}")
 
 
 if __name__ == "__main__":

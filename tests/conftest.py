@@ -59,8 +59,15 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             pytest.skip("needs CUDA (marked gpu)")
 
 
+@pytest.fixture(scope="session")
+def onnx_cache(tmp_path_factory) -> Path:
+    """One frozen-graph cache for the whole test session (catdog.onnx_runtime): graphs are reused
+    across tests as across experiments, and never land in the developer's ~/.cache."""
+    return tmp_path_factory.mktemp("catdog-cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
+def _isolated(monkeypatch, tmp_path, onnx_cache):
     """No catdog/MLflow env from the developer's shell, and the cwd in tmp_path.
 
     MLflow resolves its default artifact root against the cwd, and ``mlflow.set_tracking_uri``
@@ -69,6 +76,7 @@ def _isolated(monkeypatch, tmp_path):
     """
     for name in _CATDOG_ENV:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CATDOG_CACHE", str(onnx_cache))
     monkeypatch.chdir(tmp_path)
     yield
     for name in _CATDOG_ENV:
@@ -285,11 +293,12 @@ PIPELINE_OVERRIDES = {
     "train.batch_size": 4,
     "train.lr": 0.02,
     "tracking.experiment_name": "catdog-test",
+    "tracking.log_pytorch_model": True,  # the opt-in path; tests/test_pipeline.py runs the default
 }
 
 
 @pytest.fixture(scope="session")
-def pipeline(tmp_path_factory, mlflow_template) -> PipelineRun:
+def pipeline(tmp_path_factory, mlflow_template, onnx_cache) -> PipelineRun:
     """prepare -> train (features, 3 epochs, 64 px) -> evaluate -> export on 20 + 20 images.
 
     Shared by the train/export/predict tests: it is the expensive part of the suite.
@@ -307,6 +316,7 @@ def pipeline(tmp_path_factory, mlflow_template) -> PipelineRun:
     with pytest.MonkeyPatch.context() as patch:
         for name in _CATDOG_ENV:
             patch.delenv(name, raising=False)
+        patch.setenv("CATDOG_CACHE", str(onnx_cache))
         patch.chdir(root)  # anything MLflow writes relative to the cwd stays in the tmp dir
         try:
             results = [stage.run(params, paths) for stage in (prepare, train, evaluate, export)]

@@ -142,6 +142,7 @@ def test_predictions_match_evaluate_on_the_test_images(pipeline, tmp_path):
 def test_predict_in_process_handles_odd_images(pipeline, tmp_path):
     model = ExportedModel.load(pipeline.paths.exported / "model.onnx")
     assert model.classes == ["cat", "dog"] and model.image_size == 64 and model.cache_size == 64
+    assert model.min_image_size == pipeline.params.data.min_image_size
     files = {
         "gray.png": encode(Image.new("L", (70, 60), 90), "PNG"),
         "rgba.png": encode(synthetic_image("dog", 600).convert("RGBA"), "PNG"),
@@ -157,8 +158,26 @@ def test_predict_in_process_handles_odd_images(pipeline, tmp_path):
     assert results["rgba.png"]["label"] == "dog"
     assert results["big_cat.jpg"]["label"] == "cat"
     assert results["empty.jpg"]["error"].startswith("empty")
-    assert results["tiny.png"]["label"] in {"cat", "dog"}  # predict has no minimum size
+    assert results["tiny.png"]["error"].startswith("too_small")  # what prepare refuses, predict refuses
     assert results["a_dir.jpg"]["error"] == "is a directory"
+
+
+def test_predict_streams_decoding_at_most_two_batches_ahead(pipeline, tmp_path):
+    model = ExportedModel.load(pipeline.paths.exported / "model.onnx")
+    listed = []
+
+    def files():  # a lazy listing: predict never holds more than the batches in flight
+        for index in range(40):
+            path = tmp_path / f"{index}.jpg"
+            path.write_bytes(jpeg_bytes("cat" if index % 2 else "dog", index))
+            listed.append(path)
+            yield path
+
+    results = predict(model, files(), batch_size=4)
+    first = next(results)
+    assert first["path"] == str(tmp_path / "0.jpg") and 4 <= len(listed) <= 12
+    rest = list(results)
+    assert [r["path"] for r in [first, *rest]] == [str(p) for p in listed] and len(listed) == 40
 
 
 def test_expand_paths(tmp_path):

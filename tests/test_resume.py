@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from catdog import prepare, train, train_state
+from catdog import integrity, prepare, train, train_state
 from catdog.paths import Paths
 
 from conftest import REPO_ROOT, build_dataset, build_params, client_for, seed_store
@@ -103,6 +103,7 @@ def epoch_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+@pytest.mark.slow  # kills and reruns the real stage: ~1 min each on 2 cores
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_killed_train_resumes_in_the_same_run_and_ends_like_an_uninterrupted_one(
         recipe, prepared, tmp_path, mlflow_template):
@@ -239,4 +240,5 @@ def test_fingerprint_follows_train_and_tracking_params_and_the_data(project):
     assert train_state.fingerprint(_params({"data.source": "a.zip", "tracking.experiment_name": "x"}), paths, 1) != base
     assert train_state.fingerprint(params, paths, world_size=2) != base
     paths.manifest.write_text(paths.manifest.read_text().replace(",train,", ",val,", 1))
+    integrity.record(paths)  # what prepare does after writing the manifest
     assert train_state.fingerprint(params, paths, 1) != base

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -15,6 +17,7 @@ from catdog import serving
 from catdog.predict import ExportedModel
 
 from conftest import client_for, jpeg_bytes
+from dvc_project import clean_env, free_port, stop, tool, wait_for_http
 
 
 @pytest.fixture
@@ -68,3 +71,29 @@ def test_classify_in_process_on_the_exported_model(pipeline):
     assert len(result) == len(images) and result.error.isna().all()
     assert (result.label == "cat").mean() > 0.9
     assert (result.p_cat + result.p_dog).tolist() == pytest.approx([1.0] * len(images))
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_a_posted_jpeg_with_its_label(pipeline, tmp_path):
+    """The README's commands: `mlflow models serve` as a real process on loopback, then curl's POST."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as handle:
+        server = subprocess.Popen(
+            [tool("mlflow"), "models", "serve", "-m", "models:/catdog@champion", "--env-manager", "local",
+             "-p", str(port), "-h", "127.0.0.1", "-w", "1"],
+            stdout=handle, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+            env=clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{pipeline.root / 'mlflow.db'}"))
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, timeout=180, log=log)
+        body = {"dataframe_split": {"columns": ["image"],
+                                    "data": [[base64.b64encode(jpeg_bytes("dog", 720)).decode()]]}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            predictions = json.loads(response.read())["predictions"]
+    finally:
+        stop(server)
+    assert len(predictions) == 1 and predictions[0]["label"] == "dog", predictions
+    assert predictions[0]["p_dog"] > 0.5 and predictions[0]["error"] is None
+    assert server.poll() is not None

@@ -89,6 +89,33 @@ def test_start_run_creates_run_with_params_tags_and_run_file(mlflow_store, mlflo
     assert metric_history(client, run_id, "val/accuracy") == [(1, 0.5), (2, 0.75)]
 
 
+def test_every_run_logs_the_prepared_data_as_an_mlflow_dataset(mlflow_store, tmp_path, params):
+    paths = Paths.under(tmp_path)
+    paths.manifest.parent.mkdir(parents=True)
+    paths.manifest.write_text("path,label,split,pixel_md5\n" + "".join(
+        f"train/cat.{i}.jpg,cat,{split},{i}\n" for i, split in enumerate(["train"] * 3 + ["val", "test"])))
+    (paths.prepared / "images.npy").write_bytes(b"pixels")
+    with tracking.start_run(params, paths) as run:
+        run.log_params({"evaluate.batch_size": 16})
+    with tracking.resume_run(paths.root, paths.train_run, paths.evaluate_reports / "mlflow_run.json",
+                             {"evaluate.batch_size": 99}) as derived:
+        pass
+    assert derived.run_id != run.run_id
+    client = client_for(mlflow_store)
+    for shown_id in (run.run_id, derived.run_id):  # a derived run shows the same data
+        (logged,) = client.get_run(shown_id).inputs.dataset_inputs
+        dataset = logged.dataset
+        assert dataset.name == "train.zip" and dataset.digest == tracking.prepared_digest(paths)
+        assert dataset.digest.endswith(".dir") and len(dataset.digest) == 36
+        assert json.loads(dataset.profile) == {"images": 5, "train": 3, "val": 1, "test": 1}
+        assert json.loads(dataset.source)["uri"] == str(tmp_path / "data" / "raw" / "train.zip")
+        assert {t.key: t.value for t in logged.tags}["mlflow.data.context"] == "training"
+    # with a dvc.lock, the digest is the md5 DVC recorded for prepare's output
+    (tmp_path / "dvc.lock").write_text("stages:\n  prepare:\n    outs:\n    - path: data/prepared\n"
+                                        "      md5: 0123456789abcdef0123456789abcdef.dir\n")
+    assert tracking.prepared_digest(paths) == "0123456789abcdef0123456789abcdef.dir"
+
+
 def test_start_run_without_manifest_has_no_data_hash(mlflow_store, tmp_path, params):
     paths = Paths.under(tmp_path)
     with tracking.start_run(params, paths) as run:

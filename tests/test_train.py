@@ -126,7 +126,7 @@ def test_logged_model_loads_and_matches_the_checkpoint(pipeline):
 
 
 def test_train_without_prepare_is_a_catdog_error(make_params, paths):
-    with pytest.raises(CatdogError, match=r"manifest\.csv not found: run the prepare stage first"):
+    with pytest.raises(CatdogError, match=r"not found: run the prepare stage"):
         train.run(make_params({"data.source": "unused.zip"}), paths)
     assert not paths.checkpoint.exists()
 

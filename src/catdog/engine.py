@@ -1,4 +1,4 @@
-"""The loops: one training epoch, validation, prediction, feature extraction."""
+"""The loops: one training epoch, validation, prediction."""
 
 from __future__ import annotations
 
@@ -96,15 +96,3 @@ def validate(model: nn.Module, loader, runtime: Runtime, desc: str) -> EpochStat
     logits, targets = predict_logits(model, loader, runtime, desc)
     loss = F.cross_entropy(logits, targets).item()
     return EpochStats(loss, (logits.argmax(1) == targets).float().mean().item())
-
-
-@torch.inference_mode()
-def extract_features(model, loader, runtime: Runtime, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen backbone embeddings for every image, computed once ('features' mode)."""
-    model.eval()
-    features, labels = [], []
-    for inputs, targets in tqdm(loader, desc=desc, unit="batch", mininterval=1.0):
-        with runtime.autocast():
-            features.append(model.embed(runtime.to_device(inputs)).float().cpu())
-        labels.append(targets)
-    return torch.cat(features), torch.cat(labels)

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
-from catdog import CLASSES, plots, tracking
+from catdog import CLASSES, integrity, plots, tracking
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import resolve_runtime
 from catdog.engine import predict_probabilities
+from catdog.frozen import inference_module
 from catdog.models import load_checkpoint
 from catdog.params import Params
 from catdog.paths import Paths
@@ -28,9 +29,10 @@ PLOTS = ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "confid
 
 def run(params: Params, paths: Paths) -> dict:
     p = params.evaluate
+    integrity.verify(paths)
     runtime = resolve_runtime("fp32")  # the deployed model's precision: the champion is chosen on these numbers
     model, config = load_checkpoint(paths.checkpoint)
-    model = runtime.prepare_model(model)
+    model = inference_module(runtime.prepare_model(model), config["arch"], config["image_size"], runtime)
     test = load_split(paths, "test")
     loader = make_loader(CachedImages(paths, test, eval_preset(config["image_size"])), p.batch_size, 0)
 

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from PIL import Image
 
-from catdog import serving, tracking
+from catdog import integrity, serving, tracking
 from catdog.data import CachedImages, Split, load_split
 from catdog.errors import CatdogError
 from catdog.models import load_checkpoint
+from catdog.onnx_runtime import create_session, export_onnx
 from catdog.params import Params
 from catdog.paths import Paths
 from catdog.transforms import eval_preset
@@ -35,12 +34,13 @@ MODEL_FILE, PT2_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE = (
 
 def run(params: Params, paths: Paths) -> dict:
     p = params.export
+    integrity.verify(paths)
     model, config = load_checkpoint(paths.checkpoint)
     out = paths.exported
     out.mkdir(parents=True, exist_ok=True)
     size = config["image_size"]
     example = torch.rand(2, 3, size, size)
-    export_onnx(model, example, out / MODEL_FILE, p.opset)
+    export_onnx(model, example, out / MODEL_FILE, p.opset, names=("image", "logits"))
     export_pt2(model, example, out / PT2_FILE)
 
     test = load_split(paths, "test")
@@ -66,6 +66,7 @@ def run(params: Params, paths: Paths) -> dict:
     (out / LABELS_FILE).write_text(json.dumps({"classes": config["classes"]}, indent=2) + "\n")
     (out / PREPROCESS_FILE).write_text(json.dumps({
         "cache_size": config["cache_size"],  # decode: EXIF-rotate, RGB, squash-resize (bilinear)
+        "min_image_size": params.data.min_image_size,  # smaller images are refused, as prepare does
         "image_size": size,  # then resize to the model input
         "layout": "NCHW", "dtype": "float32", "scale": [0.0, 1.0],
         "normalization": "inside the model",
@@ -103,15 +104,6 @@ def example_jpeg(paths: Paths, test: Split) -> bytes:
     return buffer.getvalue()
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # exporter chatter about its own internals
-        program = torch.onnx.export(model.eval(), (example,), input_names=["image"], output_names=["logits"],
-                                    dynamic_shapes={"images": {0: _batch_dim()}}, opset_version=opset,
-                                    dynamo=True, verbose=False)
-    program.save(str(path))
-
-
 def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     """torch.export (the successor of TorchScript): loadable with ``torch.export.load`` alone."""
     program = torch.export.export(model.eval(), (example,), dynamic_shapes={"images": {0: _batch_dim()}})
@@ -119,7 +111,7 @@ def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Non
 
 
 def onnx_logits(path: Path, batch: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = create_session(path)
     return session.run(None, {session.get_inputs()[0].name: batch})[0]
 
 
@@ -150,7 +142,7 @@ Binary image classifier: **cat** or **dog**, fine-tuned from ImageNet weights.
 ## Data
 - Source: `{params.data.source}` ({summary['images']} usable images; {splits}).
 - Rejected files: {summary['rejected_total']}; duplicate groups kept within one split: {summary['duplicate_groups_merged']}.
-- Data hash (md5 of the prepared manifest): `{lineage.get('data.hash', 'n/a')}`.
+- Data hash (md5 of `data/prepared/content.json`: size and md5 of the image cache and manifest): `{lineage.get('data.hash', 'n/a')}`.
 
 ## Training params
 | param | value |

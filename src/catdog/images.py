@@ -38,6 +38,9 @@ def decode_image(data: bytes, size: int, min_size: int = 1) -> np.ndarray:
             with Image.open(io.BytesIO(data)) as image:
                 if min(image.size) < min_size:
                     raise BadImage("too_small", f"{image.size[0]}x{image.size[1]} < {min_size}px")
+                # JPEG: decode big photos at 1/2, 1/4 or 1/8 scale, still >= 2x size, so the resize
+                # below keeps antialiasing (a no-op for photos under 4x size, e.g. Kaggle's)
+                image.draft(None, (2 * size, 2 * size))
                 image = ImageOps.exif_transpose(image)  # a full decode, so truncation shows here
                 if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                     image = _flatten_alpha(image)

@@ -23,7 +23,8 @@ LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
 
 class Classifier(nn.Module):
     def __init__(self, backbone: nn.Module, num_features: int, num_classes: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], dropout: float, blocks: list[nn.Module]):
+                 mean: tuple[float, ...], std: tuple[float, ...], dropout: float, blocks: list[nn.Module],
+                 stages: list[nn.Module]):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
@@ -31,6 +32,8 @@ class Classifier(nn.Module):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, num_classes))
         # The backbone's blocks, input to output; a plain list, so they are not registered twice.
         self.blocks = [block for block in blocks if any(True for _ in block.parameters())]
+        # The backbone as a chain: stages[-1](...stages[0](x)) == backbone(x) (plain list, as above).
+        self.stages = stages
         self.backbone_frozen = False
         self._unfrozen_blocks: list[nn.Module] = []
 
@@ -69,11 +72,46 @@ class Classifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(images))
 
+    def split(self, trainable_blocks: int) -> tuple[nn.Module, nn.Module]:
+        """(frozen prefix, rest): ``rest(prefix(images)) == self(images)``, cut before the stage
+        that holds the first of the last ``trainable_blocks`` blocks (0: the whole backbone frozen).
+        The prefix normalises, so it takes the model's input; both share this model's weights."""
+        first = [w for block in self.last_blocks(trainable_blocks) for w in block.parameters()][:1]
+        cut = next((i for i, stage in enumerate(self.stages) if any(w is first[0] for w in stage.parameters())),
+                   len(self.stages)) if first else len(self.stages)
+        return _Prefix(self, self.stages[:cut]), _Rest(self, [*self.stages[cut:], self.head])
+
+
+class _Rest(nn.Sequential):
+    """The stages after the cut and the head; train()/eval() go through the whole model, so frozen
+    blocks keep their BatchNorm statistics as in ``Classifier.train``."""
+
+    def __init__(self, model: Classifier, modules: list[nn.Module]):
+        super().__init__(*modules)
+        self._model = [model]  # a list: not registered as a submodule
+
+    def train(self, mode: bool = True) -> "_Rest":
+        self._model[0].train(mode)
+        self.training = mode
+        return self
+
+
+class _Prefix(nn.Module):
+    def __init__(self, model: Classifier, stages: list[nn.Module]):
+        super().__init__()
+        self.register_buffer("mean", model.mean)
+        self.register_buffer("std", model.std)
+        self.stages = nn.Sequential(*stages)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.stages((images - self.mean) / self.std)
+
 
 @dataclass(frozen=True)
 class Architecture:
     build: Callable[[bool, str | None, int], tuple[nn.Module, int]]  # (pretrained, weights, image_size)
     blocks: Callable[[nn.Module], list[nn.Module]]  # the built backbone's blocks, input to output ('top' mode)
+    stages: Callable[[nn.Module], list[nn.Module]]  # the built backbone as a chain of modules (Classifier.split)
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
@@ -105,6 +143,33 @@ def _efficientnet_lite(variant: int):
 def _lite_blocks(backbone: _LiteBackbone) -> list[nn.Module]:
     net = backbone.net
     return [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
+
+
+class _LiteStage(nn.Module):
+    """One step of EfficientNet-Lite's ``extract_features``: stem, an MBConv block, or head + pooling."""
+
+    def __init__(self, net: nn.Module, part: str, block: nn.Module | None = None, drop_connect_rate: float = 0.0):
+        super().__init__()
+        self.net_swish, self.part, self.rate = net._swish, part, drop_connect_rate
+        if part == "stem":
+            self.conv, self.bn = net._conv_stem, net._bn0
+        elif part == "head":
+            self.conv, self.bn = net._conv_head, net._bn1
+        else:
+            self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.part == "block":
+            return self.block(x, drop_connect_rate=self.rate)
+        x = self.net_swish(self.bn(self.conv(x)))
+        return x.mean(dim=(2, 3)) if self.part == "head" else x
+
+
+def _lite_stages(backbone: _LiteBackbone) -> list[nn.Module]:
+    net = backbone.net
+    rate = net._global_params.drop_connect_rate or 0.0
+    blocks = [_LiteStage(net, "block", block, rate * index / len(net._blocks)) for index, block in enumerate(net._blocks)]
+    return [_LiteStage(net, "stem"), *blocks, _LiteStage(net, "head")]
 
 
 def _lite_weights_file(variant: int) -> str:
@@ -148,6 +213,15 @@ def _resnet_blocks(net: nn.Module) -> list[nn.Module]:
     return [nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3, net.layer4]
 
 
+def _resnet_stages(net: nn.Module) -> list[nn.Module]:
+    return [nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), net.layer1, net.layer2, net.layer3,
+            net.layer4, nn.Sequential(net.avgpool, nn.Flatten(1), net.fc)]
+
+
+def _features_stages(net: nn.Module) -> list[nn.Module]:
+    return [*net.features, nn.Sequential(net.avgpool, nn.Flatten(1), net.classifier)]
+
+
 def _features_blocks(net: nn.Module) -> list[nn.Module]:
     """torchvision nets built as ``features`` + ``classifier`` (whose last Linear is gone)."""
     return [*net.features, net.classifier]
@@ -172,17 +246,21 @@ def _simple_cnn_blocks(net: nn.Sequential) -> list[nn.Module]:
     return [net[start:start + 4] for start in range(0, 16, 4)]  # conv, bn, relu, pool
 
 
+def _simple_cnn_stages(net: nn.Sequential) -> list[nn.Module]:
+    return [*_simple_cnn_blocks(net)[:-1], net[12:]]
+
+
 ARCHITECTURES: dict[str, Architecture] = {
-    "efficientnet_lite0": Architecture(_efficientnet_lite(0), _lite_blocks, LITE_MEAN, LITE_STD),
-    "efficientnet_lite1": Architecture(_efficientnet_lite(1), _lite_blocks, LITE_MEAN, LITE_STD),
-    "efficientnet_lite2": Architecture(_efficientnet_lite(2), _lite_blocks, LITE_MEAN, LITE_STD),
-    "resnet18": Architecture(_torchvision("resnet18", "fc"), _resnet_blocks),
-    "resnet50": Architecture(_torchvision("resnet50", "fc"), _resnet_blocks),
-    "vgg16": Architecture(_torchvision("vgg16", "classifier.6"), _features_blocks),
-    "efficientnet_b0": Architecture(_torchvision("efficientnet_b0", "classifier.1"), _features_blocks),
-    "mobilenet_v3_large": Architecture(_torchvision("mobilenet_v3_large", "classifier.3"), _features_blocks),
-    "convnext_tiny": Architecture(_torchvision("convnext_tiny", "classifier.2"), _features_blocks),
-    "simple_cnn": Architecture(_simple_cnn, _simple_cnn_blocks, (0.5,) * 3, (0.5,) * 3),
+    "efficientnet_lite0": Architecture(_efficientnet_lite(0), _lite_blocks, _lite_stages, LITE_MEAN, LITE_STD),
+    "efficientnet_lite1": Architecture(_efficientnet_lite(1), _lite_blocks, _lite_stages, LITE_MEAN, LITE_STD),
+    "efficientnet_lite2": Architecture(_efficientnet_lite(2), _lite_blocks, _lite_stages, LITE_MEAN, LITE_STD),
+    "resnet18": Architecture(_torchvision("resnet18", "fc"), _resnet_blocks, _resnet_stages),
+    "resnet50": Architecture(_torchvision("resnet50", "fc"), _resnet_blocks, _resnet_stages),
+    "vgg16": Architecture(_torchvision("vgg16", "classifier.6"), _features_blocks, _features_stages),
+    "efficientnet_b0": Architecture(_torchvision("efficientnet_b0", "classifier.1"), _features_blocks, _features_stages),
+    "mobilenet_v3_large": Architecture(_torchvision("mobilenet_v3_large", "classifier.3"), _features_blocks, _features_stages),
+    "convnext_tiny": Architecture(_torchvision("convnext_tiny", "classifier.2"), _features_blocks, _features_stages),
+    "simple_cnn": Architecture(_simple_cnn, _simple_cnn_blocks, _simple_cnn_stages, (0.5,) * 3, (0.5,) * 3),
 }
 
 
@@ -192,7 +270,8 @@ def create_model(arch: str, pretrained: bool = True, num_classes: int = 2, weigh
         raise CatdogError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     spec = ARCHITECTURES[arch]
     backbone, features = spec.build(pretrained, weights, image_size)
-    return Classifier(backbone, features, num_classes, spec.mean, spec.std, dropout, spec.blocks(backbone))
+    return Classifier(backbone, features, num_classes, spec.mean, spec.std, dropout, spec.blocks(backbone),
+                      spec.stages(backbone))
 
 
 def _load_state(path: str | Path) -> dict:

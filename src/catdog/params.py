@@ -136,6 +136,7 @@ class ExportParams(_Section):
 
 class TrackingParams(_Section):
     experiment_name: str = Field(pattern=r"\S")  # not empty
+    log_pytorch_model: bool  # train also logs the full PyTorch model (~15 MB per run)
 
 
 class Params(_Section):

@@ -28,6 +28,11 @@ class Paths:
         return self.prepared / "images.npy"
 
     @property
+    def prepared_content(self) -> Path:
+        """Size and md5 of images.npy and manifest.csv, as prepare wrote them (catdog.integrity)."""
+        return self.prepared / "content.json"
+
+    @property
     def prepare_summary(self) -> Path:
         return self.root / "reports" / "prepare" / "summary.json"
 

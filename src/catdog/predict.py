@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import glob
 import json
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -13,6 +15,7 @@ import numpy as np
 
 from catdog.errors import CatdogError
 from catdog.images import BadImage, decode_image, resize
+from catdog.onnx_runtime import create_session, usable_cores
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_MODEL = "models/export/model.onnx"
@@ -25,13 +28,12 @@ class ExportedModel:
     classes: list[str]
     cache_size: int
     image_size: int
+    min_image_size: int = 1  # prepare's data.min_image_size (exports before it was recorded: 1)
 
     @classmethod
     def load(cls, spec: str | Path) -> "ExportedModel":
         """``spec``: an exported ``model.onnx`` (labels.json and preprocess.json beside it) or a
         registry URI such as ``models:/catdog@champion``."""
-        import onnxruntime as ort
-
         path = _download_registered(str(spec)) if str(spec).startswith("models:/") else Path(spec)
         if not path.is_file():
             raise CatdogError(f"model {path} not found: run `dvc repro` first or pass --model")
@@ -43,15 +45,16 @@ class ExportedModel:
                 raise CatdogError(f"{name} not found beside {path}: the export stage writes it")
             config.update(json.loads(found[0].read_text()))
         try:
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            session = create_session(path)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
             raise CatdogError(f"cannot load {path} as an ONNX model: {str(exc).splitlines()[0]}") from None
         return cls(session, session.get_inputs()[0].name, config["classes"], config["cache_size"],
-                   config["image_size"])
+                   config["image_size"], config.get("min_image_size", 1))
 
     def preprocess(self, data: bytes) -> np.ndarray:
-        """The same decode as prepare, then the model's input size; CHW float32 in [0, 1]."""
-        pixels = resize(decode_image(data, self.cache_size), self.image_size)
+        """The same decode and checks as prepare (BadImage ``too_small`` below its minimum size),
+        then the model's input size; CHW float32 in [0, 1]."""
+        pixels = resize(decode_image(data, self.cache_size, self.min_image_size), self.image_size)
         return pixels.transpose(2, 0, 1).astype(np.float32) / 255.0
 
     def probabilities(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
@@ -90,8 +93,10 @@ def expand_paths(paths: Iterable[str]) -> list[Path]:
     return files
 
 
-def predict(model: ExportedModel, files: list[Path], batch_size: int = 64, tta: bool = False) -> Iterator[dict]:
-    """One result per file, in order: {path, label, confidence} or {path, error}."""
+def predict(model: ExportedModel, files: Iterable[Path], batch_size: int = 64, tta: bool = False) -> Iterator[dict]:
+    """One result per file, in order: {path, label, confidence} or {path, error}. Files decode in
+    threads up to two batches ahead while ONNX Runtime runs the current one; at most those batches
+    are held, so memory depends on the batch size, not on the number of files."""
 
     def load(path: Path):
         try:
@@ -105,17 +110,31 @@ def predict(model: ExportedModel, files: list[Path], batch_size: int = 64, tta: 
         except BadImage as exc:
             return str(exc)
 
-    with ThreadPoolExecutor() as pool:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
-            loaded = list(pool.map(load, chunk))
-            good = [i for i, item in enumerate(loaded) if isinstance(item, np.ndarray)]
-            probs = model.probabilities(np.stack([loaded[i] for i in good]), tta) if good else []
+    with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
+        for batch in _decoded_ahead(files, load, batch_size, pool):
+            good = [i for i, (_, item) in enumerate(batch) if isinstance(item, np.ndarray)]
+            probs = model.probabilities(np.stack([batch[i][1] for i in good]), tta) if good else []
             by_index = dict(zip(good, probs))
-            for i, path in enumerate(chunk):
+            for i, (path, loaded) in enumerate(batch):
                 if i in by_index:
                     p = by_index[i]
                     yield {"path": str(path), "label": model.classes[int(p.argmax())],
                            "confidence": round(float(p.max()), 6)}
                 else:
-                    yield {"path": str(path), "error": loaded[i]}
+                    yield {"path": str(path), "error": loaded}
+
+
+def _decoded_ahead(files: Iterable[Path], load, batch_size: int, pool: ThreadPoolExecutor):
+    """Batches of (path, load(path)); the next batch is already decoding when one is handed out."""
+    pending: deque = deque()
+    remaining = iter(files)
+
+    def submit_up_to(count: int) -> None:
+        for path in islice(remaining, max(0, count - len(pending))):
+            pending.append((path, pool.submit(load, path)))
+
+    submit_up_to(2 * batch_size)
+    while pending:
+        batch = [pending.popleft() for _ in range(min(batch_size, len(pending)))]
+        submit_up_to(2 * batch_size)
+        yield [(path, future.result()) for path, future in batch]

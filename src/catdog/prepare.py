@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from catdog import CLASSES
+from catdog import CLASSES, integrity
 from catdog.errors import CatdogError
 from catdog.images import BadImage, decode_image
 from catdog.params import DataParams, Params
@@ -57,6 +57,7 @@ def run(params: Params, paths: Paths) -> dict:
     splits, merged_groups = split(kept, data)
     write_manifest(out / "manifest.csv", kept, splits)
     write_rejected(out / "rejected.csv", rejected)
+    integrity.record(paths)
 
     summary = summarize(kept, splits, rejected, unlabelled, merged_groups, images.shape[1])
     paths.prepare_summary.parent.mkdir(parents=True, exist_ok=True)

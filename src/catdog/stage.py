@@ -8,6 +8,7 @@ import sys
 from typing import Callable
 
 from catdog.errors import CatdogError
+from catdog.lifecycle import StageStopped, stop_on_signals
 from catdog.params import Params, load_params
 from catdog.paths import Paths
 
@@ -18,9 +19,14 @@ def main(name: str, run: Callable[[Params, Paths], dict], argv: list[str] | None
     parser.add_argument("--root", default=".", help="project root (default: current directory)")
     args = parser.parse_args(argv)
     try:
-        params = load_params(args.params)  # validated in full before any work starts
-        metrics = run(params, Paths.under(args.root))
+        with stop_on_signals():
+            params = load_params(args.params)  # validated in full before any work starts
+            metrics = run(params, Paths.under(args.root))
     except CatdogError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except StageStopped as stop:
+        print(f"{name}: {stop}: its MLflow run is marked KILLED; rerun (dvc repro) to continue "
+              "(train resumes after its last finished epoch)", file=sys.stderr)
+        sys.exit(130)
     print(f"{name}: {json.dumps(metrics, default=str)}")

@@ -10,10 +10,16 @@ different from those already logged (say only ``evaluate.*`` changed) cannot rew
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import json
 import os
+import random
 import subprocess
+import sys
+import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,15 +30,20 @@ except ImportError:  # Windows: no store lock
     fcntl = None
 
 import mlflow
+import yaml
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from catdog import integrity, lifecycle
 from catdog.errors import CatdogError
 from catdog.params import Params
 from catdog.paths import Paths
 
 ARTIFACTS_DIR = "mlruns"
-_RUN_OWN_TAGS = {"mlflow.runName", "mlflow.log-model.history", "mlflow.user"}  # not copied to a derived run
+_RUN_OWN_TAGS = {"mlflow.runName", "mlflow.log-model.history", "mlflow.user",  # not copied to a derived run
+                 lifecycle.HOST_TAG, lifecycle.PID_TAG, lifecycle.STARTED_TAG, "catdog.stage", "catdog.stopped"}
 _LINEAGE_FILES = ("src", "stages", "dvc.yaml", "params.yaml", "pyproject.toml")  # beside mlflow.db, as MLflow itself does
 DB_FILE = "mlflow.db"
 
@@ -85,6 +96,7 @@ class Run:
 
     def __init__(self, run_id: str):
         self.run_id = run_id
+        self.progress: dict[str, str] = {}  # tags set only if the stage is stopped (how far it got)
 
     def lineage(self) -> dict[str, str]:
         """The run's tags plus its id: what a model card cites."""
@@ -105,10 +117,7 @@ class Run:
         client = MlflowClient()
         client.set_model_version_tag(name, version, "test_accuracy", str(test_accuracy))
         client.set_registered_model_alias(name, "candidate", version)
-        promoted = promote and _beats_champion(client, name, test_accuracy)
-        if promoted:
-            client.set_registered_model_alias(name, "champion", version)
-        return Registration(version, promoted)
+        return Registration(version, promote and promote_champion(client, name, version, test_accuracy))
 
     def log_metrics(self, section: str, metrics: dict[str, float], step: int | None = None) -> None:
         """``{name: value}`` logged as ``<section>/<name>``."""
@@ -152,7 +161,9 @@ class Run:
 
     def log_pytorch_model(self, model, example_input) -> None:
         """The model with signature and input example, loadable with ``mlflow.pytorch.load_model``
-        (MLflow's default pt2 format: a torch.export program, no pickle; call it, no ``.eval()``)."""
+        (MLflow's default pt2 format: a torch.export program, no pickle; call it, no ``.eval()``).
+        pt2 needs the example, which MLflow stores as JSON (megabytes at 224 px): only logged when
+        ``tracking.log_pytorch_model`` asks."""
         import mlflow.pytorch
         import numpy as np
         import torch
@@ -177,21 +188,24 @@ def start_run(params: Params, paths: Paths) -> Iterator[Run]:
     client = _client(paths.root)
     experiment_id = _experiment_id(client, params.tracking.experiment_name, paths.root)
     tags = lineage_tags(params, paths)
+    _close_orphans(client, experiment_id)
     run = client.create_run(experiment_id, run_name=run_name(params), tags=tags)
     _write_run_file(paths.train_run, run.info.run_id)
-    with mlflow.start_run(run_id=run.info.run_id, log_system_metrics=True):
-        active = Run(run.info.run_id)
+    with _opened(run.info.run_id, "train", log_system_metrics=True) as active:
         active.log_params(params.flat("data", "train", "tracking"))
+        if paths.manifest.is_file():
+            mlflow.log_input(prepared_dataset(params, paths), context="training")
         yield active
 
 
 @contextlib.contextmanager
 def reopen_train_run(paths: Paths, run_id: str) -> Iterator[Run]:
     """Reopen the train run ``run_id`` after a killed train stage: the same run, params already logged."""
-    _client(paths.root)
+    client = _client(paths.root)
+    _close_orphans(client, client.get_run(run_id).info.experiment_id)
     _write_run_file(paths.train_run, run_id)  # a DVC output: DVC deleted it before rerunning train
-    with mlflow.start_run(run_id=run_id, log_system_metrics=True):
-        yield Run(run_id)
+    with _opened(run_id, "train", log_system_metrics=True) as active:
+        yield active
 
 
 def run_exists(project_root: Path, run_id: str) -> bool:
@@ -212,17 +226,49 @@ def continue_pipeline_run(project_root: Path, upstream_run_file: Path, run_file:
     """
     client = _client(project_root)
     run_id = json.loads(upstream_run_file.read_text())["run_id"]
-    logged = client.get_run(run_id).data.params
+    upstream = client.get_run(run_id)
+    _close_orphans(client, upstream.info.experiment_id)
+    logged = upstream.data.params
     values = {k: _param_value(v) for k, v in section_params.items()}
     if any(k in logged and logged[k] != v for k, v in values.items()):
         run_id = _derive_run(client, run_id, drop=set(values),
                              params_digest=params_hash(params) if params is not None else None)
         logged = {}
     _write_run_file(run_file, run_id)
-    with mlflow.start_run(run_id=run_id):
-        active = Run(run_id)
+    with _opened(run_id, run_file.parent.name) as active:  # reports/<stage>/mlflow_run.json
         active.log_params({k: v for k, v in values.items() if k not in logged})
         yield active
+
+
+@contextlib.contextmanager
+def _opened(run_id: str, stage: str, **start_kwargs) -> Iterator[Run]:
+    """The run made active for ``stage``, tagged with this process; a stop signal ends it KILLED
+    (tagged with the stage and ``Run.progress``) instead of FAILED."""
+    active = Run(run_id)
+    try:
+        with mlflow.start_run(run_id=run_id, **start_kwargs):
+            mlflow.set_tags({**lifecycle.process_tags(), "catdog.stage": stage})
+            yield active
+    except lifecycle.StageStopped as stop:  # also when it interrupts MLflow's own end_run
+        client = MlflowClient()
+        for key, value in {"catdog.stopped": f"{stop.signal_name} during {stage}", **active.progress}.items():
+            client.set_tag(run_id, key, value)
+        client.set_terminated(run_id, "KILLED")
+        raise
+
+
+def _close_orphans(client: MlflowClient, experiment_id: str) -> None:
+    """Mark KILLED the RUNNING runs of the experiment whose stage process (on this host) is gone:
+    a SIGKILLed stage cannot close its own run."""
+    running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+    orphans = [run for run in running if lifecycle.process_gone(run.data.tags)]
+    for run in orphans:
+        client.set_tag(run.info.run_id, "catdog.stopped", "its process is gone (killed)")
+        client.set_terminated(run.info.run_id, "KILLED")
+    if orphans:
+        names = ", ".join(f"{run.info.run_name} ({run.info.run_id[:8]})" for run in orphans)
+        print(f"catdog: marked {len(orphans)} MLflow run(s) KILLED whose stage process is gone: {names}",
+              file=sys.stderr)
 
 
 def download_registered_model(uri: str, project_root: Path) -> Path:
@@ -240,12 +286,45 @@ def download_registered_model(uri: str, project_root: Path) -> Path:
         raise CatdogError(f"cannot load {uri} from {mlflow.get_tracking_uri()}: {exc.message}") from None
 
 
-def _beats_champion(client: MlflowClient, name: str, test_accuracy: float) -> bool:
+def promote_champion(client: MlflowClient, name: str, version: str, test_accuracy: float) -> bool:
+    """Move ``champion`` to ``version`` if its test accuracy beats the current champion's.
+
+    Concurrent exports must not interleave the compare and the set (a worse version would win
+    the last write): on a sqlite store the pair runs under the store's file lock; a server offers
+    no lock, so there the alias is set, then checked again until it holds still (a better version
+    set meanwhile wins, a worse one is overwritten)."""
+    with _sqlite_lock(client.tracking_uri) as locked:
+        if not _beats_champion(client, name, test_accuracy):
+            return False
+        client.set_registered_model_alias(name, "champion", version)
+    return locked or _champion_holds(client, name, version, test_accuracy)
+
+
+def _champion_holds(client: MlflowClient, name: str, version: str, test_accuracy: float,
+                    settle_seconds: float = 1.0, attempts: int = 20) -> bool:
+    """True once ``version`` is still champion a settle period after it was set: longer than any
+    competitor's gap between reading the champion and setting it, so no stale set can follow."""
+    for _ in range(attempts):
+        time.sleep(settle_seconds * random.uniform(0.5, 1.0))
+        champion = _champion(client, name)
+        if champion is not None and champion.version == version:
+            return True
+        if not _beats_champion(client, name, test_accuracy):
+            return False  # a better (or as good) version holds it
+        client.set_registered_model_alias(name, "champion", version)
+    return False
+
+
+def _champion(client: MlflowClient, name: str):
     try:
-        champion = client.get_model_version_by_alias(name, "champion")
+        return client.get_model_version_by_alias(name, "champion")
     except mlflow.exceptions.MlflowException:  # no champion yet
-        return True
-    return test_accuracy > float(champion.tags.get("test_accuracy", "-inf"))
+        return None
+
+
+def _beats_champion(client: MlflowClient, name: str, test_accuracy: float) -> bool:
+    champion = _champion(client, name)
+    return champion is None or test_accuracy > float(champion.tags.get("test_accuracy", "-inf"))
 
 
 def _derive_run(client: MlflowClient, source_id: str, drop: set[str], params_digest: str | None = None) -> str:
@@ -265,19 +344,72 @@ def _derive_run(client: MlflowClient, source_id: str, drop: set[str], params_dig
                                                    for m in history[start:start + 900]],
                          params=params if start == 0 else [], tags=[RunTag(k, v) for k, v in tags.items()]
                          if start == 0 else [])
+    if source.inputs and source.inputs.dataset_inputs:  # the same data, still shown in the runs table
+        client.log_inputs(run.info.run_id, datasets=source.inputs.dataset_inputs)
     return run.info.run_id
 
 
+class _PreparedImages(MetaDataset):
+    """The prepared data as MLflow sees it: a name, a digest and a profile (no rows to load)."""
+
+    def __init__(self, source: str, name: str, digest: str, profile: dict):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": a local file it is
+            resolved = resolve_dataset_source(source)
+        super().__init__(resolved, name=name, digest=digest)
+        self._profile = profile
+
+    @property
+    def profile(self) -> dict:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def prepared_dataset(params: Params, paths: Paths) -> _PreparedImages:
+    """``data/prepared`` as an MLflow dataset: named after ``data.source``, DVC's md5 as digest,
+    the image count per split as profile."""
+    with paths.manifest.open(newline="") as handle:
+        splits = Counter(row["split"] for row in csv.DictReader(handle))
+    source = Path(params.data.source)
+    return _PreparedImages(str(source if source.is_absolute() else paths.root / source), source.name,
+                           prepared_digest(paths), {"images": sum(splits.values()), **splits})
+
+
+def prepared_digest(paths: Paths) -> str:
+    """DVC's md5 of ``data/prepared``: as dvc.lock records prepare's output, else computed the
+    way DVC does (md5 of the sorted file list with each file's md5, plus ``.dir``), taking the
+    md5s prepare recorded in content.json (which the stages verify) instead of hashing again."""
+    lock = paths.root / "dvc.lock"
+    if lock.is_file():
+        outs = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("prepare", {}).get("outs", [])
+        for out in outs:
+            if out.get("path") == paths.prepared.relative_to(paths.root).as_posix() and "md5" in out:
+                return out["md5"]
+    recorded = json.loads(paths.prepared_content.read_text()) if paths.prepared_content.is_file() else {}
+    entries = [{"md5": recorded.get(f.name, {}).get("md5") or _file_md5(f),
+                "relpath": f.relative_to(paths.prepared).as_posix()}
+               for f in sorted(paths.prepared.rglob("*")) if f.is_file()]
+    listing = json.dumps(sorted(entries, key=lambda e: e["relpath"]), sort_keys=True)
+    return hashlib.md5(listing.encode()).hexdigest() + ".dir"
+
+
+def _file_md5(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "md5").hexdigest()
+
+
 def lineage_tags(params: Params, paths: Paths) -> dict[str, str]:
-    """Git commit, data hash (of the manifest, which holds every image's pixel md5), DVC experiment."""
+    """Git commit, data hash (of data/prepared's recorded content: catdog.integrity), DVC experiment."""
     tags = {"catdog.params_hash": params_hash(params)}
     commit = _git(paths.root, "rev-parse", "HEAD")
     if commit:
         tags["mlflow.source.git.commit"] = commit
         # Only code and params count: dvc repro itself rewrites dvc.lock and metrics before train runs.
         tags["git.dirty"] = str(bool(_git(paths.root, "status", "--porcelain", "--", *_LINEAGE_FILES)))
-    if paths.manifest.is_file():
-        tags["data.hash"] = hashlib.md5(paths.manifest.read_bytes()).hexdigest()
+    if paths.prepared_content.is_file():
+        tags["data.hash"] = integrity.data_hash(paths)
     tags.update(_dvc_exp_tags())
     return tags
 
@@ -321,18 +453,26 @@ def _prepare_sqlite_store(uri: str) -> None:
     "duplicate column name" or alembic's "expected to match one row". Once the schema exists,
     concurrent writers are fine: MLflow sets ``PRAGMA busy_timeout = 20000`` on every session.
     """
-    if fcntl is None or not uri.startswith("sqlite:///") or uri in _prepared_stores:
+    if uri in _prepared_stores:
         return
-    db = Path(uri.removeprefix("sqlite:///").split("?")[0])
-    if db.name in ("", ":memory:"):
-        return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+    with _sqlite_lock(uri):
         client = MlflowClient(uri)
         client.search_experiments(max_results=1)  # tracking tables and migrations
         client.search_registered_models(max_results=1)  # model registry tables
     _prepared_stores.add(uri)
+
+
+@contextlib.contextmanager
+def _sqlite_lock(uri: str) -> Iterator[bool]:
+    """An exclusive lock on a file beside a sqlite store (yields True), or nothing (False)."""
+    db = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    if fcntl is None or not uri.startswith("sqlite:///") or db.name in ("", ":memory:"):
+        yield False
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield True
 
 
 def _experiment_id(client: MlflowClient, name: str, project_root: Path) -> str:

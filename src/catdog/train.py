@@ -33,20 +33,23 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from catdog import CLASSES, distributed, plots, tracking, train_state
+from catdog import CLASSES, distributed, integrity, plots, tracking, train_state
 from catdog.data import CachedImages, Split, load_split, make_loader
 from catdog.device import Runtime, resolve_runtime
 from catdog.distributed import World
-from catdog.engine import extract_features, train_one_epoch, validate
+from catdog.engine import train_one_epoch, validate
 from catdog.errors import CatdogError
+from catdog.frozen import FrozenPart, cached_activations, split_for_training
 from catdog.models import Classifier, create_model, save_checkpoint
 from catdog.params import Params, TrainParams
 from catdog.paths import Paths
 from catdog.seeding import rng_state, seed_everything
 from catdog.transforms import eval_preset, train_transforms
 
+
 def run(params: Params, paths: Paths) -> dict:
     """Train in this process, or in ``train.nproc`` processes under torchrun (this process waits)."""
+    integrity.verify(paths)
     if params.train.nproc > 1 and not distributed.under_torchrun():
         distributed.relaunch(params.train.nproc, params, paths.root)
         return json.loads((paths.train_reports / "metrics.json").read_text())
@@ -63,7 +66,7 @@ class _Fit:
     world: World
     generator: torch.Generator  # shuffling and DataLoader seeds: saved with the state
     model: Classifier  # the whole classifier: written to the checkpoint
-    loop_model: nn.Module  # what the loops call: the head on cached embeddings ('features'), else the model
+    loop_model: nn.Module  # what the loops call: the part after the cached frozen activations, or the model
     trained_part: nn.Module  # the weights that change, saved every epoch: the head ('features'/'head'), else the model
     val_images: CachedImages
     train_loader: DataLoader
@@ -87,11 +90,12 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
     train_split, val_split = load_split(paths, "train"), load_split(paths, "val")
     model = runtime.prepare_model(
         create_model(p.arch, p.pretrained, len(CLASSES), p.weights, p.image_size, p.dropout))
+    frozen, rest = split_for_training(model, p.arch, p.image_size, p.mode, p.unfreeze_blocks, runtime)
     fingerprint = train_state.fingerprint(params, paths, world.world_size) if world.is_main else None
     state = world.broadcast(_resumable_state(paths, fingerprint) if world.is_main else None)
 
     with _open_run(params, paths, state, world) as mlflow_run:  # None on ranks other than 0
-        fit = _set_up(model, paths, train_split, val_split, p, runtime, world, generator)
+        fit = _set_up(model, frozen, rest, paths, (train_split, val_split), p, runtime, world, generator)
         progress = train_state.Progress()
         if state is not None:
             progress = train_state.restore(state, fit.trained_part, fit.optimizer, fit.scheduler, fit.scaler,
@@ -102,22 +106,26 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
             steps_done = len(progress.history) * len(fit.train_loader)
             fit.on_step = _step_logger(mlflow_run, state, p, steps_done)
         _fit_epochs(fit, progress, paths, mlflow_run, fingerprint, started)
-        return _finish(fit, progress, paths, mlflow_run, started)
+        return _finish(fit, progress, paths, mlflow_run, started, params.tracking.log_pytorch_model)
 
 
-def _set_up(model: Classifier, paths: Paths, train_split: Split, val_split: Split, p: TrainParams, runtime: Runtime,
-            world: World, generator: torch.Generator) -> _Fit:
+def _set_up(model: Classifier, frozen: FrozenPart | None, rest: nn.Module, paths: Paths, splits: tuple[Split, Split],
+            p: TrainParams, runtime: Runtime, world: World, generator: torch.Generator) -> _Fit:
+    """``frozen`` (the part that never trains, None in full mode) and ``rest`` split the model."""
+    train_split, val_split = splits
     _note(world, f"train: {p.arch}, mode {p.mode}, {runtime.describe()}, {world.world_size} process(es), "
                  f"{len(train_split.rows)} train / {len(val_split.rows)} val images")
     if p.compile and runtime.device.type != "cuda":
         _note(world, "train: compile skipped: torch.compile is used on CUDA only")
     val_images = CachedImages(paths, val_split, eval_preset(p.image_size))
+    # the frozen part runs once over the images (its activations cached) unless augmentation or DDP
+    cached = frozen is not None and not p.augment and not world.distributed
     train_loader, val_loader, sampler, batch_transform = _loaders(
-        model, paths, train_split, val_images, p, runtime, world, generator)
+        frozen if cached else None, paths, train_split, val_images, p, runtime, world, generator)
     optimizer = _optimizer(model, p)
     return _Fit(
         p, runtime, world, generator, model,
-        loop_model=model.head if p.mode == "features" else model,
+        loop_model=rest if cached or frozen is None else nn.Sequential(frozen, rest),
         trained_part=model.head if p.mode in ("features", "head") else model,
         val_images=val_images, train_loader=train_loader, val_loader=val_loader, sampler=sampler,
         batch_transform=batch_transform, optimizer=optimizer,
@@ -151,6 +159,7 @@ def _fit_epochs(fit: _Fit, progress: train_state.Progress, paths: Paths, mlflow_
             train_state.save_epoch(paths.train_state, fingerprint, mlflow_run.run_id, progress, fit.trained_part,
                                    fit.optimizer, fit.scheduler, fit.scaler, rng,
                                    seconds=progress.seconds + time.perf_counter() - started)
+            mlflow_run.progress["catdog.epoch_reached"] = str(epoch)  # tagged if the stage is stopped
             mlflow_run.log_epoch(row)
         epochs.set_postfix(val_acc=f"{row['val_accuracy']:.4f}", val_loss=f"{row['val_loss']:.4f}", refresh=False)
 
@@ -173,7 +182,7 @@ def _run_epoch(fit: _Fit, train_model: nn.Module, epoch: int) -> dict:
 
 
 def _finish(fit: _Fit, progress: train_state.Progress, paths: Paths, mlflow_run: tracking.Run | None,
-            started: float) -> dict:
+            started: float, log_pytorch_model: bool) -> dict:
     """Keep the best epoch's weights; rank 0 writes the outputs, logs them and marks the state complete."""
     fit.world.check_replicas_agree(fit.trained_part)
     fit.trained_part.load_state_dict(progress.best_weights)
@@ -193,8 +202,9 @@ def _finish(fit: _Fit, progress: train_state.Progress, paths: Paths, mlflow_run:
         mlflow_run.log_facts({"best_epoch": metrics["best_epoch"], "epochs_trained": len(progress.history)})
         mlflow_run.log_artifact(paths.train_reports / "curves.png", "plots")
         mlflow_run.log_artifact(paths.train_reports / "history.csv", "reports")
-        example = torch.stack([fit.val_images[i][0] for i in range(2)]).numpy()  # batch 2: keeps the batch dim dynamic
-        mlflow_run.log_pytorch_model(fit.model, example)
+        if log_pytorch_model:
+            example = torch.stack([fit.val_images[i][0] for i in range(2)]).numpy()  # batch 2: keeps the batch dim dynamic
+            mlflow_run.log_pytorch_model(fit.model, example)
         train_state.mark_complete(paths.train_state)  # last: the outputs are all there
     return metrics
 
@@ -311,14 +321,15 @@ def _scheduler(optimizer: torch.optim.Optimizer, p: TrainParams, steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _loaders(model: Classifier, paths: Paths, train_split, val_images: CachedImages, p: TrainParams,
+def _loaders(frozen: FrozenPart | None, paths: Paths, train_split, val_images: CachedImages, p: TrainParams,
              runtime: Runtime, world: World, generator: torch.Generator):
-    """(train loader, val loader, DDP sampler or None, augmentation to run on the device or None)."""
+    """(train loader, val loader, DDP sampler or None, augmentation to run on the device or None);
+    given ``frozen``, the loaders hold its cached activations instead of the images."""
     on_cuda = runtime.device.type == "cuda"
     loader_transform, batch_transform = train_transforms(p.image_size, p.augment, on_device=on_cuda)
     train_images = CachedImages(paths, train_split, loader_transform)
-    if p.mode == "features":
-        return (*_feature_loaders(model, train_images, val_images, p, runtime, generator), None, None)
+    if frozen is not None:
+        return (*_activation_loaders(frozen, train_images, val_images, p, generator), None, None)
     sampler = (DistributedSampler(train_images, world.world_size, world.rank, shuffle=True, seed=p.seed)
                if world.distributed else None)
     # Fresh workers every epoch, seeded from the shuffling generator that the state saves:
@@ -329,14 +340,13 @@ def _loaders(model: Classifier, paths: Paths, train_split, val_images: CachedIma
     return train_loader, val_loader, sampler, batch_transform
 
 
-def _feature_loaders(model: Classifier, train_images, val_images, p: TrainParams, runtime: Runtime,
-                     generator: torch.Generator):
-    """Embeddings of every train/val image, computed once; the head then trains on them.
-    A resumed run computes them again: the same frozen weights give the same embeddings."""
+def _activation_loaders(frozen: FrozenPart, train_images, val_images, p: TrainParams, generator: torch.Generator):
+    """The frozen part's activations of every train/val image, computed once; then each epoch runs
+    only what trains. A resumed run computes them again: the same frozen weights give the same ones."""
     loaders = []
     for name, images in (("train", train_images), ("val", val_images)):
         loader = make_loader(images, p.batch_size, p.workers)
-        features, labels = extract_features(model, loader, runtime, desc=f"features ({name})")
+        features, labels = cached_activations(frozen, loader, desc=f"frozen activations ({name})")
         loaders.append(make_loader(TensorDataset(features, labels), p.batch_size, 0,
                                    shuffle=name == "train", generator=generator))
     return loaders

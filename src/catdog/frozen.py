@@ -1,0 +1,71 @@
+"""The frozen part of a model, run without gradients: ONNX Runtime on a CPU, PyTorch on CUDA.
+
+``split_for_training`` cuts a ``Classifier`` into the frozen prefix (``FrozenPart``) and the rest
+that trains; ``cached_activations`` runs the prefix once over a dataset so that epochs run only
+the rest (``features`` mode, and ``head``/``top`` without augmentation); ``inference_module``
+is the whole model for evaluate, with the backbone on ONNX Runtime on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from catdog.device import Runtime
+from catdog.models import Classifier
+from catdog.onnx_runtime import OrtFunction, cached_graph
+
+
+class FrozenPart(nn.Module):
+    """A frozen prefix as a function: on a CPU its cached ONNX graph on ONNX Runtime (fp32);
+    elsewhere the PyTorch prefix under no_grad and the runtime's autocast and memory layout.
+    It registers no parameters, so optimizers, DDP and state dicts never see it."""
+
+    def __init__(self, prefix: nn.Module, runtime: Runtime, input_size: int, identity: tuple):
+        super().__init__()
+        self.runtime = runtime
+        self._prefix = [prefix.eval()]  # a list: not registered as a submodule
+        self.onnx = None
+        if runtime.device.type == "cpu":
+            self.onnx = OrtFunction(cached_graph(prefix, (1, 3, input_size, input_size), *identity))
+
+    def train(self, mode: bool = True) -> "FrozenPart":
+        return super().train(False)  # BatchNorm statistics of a frozen part never move
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.onnx is not None:
+            return self.onnx(images)
+        with torch.no_grad(), self.runtime.autocast():
+            return self._prefix[0](images)
+
+
+def split_for_training(model: Classifier, arch: str, image_size: int, mode: str, trainable_blocks: int,
+                       runtime: Runtime) -> tuple[FrozenPart | None, nn.Module]:
+    """(frozen prefix or None, what trains after it): features/head freeze the whole backbone,
+    top all but its last ``trainable_blocks`` blocks, full nothing."""
+    if mode == "full":
+        return None, model
+    prefix, rest = model.split(trainable_blocks if mode == "top" else 0)
+    identity = (arch, image_size, len(prefix.stages))
+    return FrozenPart(prefix, runtime, image_size, identity), rest
+
+
+@torch.inference_mode()
+def cached_activations(frozen: FrozenPart, loader, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen part's outputs for every image of ``loader`` (on the CPU, float32) and the labels."""
+    outputs, labels = [], []
+    with tqdm(total=len(loader.dataset), desc=desc, unit="img", mininterval=1.0) as progress:
+        for inputs, targets in loader:
+            outputs.append(frozen(frozen.runtime.to_device(inputs)).float().cpu())
+            labels.append(targets)
+            progress.update(len(targets))
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def inference_module(model: Classifier, arch: str, image_size: int, runtime: Runtime) -> nn.Module:
+    """The whole model for inference: on a CPU the backbone runs on ONNX Runtime, then the head."""
+    if runtime.device.type != "cpu":
+        return model
+    frozen, rest = split_for_training(model, arch, image_size, "head", 0, runtime)
+    return nn.Sequential(frozen, rest).eval()

@@ -1,0 +1,56 @@
+"""The content of ``data/prepared``: recorded by prepare, verified by every stage that reads it.
+
+``manifest.csv`` holds every image's pixel md5 but not the decoded cache ``images.npy`` that
+training reads: a cache overwritten or truncated after prepare would train silently on other
+pixels under the same lineage. prepare records size and md5 of both files in ``content.json``;
+train, evaluate and export verify them before reading (md5 runs at disk speed: seconds for
+the full dataset's cache) and refuse a differing cache in one line. The md5 of that record is
+the data hash of the MLflow lineage and of train's resume fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from catdog.errors import CatdogError
+from catdog.paths import Paths
+
+_RESTORE = "restore it with `dvc checkout data/prepared` or rebuild it with `dvc repro prepare`"
+
+
+def record(paths: Paths) -> None:
+    """Written last by prepare, once ``images.npy`` and ``manifest.csv`` are complete."""
+    content = {path.name: _describe(path) for path in (paths.images, paths.manifest)}
+    paths.prepared_content.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+
+def verify(paths: Paths) -> None:
+    """Raise CatdogError unless ``data/prepared`` is exactly what prepare recorded."""
+    if not paths.prepared_content.is_file():
+        raise CatdogError(f"{paths.prepared_content} not found: run the prepare stage (`dvc repro prepare`)")
+    recorded = json.loads(paths.prepared_content.read_text())
+    for path in (paths.images, paths.manifest):
+        expected = recorded.get(path.name)
+        if not path.is_file():
+            raise CatdogError(f"{path} is missing: {_RESTORE}")
+        size = path.stat().st_size
+        if expected is None or size != expected["bytes"]:
+            raise CatdogError(f"{path} has {size} bytes, prepare wrote {expected and expected['bytes']} "
+                              f"(truncated or replaced): {_RESTORE}")
+        if _md5(path) != expected["md5"]:
+            raise CatdogError(f"{path} differs from what prepare wrote (md5 mismatch): {_RESTORE}")
+
+
+def data_hash(paths: Paths) -> str:
+    """md5 of the recorded content (cheap: the files are hashed by ``verify``, once per stage)."""
+    return hashlib.md5(paths.prepared_content.read_bytes()).hexdigest()
+
+
+def _describe(path) -> dict:
+    return {"bytes": path.stat().st_size, "md5": _md5(path)}
+
+
+def _md5(path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "md5").hexdigest()

@@ -1,0 +1,33 @@
+"""scripts/benchmark.py on a tiny configuration: every comparison is measured and reported (the
+fields and their consistency, not the speed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+COMPARISONS = {"features", "extraction", "top_epoch", "predict", "predict_naive", "epoch", "prepare"}
+
+
+def test_benchmark_measures_every_comparison_and_writes_json(dataset, tmp_path):
+    out = tmp_path / "benchmark.json"
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "benchmark.py"), "--source", str(dataset.zip),
+                          "--images", "24", "--arch", "simple_cnn", "--image-size", "32", "--batch-size", "8",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(out.read_text())
+    results = {r["benchmark"]: r for r in report["results"]}
+    assert set(results) == COMPARISONS
+    for r in results.values():
+        assert r["project_s"] > 0 and r["baseline_s"] > 0 and r["count"] > 0
+        assert r["ratio"] == pytest.approx(r["baseline_s"] / r["project_s"], rel=0.05)  # of rounded timings
+    assert results["predict"]["count"] == 24 and results["predict"]["target"] == 0.8
+    assert results["extraction"]["target"] == 0.8
+    assert results["predict"]["peak_rss_mb"] > 0 and report["peak_rss_mb"] > 0
+    assert report["machine"]["usable_cores"] >= 1 and report["date"]
+    assert "ratio" in run.stdout and "peak RSS" in run.stdout  # the printed table

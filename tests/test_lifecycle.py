@@ -1,0 +1,153 @@
+"""Stopping a stage: real stage processes and a real ``dvc repro`` signalled mid-training.
+
+SIGTERM/SIGINT end the stage in one line with exit 130 and its run KILLED; a SIGKILLed stage's
+run is closed by the next stage of the experiment; a killed ``dvc repro`` takes its stage with it,
+and the rerun resumes into one FINISHED run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from conftest import REPO_ROOT, SMALL_OVERRIDES, client_for, prepared_project, repo_params_raw
+from dvc_project import copy_project, tool
+
+STAGE = REPO_ROOT / "stages" / "train.py"
+SLOW_TRAIN = {"train.mode": "full", "train.arch": "simple_cnn", "train.pretrained": False, "train.epochs": 30,
+              "train.batch_size": 4, "train.lr": 0.01, "data.cache_size": 32, "train.image_size": 32}
+
+
+def _write_params(root: Path, source: Path, **overrides) -> Path:
+    raw = repo_params_raw()
+    for key, value in {**SMALL_OVERRIDES, **SLOW_TRAIN, "data.source": str(source), **overrides}.items():
+        section, name = key.split(".")
+        raw[section][name] = value
+    file = root / "params.yaml"
+    file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return file
+
+
+@pytest.fixture
+def project(tmp_path, mlflow_template) -> Path:
+    root = tmp_path / "project"
+    prepared_project(root, mlflow_template, **{k: v for k, v in SLOW_TRAIN.items() if k.startswith("data.")})
+    _write_params(root, root / "raw" / "train.zip")
+    return root
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+
+
+def _command(root: Path) -> list[str]:
+    return [sys.executable, str(STAGE), "--root", str(root), "--params", str(root / "params.yaml")]
+
+
+def _start(root: Path) -> subprocess.Popen:
+    return subprocess.Popen(_command(root), cwd=root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _run(root: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_command(root), cwd=root, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _wait_for_first_epoch(root: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    state = root / "models" / "train_state.pt"
+    deadline = time.monotonic() + timeout
+    while not state.is_file():
+        assert proc.poll() is None, f"the stage ended before its first epoch:\n{proc.communicate()}"
+        assert time.monotonic() < deadline, "no epoch finished in time"
+        time.sleep(0.05)
+
+
+def _runs(root: Path):
+    client = client_for(root)
+    return client.search_runs([client.get_experiment_by_name("catdog").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signalled_stage_marks_its_run_killed_in_one_line_and_the_rerun_resumes(project, signum):
+    proc = _start(project)
+    _wait_for_first_epoch(project, proc)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert f"train: stopped by {signal.Signals(signum).name}: its MLflow run is marked KILLED" in stderr.splitlines()[-1]
+    (run,) = _runs(project)
+    assert run.info.status == "KILLED"
+    assert 1 <= int(run.data.tags["catdog.epoch_reached"]) < SLOW_TRAIN["train.epochs"]
+    assert run.data.tags["catdog.stopped"] == f"{signal.Signals(signum).name} during train"
+
+    assert "resuming after epoch" in _run(project).stdout
+    (run,) = _runs(project)
+    assert run.info.status == "FINISHED"
+
+
+def test_a_sigkilled_stages_run_is_closed_by_the_next_stage_whatever_its_params(project):
+    proc = _start(project)
+    _wait_for_first_epoch(project, proc)
+    proc.kill()
+    proc.wait()
+    (orphan,) = _runs(project)
+    assert orphan.info.status == "RUNNING"
+    assert orphan.data.tags["catdog.pid"] == str(proc.pid)
+
+    _write_params(project, project / "raw" / "train.zip", **{"train.epochs": 2, "train.lr": 0.02})
+    other = _run(project)
+    notes = [line for line in other.stderr.splitlines() if "KILLED" in line]
+    assert len(notes) == 1 and orphan.info.run_id[:8] in notes[0], other.stderr
+    statuses = {run.info.run_id: run.info.status for run in _runs(project)}
+    assert statuses.pop(orphan.info.run_id) == "KILLED"
+    assert list(statuses.values()) == ["FINISHED"]
+
+
+@pytest.mark.slow
+def test_killing_dvc_repro_stops_the_stage_and_the_rerun_resumes_into_one_finished_run(tmp_path):
+    proj = copy_project(tmp_path / "project", {
+        "data": {"source": "data/tiny.zip", "cache_size": 32, "min_per_class": 4, "workers": 1},
+        "train": {**{k.split(".")[1]: v for k, v in SLOW_TRAIN.items() if k.startswith("train.")}, "workers": 0},
+        "evaluate": {"batch_size": 16}})
+    dvc = subprocess.Popen([tool("dvc"), "repro"], cwd=proj.root, env=proj.env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_for_first_epoch(proj.root, dvc, timeout=400)
+        (stage,) = [p for p in psutil.Process(dvc.pid).children(recursive=True) if "stages/train.py" in p.cmdline()]
+        os.kill(dvc.pid, signal.SIGTERM)  # dvc alone, as a scheduler or `kill` would
+        dvc.wait(30)
+        gone_in = _seconds_until_gone(stage, limit=10)
+        output = dvc.communicate(timeout=30)[0]  # the stage writes into dvc's stdout until it ends
+    finally:
+        if dvc.poll() is None:
+            os.killpg(dvc.pid, signal.SIGKILL)
+    assert gone_in is not None, "the train stage outlived dvc by more than 10 s"
+    (killed,) = proj.runs()
+    assert killed.info.status == "KILLED", output
+    assert "train: stopped by SIGTERM" in output
+
+    output = proj.repro()
+    assert "resuming after epoch" in output
+    (run,) = proj.runs()
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+
+
+def _seconds_until_gone(process: psutil.Process, limit: float) -> float | None:
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        if not process.is_running() or process.status() == psutil.STATUS_ZOMBIE:
+            return time.monotonic() - start
+        time.sleep(0.1)
+    return None
