@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
+import importlib.metadata
 import json
 import os
+import re
 import shutil
 import subprocess
 import zipfile
@@ -14,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from catdog import cli
 from catdog.predict import ExportedModel, expand_paths, predict
 
 from conftest import CATDOG_BIN, encode, jpeg_bytes, seed_store, synthetic_image
@@ -91,14 +95,31 @@ def test_predict_cli_missing_model_is_a_one_line_error(tmp_path, inputs):
     assert lines[0].startswith("catdog: error: model ") and "not found" in lines[0]
 
 
-def test_predict_cli_default_model_path_is_relative_to_the_cwd(pipeline, inputs, tmp_path):
+def test_predict_cli_default_model_is_the_projects_from_any_subfolder(pipeline, inputs, tmp_path):
     project = tmp_path / "project"
     shutil.copytree(pipeline.paths.exported, project / "models" / "export")
-    proc = catdog("predict", str(inputs["good"]), cwd=project)
-    assert proc.returncode == 0, proc.stderr
-    assert json_lines(proc.stdout)[0]["label"] == "dog"
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    (project / "data" / "deep").mkdir(parents=True)
+    for cwd in (project, project / "data" / "deep"):
+        proc = catdog("predict", str(inputs["good"]), cwd=cwd)
+        assert proc.returncode == 0, proc.stderr
+        assert json_lines(proc.stdout)[0]["label"] == "dog"
     elsewhere = catdog("predict", str(inputs["good"]), cwd=tmp_path)
-    assert elsewhere.returncode == 2 and "models/export/model.onnx" in elsewhere.stderr
+    assert elsewhere.returncode == 2 and elsewhere.stdout == ""
+    assert elsewhere.stderr.strip().splitlines() == [
+        f"catdog: error: no catdog project here (no dvc.yaml in {tmp_path} or above): "
+        "pass --model PATH|models:/NAME@ALIAS"]
+
+
+def test_catdog_version_and_help():
+    version = catdog("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"catdog {importlib.metadata.version('catdog')}"
+    usage = catdog("--help")
+    assert usage.returncode == 0
+    (commands,) = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for command in commands._choices_actions:  # every subcommand, with its one-line help
+        assert command.help and "\n" not in command.help
+        assert re.search(rf"^\s+{command.dest}\s+{re.escape(command.help)}$", usage.stdout, re.M), usage.stdout
 
 
 def test_model_without_its_labels_file_is_a_clear_error(pipeline, tmp_path):

@@ -28,7 +28,7 @@ def project_with_recipe(root, name: str, body: dict):
 
 
 def test_the_repository_has_the_documented_recipes():
-    assert {"cpu-features", "full-gpu"} <= set(RECIPES)
+    assert {"cpu-features", "cpu-full", "full-gpu"} <= set(RECIPES)
 
 
 @pytest.mark.parametrize("name", RECIPES)

@@ -1,4 +1,4 @@
-"""The ``catdog`` command: ``catdog predict PATH...``."""
+"""The ``catdog`` command: ``catdog predict PATH...``, ``catdog --version``."""
 
 from __future__ import annotations
 
@@ -6,30 +6,38 @@ import argparse
 import json
 import os
 import sys
+from importlib.metadata import version
+from pathlib import Path
 
 from catdog.errors import CatdogError
+from catdog.paths import find_root
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="catdog", description="Dogs vs cats classifier.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"catdog {version('catdog')}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     predict_cmd = commands.add_parser(
         "predict", help="classify image files, folders or globs",
         description="Classify images as cat or dog. Exit code 0 when at least one file was predicted.")
     predict_cmd.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders and/or globs")
     predict_cmd.add_argument("--model", default=None,
                              help="exported model.onnx, or a registry URI such as models:/catdog@champion "
-                                  "(default: models/export/model.onnx)")
+                                  "(default: models/export/model.onnx of the project around the cwd)")
     predict_cmd.add_argument("--format", choices=("json", "table"), default="json",
                              help="json: one object per line (default); table: aligned columns")
     predict_cmd.add_argument("--tta", action="store_true", help="average with the mirrored image")
     predict_cmd.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args(argv)
+    return parser
 
-    from catdog.predict import DEFAULT_MODEL, ExportedModel, expand_paths, predict
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    from catdog.predict import ExportedModel, expand_paths, predict
 
     try:
-        model = ExportedModel.load(args.model or DEFAULT_MODEL)
+        model = ExportedModel.load(args.model or default_model())
     except CatdogError as exc:
         print(f"catdog: error: {exc}", file=sys.stderr)
         return 2
@@ -49,6 +57,17 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `catdog predict ... | head`: the reader has all it wants
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0 if predicted else 1
+
+
+def default_model() -> Path:
+    """``models/export/model.onnx`` of the project the cwd is in (any subfolder of it)."""
+    from catdog.predict import DEFAULT_MODEL
+
+    root = find_root(Path.cwd())
+    if root is None:
+        raise CatdogError(f"no catdog project here (no dvc.yaml in {Path.cwd()} or above): "
+                          "pass --model PATH|models:/NAME@ALIAS")
+    return root / DEFAULT_MODEL
 
 
 if __name__ == "__main__":

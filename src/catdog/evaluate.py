@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
-from catdog import CLASSES, integrity, plots, tracking
+from catdog import CLASSES, atomic, integrity, plots, tracking
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import resolve_runtime
 from catdog.engine import predict_probabilities
@@ -92,7 +92,6 @@ def write_reports(paths: Paths, files: list[str], rows: np.ndarray, targets: np.
     reports = paths.evaluate_reports
     reports.mkdir(parents=True, exist_ok=True)
     write_predictions(reports / "predictions.csv", files, targets, probabilities)
-    (reports / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
 
     matrix = skm.confusion_matrix(targets, probabilities.argmax(1), labels=range(len(CLASSES)))
     plots.confusion_matrix(matrix, CLASSES, reports / "confusion_matrix.png",
@@ -115,11 +114,12 @@ def write_reports(paths: Paths, files: list[str], rows: np.ndarray, targets: np.
                    f"({probabilities[i].max():.0%})" for i in worst],
                   reports / "confidently_wrong.png",
                   title=f"Most confidently wrong test images ({len(wrong)} wrong of {len(targets)})")
+    atomic.write_text(reports / "metrics.json", json.dumps(results, indent=2) + "\n")  # last: all else is there
 
 
 def write_predictions(path: Path, files: list[str], targets: np.ndarray, probabilities: np.ndarray) -> None:
     """One row per test image; ``actual``/``predicted`` feed DVC's confusion template."""
-    with path.open("w", newline="") as handle:
+    with atomic.replacing(path) as temporary, temporary.open("w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(["path", "actual", "predicted", "confidence", "prob_dog"])
         for file, target, probs in zip(files, targets, probabilities):
@@ -128,7 +128,7 @@ def write_predictions(path: Path, files: list[str], targets: np.ndarray, probabi
 
 
 def _write_columns(path: Path, columns: dict[str, np.ndarray]) -> None:
-    with path.open("w", newline="") as handle:
+    with atomic.replacing(path) as temporary, temporary.open("w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(columns)
         writer.writerows(zip(*(np.round(values, 6) for values in columns.values())))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from catdog import integrity, serving, tracking
+from catdog import atomic, integrity, serving, tracking
 from catdog.data import CachedImages, Split, load_split
 from catdog.errors import CatdogError
 from catdog.models import load_checkpoint
@@ -63,8 +63,8 @@ def run(params: Params, paths: Paths) -> dict:
                 f"{results[f'{name}_accuracy']:.4f} vs eager {results['eager_accuracy']:.4f}")
     results["onnx_mb"] = round((out / MODEL_FILE).stat().st_size / 2**20, 2)
 
-    (out / LABELS_FILE).write_text(json.dumps({"classes": config["classes"]}, indent=2) + "\n")
-    (out / PREPROCESS_FILE).write_text(json.dumps({
+    atomic.write_text(out / LABELS_FILE, json.dumps({"classes": config["classes"]}, indent=2) + "\n")
+    atomic.write_text(out / PREPROCESS_FILE, json.dumps({
         "cache_size": config["cache_size"],  # decode: EXIF-rotate, RGB, squash-resize (bilinear)
         "min_image_size": params.data.min_image_size,  # smaller images are refused, as prepare does
         "image_size": size,  # then resize to the model input
@@ -76,7 +76,7 @@ def run(params: Params, paths: Paths) -> dict:
                              paths.export_reports / "mlflow_run.json", params.flat("export"), params) as mlflow_run:
         test_metrics = json.loads((paths.evaluate_reports / "metrics.json").read_text())
         lineage = mlflow_run.lineage()
-        (out / CARD_FILE).write_text(model_card(params, config, test_metrics, results, lineage, paths))
+        atomic.write_text(out / CARD_FILE, model_card(params, config, test_metrics, results, lineage, paths))
         # model.onnx, labels and preprocessing live in the logged model; model.pt2 only in DVC's cache
         mlflow_run.log_artifact(out / CARD_FILE, "export")
         # dvc.lock as it stands now: every upstream stage's hashes (export's own entry lands after this)
@@ -107,7 +107,8 @@ def example_jpeg(paths: Paths, test: Split) -> bytes:
 def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     """torch.export (the successor of TorchScript): loadable with ``torch.export.load`` alone."""
     program = torch.export.export(model.eval(), (example,), dynamic_shapes={"images": {0: _batch_dim()}})
-    torch.export.save(program, str(path))
+    with atomic.replacing(path) as temporary:
+        torch.export.save(program, str(temporary))
 
 
 def onnx_logits(path: Path, batch: np.ndarray) -> np.ndarray:
@@ -182,4 +183,4 @@ def _batch_dim():
 
 def _write_metrics(paths: Paths, results: dict) -> None:
     paths.export_reports.mkdir(parents=True, exist_ok=True)
-    (paths.export_reports / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic.write_text(paths.export_reports / "metrics.json", json.dumps(results, indent=2) + "\n")

@@ -82,6 +82,8 @@ class TrainParams(_Section):
     label_smoothing: Float = Field(ge=0, lt=1)  # train loss only; val loss stays plain cross-entropy
     grad_clip_norm: Float | None = Field(gt=0)  # null: no clipping
     dropout: Float = Field(ge=0, lt=1)
+    head: Literal["gradient", "logistic"]  # logistic: features mode, standardised L2 logistic regression
+    logistic_c: Float = Field(gt=0)  # head logistic: inverse L2 strength (scikit-learn's C)
     augment: bool
     monitor: Literal["val_loss", "val_accuracy"]  # picks the epoch that is kept
     early_stopping_patience: int | None = Field(ge=1)  # null: off
@@ -114,6 +116,8 @@ class TrainParams(_Section):
         _check(self.warmup_epochs == 0 or self.scheduler == "cosine", "train.warmup_epochs",
                "must be 0 with scheduler 'onecycle' (it warms up over the first 10% of the steps itself)",
                self.warmup_epochs)
+        _check(self.head == "gradient" or (self.mode == "features" and self.epochs == 1), "train.head",
+               "'logistic' is fitted once on the frozen features: needs mode 'features' and epochs 1", self.head)
         _check(self.nproc == 1 or self.mode != "features", "train.nproc",
                "must be 1 in 'features' mode (one process trains the head on cached embeddings)", self.nproc)
         return self

@@ -6,6 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def find_root(start: Path) -> Path | None:
+    """The project root: ``start`` or the nearest folder above it with a ``dvc.yaml``."""
+    start = start.resolve()
+    return next((folder for folder in (start, *start.parents) if (folder / "dvc.yaml").is_file()), None)
+
+
 @dataclass(frozen=True)
 class Paths:
     root: Path

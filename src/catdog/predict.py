@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from catdog.errors import CatdogError
+from catdog.paths import find_root
 from catdog.images import BadImage, decode_image, resize
 from catdog.onnx_runtime import create_session, usable_cores
 
@@ -73,7 +74,8 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def _download_registered(uri: str) -> Path:
     from catdog.tracking import download_registered_model  # imports mlflow: only for registry URIs
 
-    return download_registered_model(uri, Path.cwd()) / "artifacts" / "model.onnx"  # see catdog.serving
+    store_root = find_root(Path.cwd()) or Path.cwd()  # the project's mlflow.db, from any subfolder
+    return download_registered_model(uri, store_root) / "artifacts" / "model.onnx"  # see catdog.serving
 
 
 def expand_paths(paths: Iterable[str]) -> list[Path]:

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from catdog import CLASSES, integrity
+from catdog import CLASSES, atomic, integrity
 from catdog.errors import CatdogError
 from catdog.images import BadImage, decode_image
 from catdog.params import DataParams, Params
@@ -60,8 +60,7 @@ def run(params: Params, paths: Paths) -> dict:
     integrity.record(paths)
 
     summary = summarize(kept, splits, rejected, unlabelled, merged_groups, images.shape[1])
-    paths.prepare_summary.parent.mkdir(parents=True, exist_ok=True)
-    paths.prepare_summary.write_text(json.dumps(summary, indent=2) + "\n")
+    atomic.write_text(paths.prepare_summary, json.dumps(summary, indent=2) + "\n")
     for reason, count in sorted(summary["rejected"].items()):
         tqdm.write(f"warning: skipped {count} file(s): {reason} (see {out / 'rejected.csv'})")
     return summary

@@ -36,14 +36,16 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from catdog import integrity, lifecycle
+from catdog import atomic, integrity, lifecycle
 from catdog.errors import CatdogError
 from catdog.params import Params
 from catdog.paths import Paths
 
 ARTIFACTS_DIR = "mlruns"
+FAILED_STAGE_TAG = "catdog.failed_stage"
 _RUN_OWN_TAGS = {"mlflow.runName", "mlflow.log-model.history", "mlflow.user",  # not copied to a derived run
-                 lifecycle.HOST_TAG, lifecycle.PID_TAG, lifecycle.STARTED_TAG, "catdog.stage", "catdog.stopped"}
+                 lifecycle.HOST_TAG, lifecycle.PID_TAG, lifecycle.STARTED_TAG, "catdog.stage", "catdog.stopped",
+                 FAILED_STAGE_TAG}
 _LINEAGE_FILES = ("src", "stages", "dvc.yaml", "params.yaml", "pyproject.toml")  # beside mlflow.db, as MLflow itself does
 DB_FILE = "mlflow.db"
 
@@ -244,16 +246,21 @@ def continue_pipeline_run(project_root: Path, upstream_run_file: Path, run_file:
 def _opened(run_id: str, stage: str, **start_kwargs) -> Iterator[Run]:
     """The run made active for ``stage``, tagged with this process; a stop signal ends it KILLED
     (tagged with the stage and ``Run.progress``) instead of FAILED."""
-    active = Run(run_id)
+    active, client = Run(run_id), MlflowClient()
+    if FAILED_STAGE_TAG in client.get_run(run_id).data.tags:  # this attempt may well succeed
+        client.delete_tag(run_id, FAILED_STAGE_TAG)
     try:
         with mlflow.start_run(run_id=run_id, **start_kwargs):
             mlflow.set_tags({**lifecycle.process_tags(), "catdog.stage": stage})
             yield active
     except lifecycle.StageStopped as stop:  # also when it interrupts MLflow's own end_run
-        client = MlflowClient()
         for key, value in {"catdog.stopped": f"{stop.signal_name} during {stage}", **active.progress}.items():
             client.set_tag(run_id, key, value)
         client.set_terminated(run_id, "KILLED")
+        raise
+    except Exception:  # MLflow marked the run FAILED; say which stage (unless the store is the problem)
+        with contextlib.suppress(Exception):
+            client.set_tag(run_id, FAILED_STAGE_TAG, stage)
         raise
 
 
@@ -489,8 +496,7 @@ def _experiment_id(client: MlflowClient, name: str, project_root: Path) -> str:
 
 
 def _write_run_file(path: Path, run_id: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"run_id": run_id}) + "\n")
+    atomic.write_text(path, json.dumps({"run_id": run_id}) + "\n")
 
 
 def _param_value(value: object) -> str:

@@ -33,13 +33,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from catdog import CLASSES, distributed, integrity, plots, tracking, train_state
+from catdog import CLASSES, atomic, distributed, integrity, plots, tracking, train_state
 from catdog.data import CachedImages, Split, load_split, make_loader
 from catdog.device import Runtime, resolve_runtime
 from catdog.distributed import World
 from catdog.engine import train_one_epoch, validate
 from catdog.errors import CatdogError
 from catdog.frozen import FrozenPart, cached_activations, split_for_training
+from catdog.linear_probe import fit_logistic_head
 from catdog.models import Classifier, create_model, save_checkpoint
 from catdog.params import Params, TrainParams
 from catdog.paths import Paths
@@ -169,9 +170,12 @@ def _run_epoch(fit: _Fit, train_model: nn.Module, epoch: int) -> dict:
     if fit.sampler is not None:
         fit.sampler.set_epoch(epoch)
     lrs = fit.scheduler.get_last_lr()
-    trained = train_one_epoch(train_model, fit.train_loader, fit.optimizer, fit.scheduler, fit.runtime, fit.scaler,
-                              desc=f"epoch {epoch}", criterion=fit.criterion, grad_clip_norm=fit.p.grad_clip_norm,
-                              batch_transform=fit.batch_transform, on_step=fit.on_step)
+    if fit.p.head == "logistic":
+        trained = fit_logistic_head(fit.model.head, *fit.train_loader.dataset.tensors, fit.p.logistic_c)
+    else:
+        trained = train_one_epoch(train_model, fit.train_loader, fit.optimizer, fit.scheduler, fit.runtime, fit.scaler,
+                                  desc=f"epoch {epoch}", criterion=fit.criterion, grad_clip_norm=fit.p.grad_clip_norm,
+                                  batch_transform=fit.batch_transform, on_step=fit.on_step)
     world = fit.world
     val = world.broadcast(validate(fit.loop_model, fit.val_loader, fit.runtime, desc="val") if world.is_main else None)
     row = {"epoch": epoch, "train_loss": trained.loss, "train_accuracy": trained.accuracy,
@@ -361,13 +365,13 @@ def _write_outputs(paths: Paths, model: Classifier, p: TrainParams, history: lis
     tqdm.write(f"train: wrote {paths.checkpoint.relative_to(paths.root)} (best epoch {metrics['best_epoch']})")
     reports = paths.train_reports
     reports.mkdir(parents=True, exist_ok=True)
-    with (reports / "history.csv").open("w", newline="") as handle:
+    with atomic.replacing(reports / "history.csv") as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(history[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
                          for row in history)
-    (reports / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plots.training_curves(history, metrics["best_epoch"], reports / "curves.png")
+    atomic.write_text(reports / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: all else is there
 
 
 if __name__ == "__main__":  # the entry torchrun starts (catdog.distributed.relaunch)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from catdog import integrity
+from catdog import atomic, integrity
 from catdog.params import Params
 from catdog.paths import Paths
 from catdog.seeding import restore_rng_state
@@ -68,13 +68,10 @@ def load_resumable(path: Path, expected_fingerprint: str) -> dict | None:
 
 def save(path: Path, state: dict) -> None:
     """Atomic: a kill leaves either the previous state or this one, never part of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")  # same folder: os.replace is then atomic
-    with temporary.open("wb") as handle:
+    with atomic.replacing(path) as temporary, temporary.open("wb") as handle:
         torch.save(state, handle)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def save_epoch(path: Path, fingerprint: str, run_id: str, progress: Progress, trained_part: torch.nn.Module,
