@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import json
 import math
 import time
@@ -33,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from catdog import CLASSES, atomic, distributed, integrity, plots, tracking, train_state
+from catdog import CLASSES, distributed, integrity, plots, reports, tracking, train_state
 from catdog.data import CachedImages, Split, load_split, make_loader
 from catdog.device import Runtime, resolve_runtime
 from catdog.distributed import World
@@ -53,7 +52,7 @@ def run(params: Params, paths: Paths) -> dict:
     integrity.verify(paths)
     if params.train.nproc > 1 and not distributed.under_torchrun():
         distributed.relaunch(params.train.nproc, params, paths.root)
-        return json.loads((paths.train_reports / "metrics.json").read_text())
+        return json.loads(paths.train_metrics.read_text())
     with distributed.joined() as world:
         return _train(params, paths, world)
 
@@ -191,24 +190,20 @@ def _finish(fit: _Fit, progress: train_state.Progress, paths: Paths, mlflow_run:
     fit.world.check_replicas_agree(fit.trained_part)
     fit.trained_part.load_state_dict(progress.best_weights)
     best = progress.best_row
-    metrics = {
-        "best_epoch": best["epoch"],
-        "val_accuracy": best["val_accuracy"],
-        "val_loss": best["val_loss"],
-        "train_accuracy": best["train_accuracy"],
-        "train_loss": best["train_loss"],
-        "seconds": round(progress.seconds + time.perf_counter() - started, 1),
-    }
+    # The headline DVC metrics: the same for the same training, on any machine (timings go to MLflow).
+    metrics = {"val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"], "best_epoch": best["epoch"]}
+    seconds = round(progress.seconds + time.perf_counter() - started, 1)
     if fit.world.is_main:
         _write_outputs(paths, fit.model, fit.p, progress.history, metrics)
         mlflow_run.log_metrics("val", {"best_accuracy": metrics["val_accuracy"], "best_loss": metrics["val_loss"]})
-        mlflow_run.log_metrics("train", {"seconds": metrics["seconds"]})
+        mlflow_run.log_metrics("train", {"seconds": seconds})
         mlflow_run.log_facts({"best_epoch": metrics["best_epoch"], "epochs_trained": len(progress.history)})
         mlflow_run.log_artifact(paths.train_reports / "curves.png", "plots")
         mlflow_run.log_artifact(paths.train_reports / "history.csv", "reports")
         if log_pytorch_model:
             example = torch.stack([fit.val_images[i][0] for i in range(2)]).numpy()  # batch 2: keeps the batch dim dynamic
             mlflow_run.log_pytorch_model(fit.model, example)
+        tracking.record_checkpoint(mlflow_run, paths.checkpoint)  # after train's own results
         train_state.mark_complete(paths.train_state)  # last: the outputs are all there
     return metrics
 
@@ -363,15 +358,9 @@ def _write_outputs(paths: Paths, model: Classifier, p: TrainParams, history: lis
         "classes": list(CLASSES), "dropout": p.dropout,
     })
     tqdm.write(f"train: wrote {paths.checkpoint.relative_to(paths.root)} (best epoch {metrics['best_epoch']})")
-    reports = paths.train_reports
-    reports.mkdir(parents=True, exist_ok=True)
-    with atomic.replacing(reports / "history.csv") as temporary, temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
-                         for row in history)
-    plots.training_curves(history, metrics["best_epoch"], reports / "curves.png")
-    atomic.write_text(reports / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: all else is there
+    reports.write_csv(paths.train_reports / "history.csv", list(history[0]), [list(row.values()) for row in history])
+    plots.training_curves(history, metrics["best_epoch"], paths.train_reports / "curves.png")
+    reports.write_json(paths.train_metrics, metrics)  # last: all else is there
 
 
 if __name__ == "__main__":  # the entry torchrun starts (catdog.distributed.relaunch)
