@@ -29,6 +29,7 @@ PLOTS = ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "confid
 
 def run(params: Params, paths: Paths) -> dict:
     p = params.evaluate
+    tracking.check_server(paths.root)
     integrity.verify(paths)
     runtime = resolve_runtime()
     model, config = load_checkpoint(paths.checkpoint)

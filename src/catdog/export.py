@@ -34,6 +34,7 @@ MODEL_FILE, PT2_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE = (
 
 def run(params: Params, paths: Paths) -> dict:
     p = params.export
+    tracking.check_server(paths.root)
     integrity.verify(paths)
     model, config = load_checkpoint(paths.checkpoint)
     out = paths.exported
