@@ -7,7 +7,6 @@ exactly the weights, history and per-epoch metrics of an uninterrupted run with 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import signal
@@ -123,8 +122,7 @@ def test_killed_train_resumes_in_the_same_run_and_ends_like_an_uninterrupted_one
     # the same single MLflow run, every epoch and every logged step exactly once
     client = client_for(killed)
     (run,) = client.search_runs([client.get_experiment_by_name("catdog").experiment_id])
-    run_file = json.loads((killed / "models" / "mlflow_run.json").read_text())
-    assert run.info.run_id == state["run_id"] == run_file["run_id"]
+    assert run.info.run_id == state["run_id"]
     assert run.info.status == "FINISHED"
     assert run.data.tags["catdog.resumed_from_epoch"] == str(saved_epoch)
     reference_client = client_for(reference)

@@ -1,20 +1,19 @@
 """evaluate: the best checkpoint on the held-out test split, metrics from scikit-learn.
 
-Writes (``paths.evaluate_reports``): metrics.json; predictions.csv (DVC confusion plot);
+Writes (``paths.evaluate_reports``): metrics.json (the headline figures, ``HEADLINE``: DVC metrics),
+details.json (every figure: per class, balanced accuracy, PR-AUC, ...); predictions.csv (DVC confusion plot);
 roc.csv and pr.csv (DVC curve plots); PNGs of the confusion matrix, ROC/PR curves,
 reliability diagram and the most confidently wrong test images.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
 import numpy as np
 from sklearn import metrics as skm
 
-from catdog import CLASSES, atomic, integrity, plots, tracking
+from catdog import CLASSES, integrity, plots, reports, tracking
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import resolve_runtime
 from catdog.engine import predict_probabilities
@@ -24,6 +23,7 @@ from catdog.params import Params
 from catdog.paths import Paths
 from catdog.transforms import eval_preset
 
+HEADLINE = ("accuracy", "log_loss", "roc_auc", "f1", "ece")
 PLOTS = ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "confidently_wrong.png")
 
 
@@ -37,8 +37,7 @@ def run(params: Params, paths: Paths) -> dict:
     test = load_split(paths, "test")
     loader = make_loader(CachedImages(paths, test, eval_preset(config["image_size"])), p.batch_size, 0)
 
-    with tracking.resume_run(paths.root, paths.train_run, paths.evaluate_reports / "mlflow_run.json",
-                             params.flat("evaluate"), params) as mlflow_run:
+    with tracking.stage_run(params, paths, "evaluate") as mlflow_run:
         probabilities, targets = predict_probabilities(model, loader, runtime, tta=p.tta, desc="test")
         probabilities, targets = probabilities.numpy(), targets.numpy()
         results = classification_metrics(targets, probabilities, p.calibration_bins)
@@ -90,20 +89,19 @@ def expected_calibration_error(targets: np.ndarray, probabilities: np.ndarray, b
 
 def write_reports(paths: Paths, files: list[str], rows: np.ndarray, targets: np.ndarray,
                   probabilities: np.ndarray, results: dict, calibration_bins: int, gallery_size: int) -> None:
-    reports = paths.evaluate_reports
-    reports.mkdir(parents=True, exist_ok=True)
-    write_predictions(reports / "predictions.csv", files, targets, probabilities)
+    folder = paths.evaluate_reports
+    write_predictions(folder / "predictions.csv", files, targets, probabilities)
 
     matrix = skm.confusion_matrix(targets, probabilities.argmax(1), labels=range(len(CLASSES)))
-    plots.confusion_matrix(matrix, CLASSES, reports / "confusion_matrix.png",
+    plots.confusion_matrix(matrix, CLASSES, folder / "confusion_matrix.png",
                            title=f"Test split: accuracy {results['accuracy']:.2%} (n={len(targets)})")
     # prepare puts both classes in every split, so the curves are defined
     fpr, tpr, _ = skm.roc_curve(targets, probabilities[:, 1])
     precision, recall, _ = skm.precision_recall_curve(targets, probabilities[:, 1])
-    _write_columns(reports / "roc.csv", {"fpr": fpr, "tpr": tpr})
-    _write_columns(reports / "pr.csv", {"recall": recall, "precision": precision})
-    plots.roc_pr_curves(targets, probabilities[:, 1], reports / "roc_pr_curves.png", positive=CLASSES[1])
-    plots.reliability_diagram(targets, probabilities[:, 1], reports / "reliability.png", calibration_bins,
+    _write_columns(folder / "roc.csv", {"fpr": fpr, "tpr": tpr})
+    _write_columns(folder / "pr.csv", {"recall": recall, "precision": precision})
+    plots.roc_pr_curves(targets, probabilities[:, 1], folder / "roc_pr_curves.png", positive=CLASSES[1])
+    plots.reliability_diagram(targets, probabilities[:, 1], folder / "reliability.png", calibration_bins,
                               ece=results["ece"], positive=CLASSES[1])
 
     predicted = probabilities.argmax(1)
@@ -113,23 +111,18 @@ def write_reports(paths: Paths, files: list[str], rows: np.ndarray, targets: np.
     plots.gallery([images[rows[i]] for i in worst],
                   [f"{Path(files[i]).name}\ntrue {CLASSES[targets[i]]}, said {CLASSES[predicted[i]]} "
                    f"({probabilities[i].max():.0%})" for i in worst],
-                  reports / "confidently_wrong.png",
+                  folder / "confidently_wrong.png",
                   title=f"Most confidently wrong test images ({len(wrong)} wrong of {len(targets)})")
-    atomic.write_text(reports / "metrics.json", json.dumps(results, indent=2) + "\n")  # last: all else is there
+    reports.write_json(paths.evaluate_details, results)
+    reports.write_json(paths.evaluate_metrics, {key: results[key] for key in HEADLINE})  # last: all else is there
 
 
 def write_predictions(path: Path, files: list[str], targets: np.ndarray, probabilities: np.ndarray) -> None:
     """One row per test image; ``actual``/``predicted`` feed DVC's confusion template."""
-    with atomic.replacing(path) as temporary, temporary.open("w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["path", "actual", "predicted", "confidence", "prob_dog"])
-        for file, target, probs in zip(files, targets, probabilities):
-            writer.writerow([file, CLASSES[target], CLASSES[probs.argmax()], round(float(probs.max()), 6),
-                             round(float(probs[1]), 6)])
+    reports.write_csv(path, ["path", "actual", "predicted", "confidence", "prob_dog"],
+                      ([file, CLASSES[target], CLASSES[probs.argmax()], probs.max(), probs[1]]
+                       for file, target, probs in zip(files, targets, probabilities)))
 
 
 def _write_columns(path: Path, columns: dict[str, np.ndarray]) -> None:
-    with atomic.replacing(path) as temporary, temporary.open("w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows(zip(*(np.round(values, 6) for values in columns.values())))
+    reports.write_csv(path, list(columns), zip(*columns.values()))

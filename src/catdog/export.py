@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from catdog import atomic, integrity, serving, tracking
+from catdog import atomic, integrity, reports, serving, tracking
 from catdog.data import CachedImages, Split, load_split
 from catdog.errors import CatdogError
 from catdog.models import load_checkpoint
@@ -57,12 +57,13 @@ def run(params: Params, paths: Paths) -> dict:
         results[f"{name}_max_abs_diff"] = float(np.abs(logits - eager).max())
         results[f"{name}_accuracy"] = _accuracy(logits, targets)
         if results[f"{name}_max_abs_diff"] > p.tolerance or results[f"{name}_accuracy"] != results["eager_accuracy"]:
-            _write_metrics(paths, results)
+            reports.write_json(paths.parity, results)
             raise CatdogError(
                 f"{name} parity check failed over {count} test images: max |logit diff| "
                 f"{results[f'{name}_max_abs_diff']:.2e} (export.tolerance {p.tolerance:.0e}), accuracy "
                 f"{results[f'{name}_accuracy']:.4f} vs eager {results['eager_accuracy']:.4f}")
     results["onnx_mb"] = round((out / MODEL_FILE).stat().st_size / 2**20, 2)
+    reports.write_json(paths.parity, results)
 
     atomic.write_text(out / LABELS_FILE, json.dumps({"classes": config["classes"]}, indent=2) + "\n")
     atomic.write_text(out / PREPROCESS_FILE, json.dumps({
@@ -73,11 +74,9 @@ def run(params: Params, paths: Paths) -> dict:
         "normalization": "inside the model",
     }, indent=2) + "\n")
 
-    with tracking.resume_run(paths.root, paths.evaluate_reports / "mlflow_run.json",
-                             paths.export_reports / "mlflow_run.json", params.flat("export"), params) as mlflow_run:
-        test_metrics = json.loads((paths.evaluate_reports / "metrics.json").read_text())
-        lineage = mlflow_run.lineage()
-        atomic.write_text(out / CARD_FILE, model_card(params, config, test_metrics, results, lineage, paths))
+    with tracking.stage_run(params, paths, "export") as mlflow_run:
+        test_metrics = json.loads(paths.evaluate_metrics.read_text())
+        atomic.write_text(out / CARD_FILE, model_card(params, config, test_metrics, results, paths))
         # model.onnx, labels and preprocessing live in the logged model; model.pt2 only in DVC's cache
         mlflow_run.log_artifact(out / CARD_FILE, "export")
         # dvc.lock as it stands now: every upstream stage's hashes (export's own entry lands after this)
@@ -93,7 +92,6 @@ def run(params: Params, paths: Paths) -> dict:
                     "promoted_champion": registration.promoted} if registration else {}
         mlflow_run.log_facts({"parity_images": count, **registry})
         results.update(registry)
-    _write_metrics(paths, results)
     return results
 
 
@@ -122,10 +120,12 @@ def pt2_logits(path: Path, batch: torch.Tensor) -> np.ndarray:
         return torch.export.load(str(path)).module()(batch).numpy()
 
 
-def model_card(params: Params, config: dict, test: dict, parity: dict, lineage: dict, paths: Paths) -> str:
+def model_card(params: Params, config: dict, test: dict, parity: dict, paths: Paths) -> str:
+    """Only what the model's inputs determine: the same checkpoint, data and params give the same card
+    (no run id, commit or date: the card is a DVC output, and those differ per run)."""
     summary = json.loads(paths.prepare_summary.read_text())
     splits = ", ".join(f"{name} {sum(counts.values())}" for name, counts in summary["splits"].items())
-    metric_rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in test.items() if k != "n")
+    metric_rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in test.items())
     train_rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in params.flat("train").items())
     return f"""# Model card: catdog {config['arch']}
 
@@ -144,14 +144,14 @@ Binary image classifier: **cat** or **dog**, fine-tuned from ImageNet weights.
 ## Data
 - Source: `{params.data.source}` ({summary['images']} usable images; {splits}).
 - Rejected files: {summary['rejected_total']}; duplicate groups kept within one split: {summary['duplicate_groups_merged']}.
-- Data hash (md5 of `data/prepared/content.json`: size and md5 of the image cache and manifest): `{lineage.get('data.hash', 'n/a')}`.
+- Data hash (md5 of `data/prepared/content.json`: size and md5 of the image cache and manifest): `{integrity.data_hash(paths)}`.
 
 ## Training params
 | param | value |
 |---|---|
 {train_rows}
 
-## Test metrics ({test['n']} held-out images)
+## Test metrics ({sum(summary['splits']['test'].values())} held-out images)
 | metric | value |
 |---|---|
 {metric_rows}
@@ -160,9 +160,9 @@ Export parity over {parity['parity_images']} test images: ONNX max |logit diff| 
 torch.export max |logit diff| {parity['pt2_max_abs_diff']:.2e}; accuracy identical to the eager model.
 
 ## Lineage
-- Git commit: `{lineage.get('mlflow.source.git.commit', 'n/a')}` (code or params changed since: {lineage.get('git.dirty', 'n/a')})
-- MLflow run: `{lineage['run_id']}`; params hash `{lineage.get('catdog.params_hash', 'n/a')}`
-- DVC experiment: `{lineage.get('dvc.exp_name', 'none')}`
+- Checkpoint md5: `{tracking.file_md5(paths.checkpoint)}`, as in the `dvc.lock` of the commit that produced
+  this model (its code and params). Its MLflow runs carry the tag `{tracking.CHECKPOINT_TAG}` with this value
+  (UI search: `tags."{tracking.CHECKPOINT_TAG}" = '...'`).
 
 ## Known limits
 - Two classes only: every input gets "cat" or "dog", including photos of neither.
@@ -180,8 +180,3 @@ def _accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
 
 def _batch_dim():
     return torch.export.Dim("batch", min=1, max=4096)
-
-
-def _write_metrics(paths: Paths, results: dict) -> None:
-    paths.export_reports.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(paths.export_reports / "metrics.json", json.dumps(results, indent=2) + "\n")

@@ -152,7 +152,7 @@ class _LiteStage(nn.Module):
 
     def __init__(self, net: nn.Module, part: str, block: nn.Module | None = None, drop_connect_rate: float = 0.0):
         super().__init__()
-        self.net_swish, self.part, self.rate = net._swish, part, drop_connect_rate
+        self.swish, self.part, self.rate = net._swish, part, drop_connect_rate
         if part == "stem":
             self.conv, self.bn = net._conv_stem, net._bn0
         elif part == "head":
@@ -163,7 +163,7 @@ class _LiteStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.part == "block":
             return self.block(x, drop_connect_rate=self.rate)
-        x = self.net_swish(self.bn(self.conv(x)))
+        x = self.swish(self.bn(self.conv(x)))
         return x.mean(dim=(2, 3)) if self.part == "head" else x
 
 

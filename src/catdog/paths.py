@@ -40,7 +40,13 @@ class Paths:
 
     @property
     def prepare_summary(self) -> Path:
-        return self.root / "reports" / "prepare" / "summary.json"
+        """Counts per split and class, rejects per reason (inside the prepared folder: a DVC output)."""
+        return self.prepared / "summary.json"
+
+    @property
+    def prepare_metrics(self) -> Path:
+        """Headline DVC metrics: images per split."""
+        return self.root / "reports" / "prepare" / "metrics.json"
 
     # train
     @property
@@ -53,17 +59,28 @@ class Paths:
         return self.root / "models" / "train_state.pt"
 
     @property
-    def train_run(self) -> Path:
-        return self.root / "models" / "mlflow_run.json"
-
-    @property
     def train_reports(self) -> Path:
         return self.root / "reports" / "train"
+
+    @property
+    def train_metrics(self) -> Path:
+        """Headline DVC metrics: best epoch, its val accuracy and loss."""
+        return self.train_reports / "metrics.json"
 
     # evaluate
     @property
     def evaluate_reports(self) -> Path:
         return self.root / "reports" / "evaluate"
+
+    @property
+    def evaluate_metrics(self) -> Path:
+        """Headline DVC metrics of the test split."""
+        return self.evaluate_reports / "metrics.json"
+
+    @property
+    def evaluate_details(self) -> Path:
+        """Every test figure (per class, PR-AUC, ...): a DVC output, not a metric."""
+        return self.evaluate_reports / "details.json"
 
     # export
     @property
@@ -71,5 +88,6 @@ class Paths:
         return self.root / "models" / "export"
 
     @property
-    def export_reports(self) -> Path:
-        return self.root / "reports" / "export"
+    def parity(self) -> Path:
+        """Exported vs eager logits and accuracy on test images."""
+        return self.exported / "parity.json"

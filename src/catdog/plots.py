@@ -79,5 +79,5 @@ def gallery(images: list[np.ndarray], captions: list[str], path: Path, title: st
 
 def _save(fig, path: Path) -> None:
     with atomic.replacing(path) as temporary:
-        fig.savefig(temporary, dpi=120)
+        fig.savefig(temporary, dpi=120, metadata={"Software": None})  # the same figure, the same bytes
     plt.close(fig)

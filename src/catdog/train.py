@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import json
 import math
 import time
@@ -31,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from catdog import CLASSES, atomic, distributed, integrity, plots, tracking, train_state
+from catdog import CLASSES, distributed, integrity, plots, reports, tracking, train_state
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import Runtime, resolve_runtime
 from catdog.distributed import World
@@ -52,7 +51,7 @@ def run(params: Params, paths: Paths) -> dict:
     integrity.verify(paths)
     if params.train.nproc > 1 and not distributed.under_torchrun():
         distributed.relaunch(params.train.nproc, params, paths.root)
-        return json.loads((paths.train_reports / "metrics.json").read_text())
+        return json.loads(paths.train_metrics.read_text())
     with distributed.joined() as world:
         return _train(params, paths, world)
 
@@ -145,24 +144,21 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
         if world.is_main:  # loading the best weights below overwrites the tensors the state refers to
             saved = {**saved, "model": copy.deepcopy(saved["model"])}
         trained.load_state_dict(best_weights)
-        metrics = {
-            "best_epoch": best_row["epoch"],
-            "val_accuracy": best_row["val_accuracy"],
-            "val_loss": best_row["val_loss"],
-            "train_accuracy": best_row["train_accuracy"],
-            "train_loss": best_row["train_loss"],
-            "seconds": round(seconds_before + time.perf_counter() - started, 1),
-        }
+        # The headline DVC metrics: the same for the same training, on any machine (timings go to MLflow).
+        metrics = {key: best_row[key] for key in ("epoch", "val_accuracy", "val_loss")}
+        metrics["best_epoch"] = metrics.pop("epoch")
+        seconds = round(seconds_before + time.perf_counter() - started, 1)
         if world.is_main:
             _write_outputs(paths, model, p, history, metrics)
             mlflow_run.log_metrics("val", {"best_accuracy": metrics["val_accuracy"], "best_loss": metrics["val_loss"]})
-            mlflow_run.log_metrics("train", {"seconds": metrics["seconds"]})
+            mlflow_run.log_metrics("train", {"seconds": seconds})
             mlflow_run.log_facts({"best_epoch": metrics["best_epoch"], "epochs_trained": len(history)})
             mlflow_run.log_artifact(paths.train_reports / "curves.png", "plots")
             mlflow_run.log_artifact(paths.train_reports / "history.csv", "reports")
             if params.tracking.log_pytorch_model:
                 example = torch.stack([val_images[i][0] for i in range(2)]).numpy()  # batch 2: keeps the batch dim dynamic
                 mlflow_run.log_pytorch_model(model, example)
+            tracking.record_checkpoint(mlflow_run, paths.checkpoint)  # after train's own results
             train_state.save(paths.train_state, {**saved, "complete": True})  # last: the outputs are all there
     return metrics
 
@@ -329,15 +325,9 @@ def _write_outputs(paths: Paths, model: Classifier, p: TrainParams, history: lis
         "classes": list(CLASSES), "dropout": p.dropout,
     })
     tqdm.write(f"train: wrote {paths.checkpoint.relative_to(paths.root)} (best epoch {metrics['best_epoch']})")
-    reports = paths.train_reports
-    reports.mkdir(parents=True, exist_ok=True)
-    with atomic.replacing(reports / "history.csv") as temporary, temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}
-                         for row in history)
-    plots.training_curves(history, metrics["best_epoch"], reports / "curves.png")
-    atomic.write_text(reports / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: all else is there
+    reports.write_csv(paths.train_reports / "history.csv", list(history[0]), [list(row.values()) for row in history])
+    plots.training_curves(history, metrics["best_epoch"], paths.train_reports / "curves.png")
+    reports.write_json(paths.train_metrics, metrics)  # last: all else is there
 
 
 if __name__ == "__main__":  # the entry torchrun starts (catdog.distributed.relaunch)
