@@ -31,7 +31,7 @@ def run(params: Params, paths: Paths) -> dict:
     p = params.evaluate
     tracking.check_server(paths.root)
     integrity.verify(paths)
-    runtime = resolve_runtime()
+    runtime = resolve_runtime("fp32")  # the deployed model's precision: the champion is chosen on these numbers
     model, config = load_checkpoint(paths.checkpoint)
     model = inference_module(runtime.prepare_model(model), config["arch"], config["image_size"], runtime)
     test = load_split(paths, "test")

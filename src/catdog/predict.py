@@ -75,7 +75,10 @@ def _download_registered(uri: str) -> Path:
     from catdog.tracking import download_registered_model  # imports mlflow: only for registry URIs
 
     store_root = find_root(Path.cwd()) or Path.cwd()  # the project's mlflow.db, from any subfolder
-    return download_registered_model(uri, store_root) / "artifacts" / "model.onnx"  # see catdog.serving
+    folder = download_registered_model(uri, store_root)
+    # the pyfunc of catdog.serving keeps it in artifacts/; versions registered before it, at the top
+    return next((f for f in (folder / "artifacts" / "model.onnx", folder / "model.onnx") if f.is_file()),
+                folder / "artifacts" / "model.onnx")
 
 
 def expand_paths(paths: Iterable[str]) -> list[Path]:

@@ -165,8 +165,9 @@ class Run:
         mlflow.log_params({k: _param_value(v) for k, v in params.items()})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if path.exists():
-            mlflow.log_artifact(str(path), artifact_path)
+        if not path.is_file():
+            raise CatdogError(f"cannot log {path} to MLflow: the file is not there (the stage should have written it)")
+        mlflow.log_artifact(str(path), artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         mlflow.set_tags(tags)
@@ -210,7 +211,7 @@ def start_run(params: Params, paths: Paths) -> Iterator[Run]:
 
 
 @contextlib.contextmanager
-def resume(paths: Paths, run_id: str) -> Iterator[Run]:
+def reopen_train_run(paths: Paths, run_id: str) -> Iterator[Run]:
     """Reopen the train run ``run_id`` after a killed train stage: the same run, params already logged."""
     client = _client(paths.root)
     _close_orphans(client, client.get_run(run_id).info.experiment_id)
