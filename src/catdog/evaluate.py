@@ -26,6 +26,7 @@ from catdog.transforms import eval_preset
 HEADLINE = ("accuracy", "log_loss", "roc_auc", "f1", "ece")
 def run(params: Params, paths: Paths) -> dict:
     p = params.evaluate
+    tracking.check_server(paths.root)
     integrity.verify(paths)
     runtime = resolve_runtime("fp32")  # the deployed model's precision: the champion is chosen on these numbers
     model, config = load_checkpoint(paths.checkpoint)

@@ -32,6 +32,7 @@ from catdog.transforms import eval_preset
 
 def run(params: Params, paths: Paths) -> dict:
     p = params.export
+    tracking.check_server(paths.root)
     integrity.verify(paths)
     model, config = load_checkpoint(paths.checkpoint)
     paths.exported.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,8 @@ import random
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -139,10 +141,10 @@ class Run:
     def log_epoch(self, row: dict[str, float]) -> None:
         """One row of train's history, at step ``row["epoch"]``."""
         mlflow.log_metrics({key: float(row[column]) for column, key in EPOCH_METRIC_KEYS.items() if column in row},
-                           step=row["epoch"])
+                           step=row["epoch"], synchronous=False)  # off the training's critical path
 
     def log_step_loss(self, loss: float, step: int) -> None:
-        mlflow.log_metric(STEP_LOSS_KEY, loss, step=step)
+        mlflow.log_metric(STEP_LOSS_KEY, loss, step=step, synchronous=False)
 
     def logged_epochs(self) -> set[int]:
         """The epochs already logged (a resumed run skips those)."""
@@ -316,9 +318,14 @@ def _opened(run_id: str, stage: str, **start_kwargs) -> Iterator[Run]:
             client.set_tag(run_id, key, value)
         client.set_terminated(run_id, "KILLED")
         raise
-    except Exception:  # MLflow marked the run FAILED; say which stage (unless the store is the problem)
+    except Exception as exc:  # MLflow marked the run FAILED; say which stage (unless the store is the problem)
         with contextlib.suppress(Exception):
             client.set_tag(run_id, FAILED_STAGE_TAG, stage)
+        uri = mlflow.get_tracking_uri()
+        if uri.startswith(("http://", "https://")) and (problem := _server_problem(uri)):
+            raise CatdogError(f"lost the MLflow tracking server {uri} during {stage} ({problem}; "
+                              f"{type(exc).__name__}): the files written so far stay; rerun the stage "
+                              "(dvc repro) once the server is back") from None
         raise
 
 
@@ -497,8 +504,43 @@ def _client(project_root: Path) -> MlflowClient:
     if uri == default_tracking_uri(project_root):
         _defaults_in_use.add(uri)
     mlflow.set_tracking_uri(uri)
+    check_server(project_root)
     _prepare_sqlite_store(uri)
     return MlflowClient()
+
+
+SERVER_CHECK_SECONDS = 10
+# MLflow's own defaults retry a dead server for minutes (7 retries, backoff factor 2, 120 s timeout);
+# these bound every request to well under a minute. A value the user exported wins.
+_HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+_reachable_servers: set[str] = set()
+
+
+def check_server(project_root: Path) -> None:
+    """Fail fast, in one line, when an http(s) tracking server does not answer its /health
+    (stages call it first thing, before any slow work)."""
+    uri = tracking_uri(project_root)
+    if not uri.startswith(("http://", "https://")) or uri in _reachable_servers:
+        return
+    for name, value in _HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)
+    problem = _server_problem(uri)
+    if problem:
+        raise CatdogError(f"MLflow tracking server {uri} is unreachable ({problem}): "
+                          f"start it, or unset MLFLOW_TRACKING_URI to log to the project's {DB_FILE}")
+    _reachable_servers.add(uri)
+
+
+def _server_problem(uri: str) -> str | None:
+    """Why an http(s) server does not answer its /health within SERVER_CHECK_SECONDS, or None."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_CHECK_SECONDS):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered: whatever /health says, the API calls will tell
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
 
 
 _prepared_stores: set[str] = set()

@@ -49,6 +49,7 @@ from catdog.transforms import eval_preset, train_transforms
 
 def run(params: Params, paths: Paths) -> dict:
     """Train in this process, or in ``train.nproc`` processes under torchrun (this process waits)."""
+    tracking.check_server(paths.root)
     integrity.verify(paths)
     if params.train.nproc > 1 and not distributed.under_torchrun():
         distributed.relaunch(params.train.nproc, params, paths.root)
