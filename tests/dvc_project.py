@@ -151,9 +151,6 @@ class Project:
         assert path.is_file(), f"{relative} was not written"
         return json.loads(path.read_text())
 
-    def run_id(self, relative: str) -> str:
-        return self.json(relative)["run_id"]
-
     def params(self) -> dict:
         return yaml.safe_load((self.root / "params.yaml").read_text())
 
@@ -300,7 +297,6 @@ class Step:
     output: str  # stdout + stderr
     seconds: float
     run_ids: tuple[str, ...]  # every run in the project store, oldest first ('' = no store yet)
-    run_files: dict[str, str]  # train/evaluate/export -> the run id in the workspace's run files
     params: dict  # params.yaml of the workspace
 
 
@@ -342,13 +338,8 @@ def _step(proj: Project, name: str, proc: subprocess.CompletedProcess | None, se
     run_ids: tuple[str, ...] = ()
     if (proj.root / "mlflow.db").exists():
         run_ids = tuple(r.info.run_id for r in proj.runs())
-    files = {}
-    for stage, relative in (("train", "models/mlflow_run.json"), ("evaluate", "reports/evaluate/mlflow_run.json"),
-                            ("export", "reports/export/mlflow_run.json")):
-        if (proj.root / relative).is_file():
-            files[stage] = proj.run_id(relative)
     output = "" if proc is None else f"{proc.stdout}\n{proc.stderr}"
-    return Step(name, output, seconds, run_ids, files, proj.params())
+    return Step(name, output, seconds, run_ids, proj.params())
 
 
 def _timed(proj: Project, name: str, steps: dict[str, Step], *args: str, env: dict[str, str] | None = None) -> Step:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -52,7 +53,7 @@ def test_two_processes_train_one_model_into_one_mlflow_run(ddp_project):
     (run,) = client.search_runs([client.get_experiment_by_name("catdog").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.tags["catdog.processes"] == "2"
-    assert json.loads((root / "models" / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
+    assert run.data.tags["catdog.checkpoint_md5"] == hashlib.md5((root / "models" / "checkpoint.pt").read_bytes()).hexdigest()
     for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "schedule/lr"):
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
         assert steps == list(range(1, EPOCHS + 1)), key

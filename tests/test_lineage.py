@@ -38,7 +38,10 @@ WHOLE_PARAMS_READERS = {
 }
 # Paths properties that are neither deps nor outs, on purpose.
 UNDECLARED_PATHS = {
-    "root",  # the project itself (MLflow lineage artifacts: params.yaml, dvc.yaml, dvc.lock)
+    "root",  # the project itself
+    "params_file",  # DVC tracks its values as params, not the file as a dep; export logs it as lineage
+    "dvc_yaml",  # the pipeline itself; export logs it as the run's lineage
+    "dvc_lock",  # DVC's record of the run; export logs it, train's dataset digest reads prepare's entry
     "train_state",  # train's resumable state: deliberately not an out (see dvc.yaml)
 }
 MODULE_LEVEL = "<module>"
@@ -49,12 +52,19 @@ class Module:
     name: str  # "catdog.train", or "stages/train.py" for a stage script
     path: Path
     tree: ast.Module
-    bindings: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # local -> (module, attr)
-    imported: set[str] = field(default_factory=set)  # every catdog module this file imports
+    bindings: dict[str, tuple[str, str | None]] = field(
+        default_factory=dict
+    )  # local -> (module, attr)
+    imported: set[str] = field(
+        default_factory=set
+    )  # every catdog module this file imports
 
     def definitions(self) -> dict[str, ast.AST]:
-        return {node.name: node for node in self.tree.body
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+        return {
+            node.name: node
+            for node in self.tree.body
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        }
 
 
 def module_file(name: str) -> Path:
@@ -76,7 +86,12 @@ def parse(name: str, path: Path) -> Module:
                     module.imported.add(alias.name)
                     if alias.asname:
                         module.bindings[alias.asname] = (alias.name, None)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and is_module(node.module):
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.level == 0
+            and is_module(node.module)
+        ):
             module.imported.add(node.module)
             for alias in node.names:
                 submodule = f"{node.module}.{alias.name}"
@@ -84,8 +99,13 @@ def parse(name: str, path: Path) -> Module:
                     module.imported.add(submodule)
                     module.bindings[alias.asname or alias.name] = (submodule, None)
                 else:
-                    module.bindings[alias.asname or alias.name] = (node.module, alias.name)
-    module.imported |= {PACKAGE} if module.imported else set()  # a submodule import runs the package first
+                    module.bindings[alias.asname or alias.name] = (
+                        node.module,
+                        alias.name,
+                    )
+    module.imported |= (
+        {PACKAGE} if module.imported else set()
+    )  # a submodule import runs the package first
     return module
 
 
@@ -126,8 +146,16 @@ class Closure:
     @staticmethod
     def _node(module: Module, name: str) -> ast.AST | None:
         if name == MODULE_LEVEL:
-            return ast.Module(body=[s for s in module.tree.body if not isinstance(
-                s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))], type_ignores=[])
+            return ast.Module(
+                body=[
+                    s
+                    for s in module.tree.body
+                    if not isinstance(
+                        s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+                    )
+                ],
+                type_ignores=[],
+            )
         return module.definitions().get(name)
 
     def _references(self, module: Module, node: ast.AST) -> list[tuple[str, str]]:
@@ -152,18 +180,31 @@ class Closure:
 
 def is_params(node: ast.AST) -> bool:
     return (isinstance(node, ast.Name) and node.id == "params") or (
-        isinstance(node, ast.Attribute) and node.attr == "params")
+        isinstance(node, ast.Attribute) and node.attr == "params"
+    )
 
 
 def sections_read(closure: Closure) -> tuple[set[str], set[str]]:
     """(sections read, functions that read all of params without an exception)."""
     sections, whole = set(), set()
     for where, node in closure.walk():
-        if isinstance(node, ast.Attribute) and node.attr in SECTIONS and is_params(node.value):
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr in SECTIONS
+            and is_params(node.value)
+        ):
             sections.add(node.attr)
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "flat"
-                and is_params(node.func.value)):
-            names = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "flat"
+            and is_params(node.func.value)
+        ):
+            names = [
+                a.value
+                for a in node.args
+                if isinstance(a, ast.Constant) and isinstance(a.value, str)
+            ]
             sections |= set(names)
             if not node.args and where not in WHOLE_PARAMS_READERS:
                 whole.add(where)
@@ -175,23 +216,36 @@ def paths_used(closure: Closure) -> set[str]:
     root = Path("/project")
     base, used = Paths(root), set()
     for _, node in closure.walk():
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and _paths_property(node.left) \
-                and isinstance(node.right, ast.Constant) and isinstance(node.right.value, str):
+        if (
+            isinstance(node, ast.BinOp)
+            and isinstance(node.op, ast.Div)
+            and _paths_property(node.left)
+            and isinstance(node.right, ast.Constant)
+            and isinstance(node.right.value, str)
+        ):
             used.add(f"{_paths_property(node.left)}/{node.right.value}")
         elif prop := _paths_property(node):
             used.add(prop)
     located = set()
     for entry in used:
         prop, _, name = entry.partition("/")
-        if prop in UNDECLARED_PATHS or not isinstance(getattr(Paths, prop, None), property):
+        if prop in UNDECLARED_PATHS or not isinstance(
+            getattr(Paths, prop, None), property
+        ):
             continue
         location = getattr(base, prop).relative_to(root)
-        located.add(str(PurePosixPath(location, name)) if name else str(PurePosixPath(location)))
+        located.add(
+            str(PurePosixPath(location, name)) if name else str(PurePosixPath(location))
+        )
     return located
 
 
 def _paths_property(node: ast.AST) -> str | None:
-    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "paths":
+    if (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "paths"
+    ):
         return node.attr
     return None
 
@@ -203,7 +257,10 @@ def related(a: str, b: str) -> bool:
 
 
 def declared(stage: dict, kind: str) -> list[str]:
-    return [entry if isinstance(entry, str) else next(iter(entry)) for entry in stage.get(kind) or []]
+    return [
+        entry if isinstance(entry, str) else next(iter(entry))
+        for entry in stage.get(kind) or []
+    ]
 
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -213,45 +270,76 @@ STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 def stage(request):
     name = request.param
     spec = STAGES[name]
-    assert spec["cmd"] == f"python stages/{name}.py", f"{name}: expected the thin CLI stages/{name}.py"
+    assert spec["cmd"] == f"python stages/{name}.py", (
+        f"{name}: expected the thin CLI stages/{name}.py"
+    )
     return name, spec, Closure(REPO / "stages" / f"{name}.py")
 
 
 def test_code_deps_are_exactly_the_import_closure(stage):
     name, spec, closure = stage
     code_deps = {d for d in declared(spec, "deps") if d.endswith(".py")}
-    missing, extra = sorted(closure.files() - code_deps), sorted(code_deps - closure.files())
-    assert not missing and not extra, (f"dvc.yaml stage {name!r} deps: add {missing}, remove {extra} "
-                                       f"(stages/{name}.py imports exactly {sorted(closure.files())})")
+    missing, extra = (
+        sorted(closure.files() - code_deps),
+        sorted(code_deps - closure.files()),
+    )
+    assert not missing and not extra, (
+        f"dvc.yaml stage {name!r} deps: add {missing}, remove {extra} "
+        f"(stages/{name}.py imports exactly {sorted(closure.files())})"
+    )
 
 
 def test_params_are_exactly_the_sections_read(stage):
     name, spec, closure = stage
     sections, whole = sections_read(closure)
-    assert not whole, (f"{sorted(whole)} read all of params: name the sections (params.flat('train', ...)) "
-                       f"or add the function to WHOLE_PARAMS_READERS with the reason")
-    listed = {entry if isinstance(entry, str) else next(iter(entry)) for entry in spec.get("params") or []}
+    assert not whole, (
+        f"{sorted(whole)} read all of params: name the sections (params.flat('train', ...)) "
+        f"or add the function to WHOLE_PARAMS_READERS with the reason"
+    )
+    listed = {
+        entry if isinstance(entry, str) else next(iter(entry))
+        for entry in spec.get("params") or []
+    }
     listed = {entry.split(".")[0] for entry in listed}
     missing, extra = sorted(sections - listed), sorted(listed - sections)
-    assert not missing and not extra, f"dvc.yaml stage {name!r} params: add {missing}, remove {extra}"
+    assert not missing and not extra, (
+        f"dvc.yaml stage {name!r} params: add {missing}, remove {extra}"
+    )
 
 
 def test_file_deps_are_exactly_the_files_read(stage):
     name, spec, closure = stage
     used = paths_used(closure)
     outputs = [o for kind in ("outs", "metrics", "plots") for o in declared(spec, kind)]
-    data_deps = [d for d in declared(spec, "deps") if not d.endswith(".py") and "${" not in d]
-    reads = {p for p in used if not any(related(p, out) and PurePosixPath(p).is_relative_to(out) or p == out
-                                        for out in outputs)}
-    missing = sorted(p for p in reads if not any(related(p, dep) for dep in data_deps)
-                     and not any(PurePosixPath(out).is_relative_to(p) for out in outputs))
+    data_deps = [
+        d for d in declared(spec, "deps") if not d.endswith(".py") and "${" not in d
+    ]
+    reads = {
+        p
+        for p in used
+        if not any(
+            related(p, out) and PurePosixPath(p).is_relative_to(out) or p == out
+            for out in outputs
+        )
+    }
+    missing = sorted(
+        p
+        for p in reads
+        if not any(related(p, dep) for dep in data_deps)
+        and not any(PurePosixPath(out).is_relative_to(p) for out in outputs)
+    )
     extra = sorted(dep for dep in data_deps if not any(related(dep, p) for p in used))
-    assert not missing and not extra, f"dvc.yaml stage {name!r} deps: add {missing}, remove {extra}"
+    assert not missing and not extra, (
+        f"dvc.yaml stage {name!r} deps: add {missing}, remove {extra}"
+    )
 
 
 def test_the_analysis_sees_a_lazy_import_and_a_params_read(tmp_path):
     """Guards the checker itself: params reaches the models module only through a lazy import."""
     closure = Closure(REPO / "stages" / "train.py")
-    assert "src/catdog/models.py" in closure.files() and "src/catdog/__init__.py" in closure.files()
+    assert (
+        "src/catdog/models.py" in closure.files()
+        and "src/catdog/__init__.py" in closure.files()
+    )
     assert {"train", "tracking"} <= sections_read(closure)[0]
     assert "data/prepared/images.npy" in paths_used(closure)

@@ -91,3 +91,18 @@ def test_exporting_a_graph_draws_no_random_numbers():
     torch.manual_seed(3)
     cached_graph(module, (1, 3, 2, 2), "rng test")
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_frozen_part_stays_pytorch_with_autocast(lite0, images):
+    import copy
+
+    runtime = resolve_runtime()
+    model = runtime.prepare_model(copy.deepcopy(lite0))
+    frozen, rest = split_for_training(model, "efficientnet_lite0", SIZE, "top", 1, runtime)
+    assert frozen.onnx is None
+    batch = runtime.to_device(images)
+    with torch.inference_mode(), runtime.autocast():
+        logits = rest(frozen(batch)).float().cpu()
+        reference = model(batch).float().cpu()
+    assert torch.allclose(logits, reference, atol=5e-2)  # bf16

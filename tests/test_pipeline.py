@@ -6,8 +6,11 @@ One module-scoped fixture per pipeline state, each building on the previous one:
                  Kaggle-layout zip, tiny params, ``git init`` + commit, first ``dvc repro``
   noop_repro     ``dvc repro`` again with nothing changed
   lr_repro       ``train.lr`` changed: train, evaluate, export rerun, a new MLflow run
-  eval_repro     only ``evaluate.batch_size`` changed: evaluate and export continue in a
-                 run derived from the previous one (MLflow params are immutable)
+  eval_repro     only ``evaluate.batch_size`` changed: evaluate reruns (export only if the test
+                 metrics moved) in a new run that copies the previous one's train and export
+                 results (MLflow params are immutable)
+  train_repro    ``dvc repro -f -s train``: the same checkpoint again, in a new run that copies
+                 the evaluate and export results DVC does not recompute
 
 Tests that look at the state after the first repro come first in the file; pytest runs them in
 file order, and a test that needs a later state asks for its fixture, so ``-k`` selections
@@ -52,16 +55,25 @@ TINY_PARAMS = {
 class ReproResult:
     stdout: str
     run_ids: tuple[str, ...]  # every MLflow run id after this repro, oldest first
-    train_run: str
-    evaluate_run: str
-    export_run: str
+    run: str  # the pipeline's run: the most recent one tagged with the checkpoint's md5
 
 
 def _snapshot(project: Project, stdout: str) -> ReproResult:
-    return ReproResult(stdout, tuple(r.info.run_id for r in project.runs()),
-                       project.run_id("models/mlflow_run.json"),
-                       project.run_id("reports/evaluate/mlflow_run.json"),
-                       project.run_id("reports/export/mlflow_run.json"))
+    md5 = hashlib.md5((project.root / "models" / "checkpoint.pt").read_bytes()).hexdigest()
+    tagged = project.client().search_runs([project.experiment_id()], f"tags.`catdog.checkpoint_md5` = '{md5}'",
+                                          order_by=["attributes.start_time DESC"])
+    assert tagged, f"no MLflow run tagged with the checkpoint's md5 {md5}"
+    return ReproResult(stdout, tuple(r.info.run_id for r in project.runs()), tagged[0].info.run_id)
+
+
+def assert_full_results(run, train_lr: float, eval_batch: int) -> None:
+    """What every run a pipeline invocation creates holds: all params and every stage's results."""
+    params, tags = run.data.params, run.data.tags
+    assert params["train.lr"] == str(train_lr) and params["evaluate.batch_size"] == str(eval_batch), params
+    assert "export.tolerance" in params and "data.source" in params and "tracking.experiment_name" in params
+    assert {tags.get(f"catdog.results.{stage}") for stage in ("train", "evaluate", "export")} <= {"logged", "copied"}
+    assert "test/accuracy" in run.data.metrics and "export/onnx_max_abs_diff" in run.data.metrics
+    assert "val/accuracy" in run.data.metrics
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -99,6 +111,15 @@ def eval_repro(project: Project, lr_repro) -> tuple[ReproResult, ReproResult]:
     return before, _snapshot(project, project.repro())
 
 
+@pytest.fixture(scope="module")
+def train_repro(project: Project, eval_repro) -> tuple[ReproResult, ReproResult, str]:
+    """(before, after, checkpoint md5 before) ``dvc repro -f -s train``."""
+    before = _snapshot(project, project.repros[-1])
+    md5 = hashlib.md5((project.root / "models" / "checkpoint.pt").read_bytes()).hexdigest()
+    stdout = project.dvc("repro", "-f", "-s", "train").stdout
+    return before, _snapshot(project, stdout), md5
+
+
 # --------------------------------------------------------------------------- first repro
 
 
@@ -113,7 +134,7 @@ def test_first_repro_runs_every_stage_and_locks_them(project: Project):
 
 
 def test_stage_metrics_files(project: Project):
-    summary = project.json("reports/prepare/summary.json")
+    summary = project.json("data/prepared/summary.json")
     assert summary["images"] == 2 * PER_CLASS, summary
     assert summary["cache_size"] == 64
     assert summary["rejected_total"] == 1 and summary["rejected"] == {"not_an_image": 1}, summary
@@ -121,17 +142,24 @@ def test_stage_metrics_files(project: Project):
     for split in ("train", "val", "test"):
         assert all(summary["splits"][split][label] >= 1 for label in COLOURS), summary["splits"]
 
+    images = project.json("reports/prepare/metrics.json")
+    assert images == {f"{split}_images": sum(summary["splits"][split].values()) for split in summary["splits"]}
+
     train = project.json("reports/train/metrics.json")
+    assert set(train) == {"best_epoch", "val_accuracy", "val_loss"}, train
     assert 1 <= train["best_epoch"] <= EPOCHS, train
     assert 0.0 <= train["val_accuracy"] <= 1.0
     history = list(csv.DictReader((project.root / "reports/train/history.csv").open()))
     assert [int(row["epoch"]) for row in history] == list(range(1, EPOCHS + 1))
 
     evaluate = project.json("reports/evaluate/metrics.json")
+    assert set(evaluate) == {"accuracy", "log_loss", "roc_auc", "f1", "ece"}, evaluate
     assert 0.0 <= evaluate["accuracy"] <= 1.0, evaluate
-    assert evaluate["n"] == sum(summary["splits"]["test"].values())
+    details = project.json("reports/evaluate/details.json")
+    assert details["n"] == sum(summary["splits"]["test"].values())
+    assert details["accuracy"] == evaluate["accuracy"] and len(details) > len(evaluate), details
 
-    export = project.json("reports/export/metrics.json")
+    export = project.json("models/export/parity.json")
     tolerance = project.params()["export"]["tolerance"]
     assert export["onnx_max_abs_diff"] <= tolerance and export["pt2_max_abs_diff"] <= tolerance, export
     assert export["onnx_accuracy"] == export["pt2_accuracy"] == export["eager_accuracy"], export
@@ -155,9 +183,11 @@ def test_dvc_metrics_show(project: Project):
     except json.JSONDecodeError:
         pytest.fail(f"`dvc metrics show --json` printed no JSON:\n{_describe(proc)}")
     files = shown[""]["data"]  # "" = the workspace
-    for name in ("reports/prepare/summary.json", "reports/train/metrics.json",
-                 "reports/evaluate/metrics.json", "reports/export/metrics.json"):
-        assert name in files and "error" not in files[name], f"{name}: {files.get(name)}"
+    assert sorted(files) == ["reports/evaluate/metrics.json", "reports/prepare/metrics.json",
+                             "reports/train/metrics.json"], sorted(files)
+    for name in files:
+        assert "error" not in files[name], f"{name}: {files.get(name)}"
+    assert sum(len(f["data"]) for f in files.values()) == 11, "the headline figures only"
     evaluate = project.json("reports/evaluate/metrics.json")
     assert files["reports/evaluate/metrics.json"]["data"]["accuracy"] == evaluate["accuracy"]
 
@@ -188,11 +218,12 @@ def test_one_mlflow_run_in_the_project_store_with_params_metrics_and_lineage(pro
     assert tags.get("mlflow.source.git.commit") == project.git("rev-parse", "HEAD")
     content = project.root / "data" / "prepared" / "content.json"  # md5 of images.npy and manifest.csv
     assert tags.get("data.hash") == hashlib.md5(content.read_bytes()).hexdigest()
-    assert "catdog.derived_from" not in tags
+    assert "catdog.reused_from" not in tags
+    assert tags["catdog.checkpoint_md5"] == hashlib.md5((project.root / "models/checkpoint.pt").read_bytes()).hexdigest()
 
 
 def test_mlflow_logged_model_and_artifacts(project: Project):
-    run_id = project.first.train_run
+    run_id = project.first.run
     client = project.client()
 
     # MLflow 3: log_model(name=...) creates a LoggedModel, linked to the run as an output.
@@ -233,9 +264,9 @@ def test_the_run_logs_its_data_as_a_dataset_with_dvcs_md5(project: Project, tmp_
 
     lock = yaml.safe_load((project.root / "dvc.lock").read_text())
     (dvc_md5,) = [o["md5"] for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared"]
-    (logged,) = project.client().get_run(project.first.train_run).inputs.dataset_inputs
+    (logged,) = project.client().get_run(project.first.run).inputs.dataset_inputs
     assert (logged.dataset.name, logged.dataset.digest) == ("tiny.zip", dvc_md5)
-    summary = project.json("reports/prepare/summary.json")["splits"]
+    summary = project.json("data/prepared/summary.json")["splits"]
     assert json.loads(logged.dataset.profile) == {"images": sum(sum(c.values()) for c in summary.values()),
                                                   **{split: sum(c.values()) for split, c in summary.items()}}
     # without a dvc.lock, the same md5 computed the way DVC does
@@ -244,11 +275,20 @@ def test_the_run_logs_its_data_as_a_dataset_with_dvcs_md5(project: Project, tmp_
     assert prepared_digest(Paths.under(copy)) == dvc_md5
 
 
-def test_every_stage_records_the_same_run(project: Project):
+def test_every_stage_logs_into_the_same_run(project: Project):
     first = project.first
-    assert first.run_ids == (first.train_run,)
-    assert first.evaluate_run == first.train_run
-    assert first.export_run == first.train_run
+    assert first.run_ids == (first.run,)
+    tags = project.client().get_run(first.run).data.tags
+    assert {tags[f"catdog.results.{stage}"] for stage in ("train", "evaluate", "export")} == {"logged"}
+
+
+def test_no_run_id_in_dvc_outputs(project: Project):
+    """A run id differs on every run: in a DVC output it would make dvc.lock differ every time."""
+    first = project.first
+    outputs = [project.root / "models" / "checkpoint.pt", *(project.root / "models" / "export").rglob("*"),
+               *(project.root / "reports").rglob("*")]  # not models/train_state.pt: no DVC output
+    tracked = [p for p in outputs if p.is_file()]
+    assert not [str(p) for p in tracked if first.run.encode() in p.read_bytes()]
 
 
 def test_predict_cli_matches_evaluate(project: Project, tmp_path: Path):
@@ -289,8 +329,7 @@ def test_second_repro_without_changes_runs_nothing(project: Project, noop_repro)
     for stage in STAGES:
         assert f"Stage '{stage}' didn't change" in after.stdout, after.stdout
     assert after.run_ids == before.run_ids, "a no-op repro must not create MLflow runs"
-    assert (after.train_run, after.evaluate_run, after.export_run) == \
-        (before.train_run, before.evaluate_run, before.export_run)
+    assert after.run == before.run
 
 
 def test_train_param_change_reruns_downstream_in_a_new_run(project: Project, lr_repro):
@@ -300,48 +339,59 @@ def test_train_param_change_reruns_downstream_in_a_new_run(project: Project, lr_
 
     assert len(after.run_ids) == 2, after.run_ids
     new_run = (set(after.run_ids) - set(before.run_ids)).pop()
-    assert after.train_run == new_run != before.train_run
-    assert after.evaluate_run == after.export_run == new_run
+    assert after.run == new_run != before.run
 
     run = project.client().get_run(new_run)
-    assert run.data.params["train.lr"] == str(SECOND_LR)
+    assert_full_results(run, SECOND_LR, FIRST_EVAL_BATCH)
     assert run.data.tags.get("mlflow.source.git.commit") == project.git("rev-parse", "HEAD")
-    assert "catdog.derived_from" not in run.data.tags
-    assert "test/accuracy" in run.data.metrics and "export/onnx_max_abs_diff" in run.data.metrics
+    assert "catdog.reused_from" not in run.data.tags
     # The old run is untouched.
-    assert project.client().get_run(before.train_run).data.params["train.lr"] == str(FIRST_LR)
+    assert project.client().get_run(before.run).data.params["train.lr"] == str(FIRST_LR)
 
 
-def test_evaluate_param_change_continues_in_a_derived_run(project: Project, eval_repro):
+def test_only_evaluate_reruns_in_a_run_with_every_stages_results(project: Project, eval_repro):
     before, after = eval_repro
-    assert stage_runs(after.stdout) == {"evaluate", "export"}, after.stdout
+    assert "evaluate" in stage_runs(after.stdout) <= {"evaluate", "export"}, after.stdout
     for stage in ("prepare", "train"):
         assert f"Stage '{stage}' didn't change" in after.stdout, after.stdout
 
-    assert after.train_run == before.train_run, "train did not rerun, its run file must not change"
     assert len(after.run_ids) == 3, after.run_ids
     derived = (set(after.run_ids) - set(before.run_ids)).pop()
-    assert after.evaluate_run == after.export_run == derived
+    assert after.run == derived
 
     client = project.client()
     run = client.get_run(derived)
-    assert run.data.tags.get("catdog.derived_from") == before.train_run
-    assert run.data.params["evaluate.batch_size"] == str(SECOND_EVAL_BATCH)
-    assert run.data.params["train.lr"] == str(SECOND_LR)  # copied from the source run
-    assert run.data.tags.get("data.hash") == client.get_run(before.train_run).data.tags["data.hash"]
+    assert_full_results(run, SECOND_LR, SECOND_EVAL_BATCH)
+    assert run.data.tags.get("catdog.reused_from") == before.run
+    assert run.data.tags["catdog.results.train"] == "copied" and run.data.tags["catdog.results.evaluate"] == "logged"
+    assert run.data.tags.get("data.hash") == client.get_run(before.run).data.tags["data.hash"]
     history = client.get_metric_history(derived, "val/accuracy")
     assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), "metric history copied"
     assert run.data.metrics["test/accuracy"] == project.json("reports/evaluate/metrics.json")["accuracy"]
-    artifacts = project.artifacts(derived)
-    assert {"plots/confusion_matrix.png", "export/model.onnx", "lineage/dvc.lock"} <= artifacts, artifacts
+    assert "plots/confusion_matrix.png" in project.artifacts(derived)
     # The source run keeps its own value: MLflow params are immutable.
-    source = client.get_run(before.train_run)
+    source = client.get_run(before.run)
     assert source.data.params["evaluate.batch_size"] == str(FIRST_EVAL_BATCH)
+
+
+def test_forced_train_with_an_identical_checkpoint_gives_a_full_run(project: Project, train_repro):
+    before, after, md5 = train_repro
+    assert stage_runs(after.stdout) == {"train"}, after.stdout
+    assert hashlib.md5((project.root / "models/checkpoint.pt").read_bytes()).hexdigest() == md5, \
+        "train is deterministic on one machine: the same checkpoint again"
+    new = set(after.run_ids) - set(before.run_ids)
+    assert new == {after.run}, (before.run_ids, after.run_ids)
+    run = project.client().get_run(after.run)
+    assert_full_results(run, SECOND_LR, SECOND_EVAL_BATCH)
+    assert run.data.tags["catdog.reused_from"] == before.run
+    assert run.data.tags["catdog.results.train"] == "logged"
+    assert run.data.tags["catdog.results.evaluate"] == "copied"
+    assert project.dvc("status").stdout.strip().endswith("up to date."), "nothing else to rerun"
 
 
 def test_derived_run_keeps_git_commit_lineage(project: Project, eval_repro):
     _, after = eval_repro
-    tags = project.client().get_run(after.export_run).data.tags
+    tags = project.client().get_run(after.run).data.tags
     assert tags.get("mlflow.source.git.commit") == project.git("rev-parse", "HEAD"), tags
 
 
@@ -349,7 +399,7 @@ def test_derived_run_keeps_git_commit_lineage(project: Project, eval_repro):
 
 
 def test_repository_does_not_git_track_dvc_cached_outputs():
-    """Regression: the three mlflow_run.json outs were once committed to git, and `dvc repro`
+    """Regression: the three mlflow_run.json outs (now gone) were once committed to git, and `dvc repro`
     then fails in a clean checkout ("output ... is already tracked by SCM")."""
     if not (REPO / ".git").exists():
         pytest.skip("needs a git checkout")

@@ -7,7 +7,6 @@ exactly the weights, history and per-epoch metrics of an uninterrupted run with 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import signal
@@ -103,6 +102,7 @@ def epoch_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+@pytest.mark.slow  # kills and reruns the real stage: ~1 min each on 2 cores
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_killed_train_resumes_in_the_same_run_and_ends_like_an_uninterrupted_one(
         recipe, prepared, tmp_path, mlflow_template):
@@ -123,8 +123,7 @@ def test_killed_train_resumes_in_the_same_run_and_ends_like_an_uninterrupted_one
     # the same single MLflow run, every epoch and every logged step exactly once
     client = client_for(killed)
     (run,) = client.search_runs([client.get_experiment_by_name("catdog").experiment_id])
-    run_file = json.loads((killed / "models" / "mlflow_run.json").read_text())
-    assert run.info.run_id == state["run_id"] == run_file["run_id"]
+    assert run.info.run_id == state["run_id"]
     assert run.info.status == "FINISHED"
     assert run.data.tags["catdog.resumed_from_epoch"] == str(saved_epoch)
     reference_client = client_for(reference)

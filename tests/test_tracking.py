@@ -11,19 +11,16 @@ from pathlib import Path
 import pytest
 
 from catdog import serving, tracking
+from catdog.errors import CatdogError
 from catdog.paths import Paths
 
-from conftest import build_params, client_for, jpeg_bytes, seed_store
+from conftest import build_params, client_for, jpeg_bytes, read_csv, run_id, seed_store
 
 
 @pytest.fixture
 def params():
     return build_params({"data.source": "data/raw/train.zip", "train.lr": 0.005,
                          "tracking.experiment_name": "catdog-tracking-test"})
-
-
-def run_file_id(path: Path) -> str:
-    return json.loads(path.read_text())["run_id"]
 
 
 def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -54,15 +51,15 @@ def test_dvc_root_redirects_the_store(tmp_path, monkeypatch):
 
 # --- start_run ---------------------------------------------------------------------------------
 
-def test_start_run_creates_run_with_params_tags_and_run_file(mlflow_store, mlflow_client, tmp_path, params):
+def test_start_run_creates_run_with_params_and_tags(mlflow_store, mlflow_client, tmp_path, params):
     paths = Paths.under(tmp_path)
     paths.manifest.parent.mkdir(parents=True)
     paths.manifest.write_text("path,label,split,pixel_md5\ntrain/cat.1.jpg,cat,train,abc\n")
     with tracking.start_run(params, paths) as run:
         run.log_metrics("val", {"accuracy": 0.5}, step=1)
         run.log_metrics("val", {"accuracy": 0.75}, step=2)
-    run_id = run_file_id(paths.train_run)
-    assert run_id == run.run_id
+    run_id = run.run_id
+    assert not (tmp_path / "models").exists()  # no run id in a file: runs are found by checkpoint md5
 
     client = mlflow_client(mlflow_store)
     logged = client.get_run(run_id)
@@ -94,15 +91,17 @@ def test_every_run_logs_the_prepared_data_as_an_mlflow_dataset(mlflow_store, tmp
     paths.manifest.write_text("path,label,split,pixel_md5\n" + "".join(
         f"train/cat.{i}.jpg,cat,{split},{i}\n" for i, split in enumerate(["train"] * 3 + ["val", "test"])))
     (paths.prepared / "images.npy").write_bytes(b"pixels")
+    paths.checkpoint.parent.mkdir(parents=True)
+    paths.checkpoint.write_bytes(b"weights")
     with tracking.start_run(params, paths) as run:
-        run.log_params({"evaluate.batch_size": 16})
-    with tracking.resume_run(paths.root, paths.train_run, paths.evaluate_reports / "mlflow_run.json",
-                             {"evaluate.batch_size": 99}) as derived:
+        run.log_params({"evaluate.batch_size": 99})
+        tracking.record_checkpoint(run, paths.checkpoint)
+    with tracking.stage_run(params, paths, "evaluate") as derived:  # evaluate.batch_size 16: a new run
         pass
     assert derived.run_id != run.run_id
     client = client_for(mlflow_store)
-    for run_id in (run.run_id, derived.run_id):  # a derived run shows the same data
-        (logged,) = client.get_run(run_id).inputs.dataset_inputs
+    for shown_id in (run.run_id, derived.run_id):  # a derived run shows the same data
+        (logged,) = client.get_run(shown_id).inputs.dataset_inputs
         dataset = logged.dataset
         assert dataset.name == "train.zip" and dataset.digest == tracking.prepared_digest(paths)
         assert dataset.digest.endswith(".dir") and len(dataset.digest) == 36
@@ -178,7 +177,6 @@ def test_env_tracking_uri_store_is_used(mlflow_template, tmp_path, params, monke
         pass
     assert client_for(db).get_run(run.run_id).info.run_id == run.run_id
     assert not (project / "mlflow.db").exists()
-    assert run_file_id(project / "models" / "mlflow_run.json") == run.run_id
 
 
 def test_dvc_root_store_is_used(mlflow_template, tmp_path, params, monkeypatch):
@@ -190,7 +188,6 @@ def test_dvc_root_store_is_used(mlflow_template, tmp_path, params, monkeypatch):
         pass
     assert client_for(db).get_run(run.run_id).info.status == "FINISHED"
     assert not (temp_copy / "mlflow.db").exists()
-    assert run_file_id(Paths.under(temp_copy).train_run) == run.run_id  # the DVC output stays in the copy
 
 
 def test_new_experiment_keeps_artifacts_beside_the_default_store(mlflow_template, tmp_path, params, monkeypatch):
@@ -247,103 +244,135 @@ def test_experiment_is_reused(mlflow_store, tmp_path, params):
     assert client.get_run(first.run_id).info.experiment_id == client.get_run(second.run_id).info.experiment_id
 
 
-def test_log_artifact_skips_missing_files(mlflow_store, tmp_path, params):
+def test_log_artifact_of_a_missing_file_is_an_error(mlflow_store, tmp_path, params):
     paths = Paths.under(tmp_path)
     report = tmp_path / "reports" / "note.txt"
     report.parent.mkdir()
     report.write_text("hello\n")
     with tracking.start_run(params, paths) as run:
         run.log_artifact(report, "reports")
-        run.log_artifact(tmp_path / "missing.png", "plots")  # no error
+        with pytest.raises(CatdogError, match=r"missing\.png.*not there"):
+            run.log_artifact(tmp_path / "missing.png", "plots")
     artifacts = [a.path for a in client_for(mlflow_store).list_artifacts(run.run_id, "reports")]
     assert artifacts == ["reports/note.txt"]
-    assert not client_for(mlflow_store).list_artifacts(run.run_id, "plots")
 
 
-# --- resume_run --------------------------------------------------------------------------------
+# --- one pipeline run per checkpoint: record_checkpoint, stage_run -------------------------------
 
 @pytest.fixture
 def train_run(mlflow_store, tmp_path, params):
-    """A finished train run with a metric history, as the train stage leaves it."""
+    """A finished train run with a metric history and its checkpoint, as the train stage leaves them."""
     paths = Paths.under(tmp_path)
+    paths.checkpoint.parent.mkdir(parents=True)
+    paths.checkpoint.write_bytes(b"weights v1")
     with tracking.start_run(params, paths) as run:
         for epoch in (1, 2, 3):
             run.log_metrics("val", {"accuracy": 0.5 + epoch / 10, "loss": 1.0 / epoch}, step=epoch)
         run.set_tags({"custom.note": "from train"})
+        tracking.record_checkpoint(run, paths.checkpoint)
     return paths, run.run_id
 
 
-def test_resume_with_same_params_reuses_the_run(train_run, mlflow_store, params):
+def _runs(mlflow_store, run_id: str) -> list:
+    client = client_for(mlflow_store)
+    return client.search_runs([client.get_run(run_id).info.experiment_id])
+
+
+def test_stages_log_into_the_run_of_their_checkpoint(train_run, mlflow_store, params):
     paths, train_id = train_run
-    evaluate_file = paths.evaluate_reports / "mlflow_run.json"
-    for attempt in (1, 2):  # rerunning evaluate with unchanged params stays in the run
-        with tracking.resume_run(paths.root, paths.train_run, evaluate_file, params.flat("evaluate")) as run:
-            run.log_metrics("test", {"accuracy": 0.9})
+    for stage in ("evaluate", "export"):
+        with tracking.stage_run(params, paths, stage) as run:
+            run.log_metrics("test" if stage == "evaluate" else "export", {"figure": 0.9})
         assert run.run_id == train_id
-        assert run_file_id(evaluate_file) == train_id
-    logged = client_for(mlflow_store).get_run(train_id)
-    assert logged.data.params["evaluate.batch_size"] == "16"
-    assert logged.data.metrics["test/accuracy"] == 0.9
-    assert len(client_for(mlflow_store).search_runs([logged.info.experiment_id])) == 1
+    logged = client_for(mlflow_store).get_run(train_id).data
+    assert logged.tags["catdog.checkpoint_md5"] == hashlib.md5(b"weights v1").hexdigest()
+    assert {logged.tags[f"catdog.results.{s}"] for s in ("train", "evaluate", "export")} == {"logged"}
+    assert logged.params["evaluate.batch_size"] == "16" and logged.params["export.opset"] == "18"
+    assert logged.metrics["test/figure"] == logged.metrics["export/figure"] == 0.9
+    assert len(_runs(mlflow_store, train_id)) == 1
 
 
-def test_resume_with_conflicting_params_derives_a_new_run(train_run, mlflow_store, params):
+def test_a_stage_rerun_starts_a_run_with_the_full_results(train_run, mlflow_store, params):
+    """Only evaluate params changed: DVC reruns evaluate alone; its new run copies train's results."""
     paths, train_id = train_run
-    evaluate_file = paths.evaluate_reports / "mlflow_run.json"
-    with tracking.resume_run(paths.root, paths.train_run, evaluate_file, {"evaluate.batch_size": 16}):
-        pass
-    with tracking.resume_run(paths.root, paths.train_run, evaluate_file, {"evaluate.batch_size": 32}) as run:
+    with tracking.stage_run(params, paths, "evaluate") as run:
+        run.log_metrics("test", {"accuracy": 0.9})
+    changed = build_params({**{k: v for k, v in params.flat().items() if k != "evaluate.batch_size"},
+                            "evaluate.batch_size": 32})
+    with tracking.stage_run(changed, paths, "evaluate") as run:
         run.log_metrics("test", {"accuracy": 0.8})
     derived_id = run.run_id
     assert derived_id != train_id
-    assert run_file_id(evaluate_file) == derived_id
 
     client = client_for(mlflow_store)
     source, derived = client.get_run(train_id), client.get_run(derived_id)
-    assert derived.data.tags["catdog.derived_from"] == train_id
-    assert derived.data.tags["catdog.params_hash"] == source.data.tags["catdog.params_hash"]
+    assert derived.data.tags["catdog.reused_from"] == train_id
+    assert derived.data.tags["catdog.results.train"] == "copied"
+    assert derived.data.tags["catdog.results.evaluate"] == "logged"
+    assert derived.data.tags["catdog.checkpoint_md5"] == source.data.tags["catdog.checkpoint_md5"]
+    assert derived.data.tags["catdog.params_hash"] == tracking.params_hash(changed)
     assert derived.data.tags["custom.note"] == "from train"
     assert derived.info.run_name == f"{source.info.run_name}-re"
-    assert derived.info.experiment_id == source.info.experiment_id
-    # params: the train ones carried over, the section's new value logged
     assert derived.data.params["evaluate.batch_size"] == "32"
     assert source.data.params["evaluate.batch_size"] == "16"  # immutable in the source
-    assert derived.data.params["train.lr"] == "0.005"
     assert {k: v for k, v in derived.data.params.items() if k != "evaluate.batch_size"} == \
            {k: v for k, v in source.data.params.items() if k != "evaluate.batch_size"}
     # the whole per-epoch history, not only the last values
     assert metric_history(client, derived_id, "val/accuracy") == [(1, 0.6), (2, 0.7), (3, 0.8)]
-    assert metric_history(client, derived_id, "val/loss") == metric_history(client, train_id, "val/loss")
-    assert derived.data.metrics["test/accuracy"] == 0.8
-    assert "test/accuracy" not in source.data.metrics
-
-
-def test_resume_with_new_section_params_logs_them_in_the_same_run(train_run, mlflow_store, params):
-    paths, train_id = train_run
-    export_file = paths.export_reports / "mlflow_run.json"
-    with tracking.resume_run(paths.root, paths.train_run, export_file, params.flat("export")) as run:
+    assert derived.data.metrics["test/accuracy"] == 0.8 and source.data.metrics["test/accuracy"] == 0.9
+    # export then finds the new run, the most recent one of the checkpoint, and completes it
+    with tracking.stage_run(changed, paths, "export") as run:
         pass
-    assert run.run_id == train_id
-    logged = client_for(mlflow_store).get_run(train_id).data.params
-    assert logged["export.opset"] == "18" and "export.tolerance" in logged
+    assert run.run_id == derived_id
 
 
-def test_derived_run_copies_long_metric_histories(mlflow_store, tmp_path, params):
+def test_an_identical_checkpoint_copies_the_downstream_results(train_run, mlflow_store, params):
+    """`dvc repro -f -s train` gives the same checkpoint: DVC will not rerun evaluate and export."""
+    paths, first_id = train_run
+    for stage in ("evaluate", "export"):
+        with tracking.stage_run(params, paths, stage) as run:
+            run.log_metrics("test", {"accuracy": 0.9})
+    with tracking.start_run(params, paths) as run:
+        run.log_metrics("val", {"accuracy": 0.7}, step=1)
+        tracking.record_checkpoint(run, paths.checkpoint)
+    client = client_for(mlflow_store)
+    again = client.get_run(run.run_id).data
+    assert run.run_id != first_id
+    assert again.tags["catdog.reused_from"] == first_id
+    assert again.tags["catdog.results.train"] == "logged"
+    assert again.tags["catdog.results.evaluate"] == again.tags["catdog.results.export"] == "copied"
+    assert again.params["evaluate.batch_size"] == "16" and again.metrics["test/accuracy"] == 0.9
+    assert metric_history(client, run.run_id, "val/accuracy") == [(1, 0.7)]  # its own, not copied
+    # a forced evaluate rerun with the same params completes that run instead of starting another
+    with tracking.stage_run(params, paths, "evaluate") as evaluate:
+        evaluate.log_metrics("test", {"accuracy": 0.9})
+    assert evaluate.run_id == run.run_id
+    assert client.get_run(run.run_id).data.tags["catdog.results.evaluate"] == "logged"
+    assert len(_runs(mlflow_store, first_id)) == 2
+
+
+def test_a_stage_without_a_run_of_its_checkpoint_says_what_to_do(train_run, params):
+    paths, _ = train_run
+    paths.checkpoint.write_bytes(b"weights nobody logged")
+    with pytest.raises(CatdogError, match=r"no MLflow run of checkpoint.pt .*dvc repro -f -s train"), \
+            tracking.stage_run(params, paths, "evaluate"):
+        pass
+
+
+def test_a_derived_run_copies_long_metric_histories(train_run, mlflow_store, params):
     from mlflow.entities import Metric
 
-    paths = Paths.under(tmp_path)
-    with tracking.start_run(params, paths) as run:
-        pass
+    paths, train_id = train_run
     client = client_for(mlflow_store)
-    client.log_batch(run.run_id, metrics=[Metric("step_loss", float(i), 1_700_000_000_000 + i, i)
-                                          for i in range(950)])  # more than one 900-metric batch
-    with tracking.resume_run(paths.root, paths.train_run, tmp_path / "eval.json", {"train.lr": 0.1}) as derived:
+    client.log_batch(train_id, metrics=[Metric("step_loss", float(i), 1_700_000_000_000 + i, i)
+                                        for i in range(950)])  # more than one 900-metric batch
+    client.set_tag(train_id, "catdog.results.evaluate", "logged")
+    with tracking.stage_run(params, paths, "evaluate") as derived:
         pass
-    assert derived.run_id != run.run_id
+    assert derived.run_id != train_id
     history = metric_history(client, derived.run_id, "step_loss")
     assert len(history) == 950
     assert history[0] == (0, 0.0) and history[-1] == (949, 949.0)
-    assert client.get_run(derived.run_id).data.params["train.lr"] == "0.1"
 
 
 # --- model registry ----------------------------------------------------------------------------
@@ -386,3 +415,21 @@ def test_pyfunc_model_moves_champion_only_on_improvement(mlflow_store, tmp_path,
     assert client.get_model_version("catdog-test", "2").tags["test_accuracy"] == "0.8"
     assert client.get_model_version("catdog-test", "1").run_id == run.run_id
     assert len(client.search_model_versions("name = 'catdog-test'")) == 5  # no name: logged, not registered
+
+
+# --- metric keys of the whole pipeline's run ----------------------------------------------------
+
+def test_mlflow_metrics_are_grouped_by_section_and_facts_are_tags(pipeline):
+    """The run page charts metrics by the prefix before "/"; counts, versions, flags are no metrics."""
+    run = client_for(pipeline.root).get_run(run_id(pipeline.paths))
+    metrics = set(run.data.metrics)
+    assert not [key for key in metrics if "/" not in key], sorted(metrics)
+    assert {key.split("/")[0] for key in metrics} <= {"train", "val", "test", "export", "schedule", "system"}
+    assert {"train/loss", "train/accuracy", "val/loss", "val/accuracy", "schedule/lr",
+            "test/accuracy", "test/log_loss", "test/roc_auc", "test/f1", "test/ece", "test/precision_cat",
+            "test/recall_dog", "export/onnx_max_abs_diff", "export/pt2_max_abs_diff"} <= metrics, sorted(metrics)
+    assert not metrics & {"test/n", "export/parity_images", "export/registered_version"}
+    tags = run.data.tags
+    assert tags["catdog.test_images"] == str(len(read_csv(pipeline.paths.evaluate_reports / "predictions.csv")))
+    assert tags["catdog.parity_images"] == "10" and tags["catdog.epochs_trained"] == "3"
+    assert (tags["catdog.registered_version"], tags["catdog.promoted_champion"]) == ("1", "True")

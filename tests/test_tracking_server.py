@@ -121,8 +121,7 @@ def test_pipeline_logs_run_metrics_and_model_to_the_server(server, pipeline, pos
     run = runs[0]
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
-    assert {proj.run_id(f) for f in ("models/mlflow_run.json", "reports/evaluate/mlflow_run.json",
-                                     "reports/export/mlflow_run.json")} == {run_id}
+    assert {run.data.tags[f"catdog.results.{stage}"] for stage in ("train", "evaluate", "export")} == {"logged"}
 
     # params and metrics
     assert run.data.params["train.lr"] == str(TINY_PARAMS["train"]["lr"])

@@ -1,20 +1,19 @@
 """evaluate: the best checkpoint on the held-out test split, metrics from scikit-learn.
 
-Writes (``paths.evaluate_reports``): metrics.json; predictions.csv (DVC confusion plot);
+Writes (``paths.evaluate_reports``): metrics.json (the headline figures, ``HEADLINE``: DVC metrics),
+details.json (every figure: per class, balanced accuracy, PR-AUC, ...); predictions.csv (DVC confusion plot);
 roc.csv and pr.csv (DVC curve plots); PNGs of the confusion matrix, ROC/PR curves,
 reliability diagram and the most confidently wrong test images.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 
 import numpy as np
 from sklearn import metrics as skm
 
-from catdog import CLASSES, integrity, plots, tracking
+from catdog import CLASSES, integrity, plots, reports, tracking
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import resolve_runtime
 from catdog.engine import predict_probabilities
@@ -24,20 +23,18 @@ from catdog.params import Params
 from catdog.paths import Paths
 from catdog.transforms import eval_preset
 
-PLOTS = ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "confidently_wrong.png")
-
-
+HEADLINE = ("accuracy", "log_loss", "roc_auc", "f1", "ece")
 def run(params: Params, paths: Paths) -> dict:
     p = params.evaluate
+    tracking.check_server(paths.root)
     integrity.verify(paths)
-    runtime = resolve_runtime()
+    runtime = resolve_runtime("fp32")  # the deployed model's precision: the champion is chosen on these numbers
     model, config = load_checkpoint(paths.checkpoint)
     model = inference_module(runtime.prepare_model(model), config["arch"], config["image_size"], runtime)
     test = load_split(paths, "test")
     loader = make_loader(CachedImages(paths, test, eval_preset(config["image_size"])), p.batch_size, 0)
 
-    with tracking.resume_run(paths.root, paths.train_run, paths.evaluate_reports / "mlflow_run.json",
-                             params.flat("evaluate"), params) as mlflow_run:
+    with tracking.stage_run(params, paths, "evaluate") as mlflow_run:
         probabilities, targets = predict_probabilities(model, loader, runtime, tta=p.tta, desc="test")
         probabilities, targets = probabilities.numpy(), targets.numpy()
         results = classification_metrics(targets, probabilities, p.calibration_bins)
@@ -45,10 +42,11 @@ def run(params: Params, paths: Paths) -> dict:
                       p.gallery_size)
         mlflow_run.log_metrics("test", {k: v for k, v in results.items() if k != "n"})
         mlflow_run.log_facts({"test_images": results["n"]})
-        for name in PLOTS:
-            mlflow_run.log_artifact(paths.evaluate_reports / name, "plots")
-        for name in ("predictions.csv", "roc.csv", "pr.csv"):
-            mlflow_run.log_artifact(paths.evaluate_reports / name, "reports")
+        for plot in (paths.confusion_matrix_plot, paths.roc_pr_plot, paths.reliability_plot,
+                     paths.confidently_wrong_plot):
+            mlflow_run.log_artifact(plot, "plots")
+        for report in (paths.predictions, paths.roc_points, paths.pr_points):
+            mlflow_run.log_artifact(report, "reports")
     return results
 
 
@@ -89,21 +87,18 @@ def expected_calibration_error(targets: np.ndarray, probabilities: np.ndarray, b
 
 def write_reports(paths: Paths, files: list[str], rows: np.ndarray, targets: np.ndarray,
                   probabilities: np.ndarray, results: dict, calibration_bins: int, gallery_size: int) -> None:
-    reports = paths.evaluate_reports
-    reports.mkdir(parents=True, exist_ok=True)
-    write_predictions(reports / "predictions.csv", files, targets, probabilities)
-    (reports / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_predictions(paths.predictions, files, targets, probabilities)
 
     matrix = skm.confusion_matrix(targets, probabilities.argmax(1), labels=range(len(CLASSES)))
-    plots.confusion_matrix(matrix, CLASSES, reports / "confusion_matrix.png",
+    plots.confusion_matrix(matrix, CLASSES, paths.confusion_matrix_plot,
                            title=f"Test split: accuracy {results['accuracy']:.2%} (n={len(targets)})")
     # prepare puts both classes in every split, so the curves are defined
     fpr, tpr, _ = skm.roc_curve(targets, probabilities[:, 1])
     precision, recall, _ = skm.precision_recall_curve(targets, probabilities[:, 1])
-    _write_columns(reports / "roc.csv", {"fpr": fpr, "tpr": tpr})
-    _write_columns(reports / "pr.csv", {"recall": recall, "precision": precision})
-    plots.roc_pr_curves(targets, probabilities[:, 1], reports / "roc_pr_curves.png", positive=CLASSES[1])
-    plots.reliability_diagram(targets, probabilities[:, 1], reports / "reliability.png", calibration_bins,
+    _write_columns(paths.roc_points, {"fpr": fpr, "tpr": tpr})
+    _write_columns(paths.pr_points, {"recall": recall, "precision": precision})
+    plots.roc_pr_curves(targets, probabilities[:, 1], paths.roc_pr_plot, positive=CLASSES[1])
+    plots.reliability_diagram(targets, probabilities[:, 1], paths.reliability_plot, calibration_bins,
                               ece=results["ece"], positive=CLASSES[1])
 
     predicted = probabilities.argmax(1)
@@ -113,22 +108,18 @@ def write_reports(paths: Paths, files: list[str], rows: np.ndarray, targets: np.
     plots.gallery([images[rows[i]] for i in worst],
                   [f"{Path(files[i]).name}\ntrue {CLASSES[targets[i]]}, said {CLASSES[predicted[i]]} "
                    f"({probabilities[i].max():.0%})" for i in worst],
-                  reports / "confidently_wrong.png",
+                  paths.confidently_wrong_plot,
                   title=f"Most confidently wrong test images ({len(wrong)} wrong of {len(targets)})")
+    reports.write_json(paths.evaluate_details, results)
+    reports.write_json(paths.evaluate_metrics, {key: results[key] for key in HEADLINE})  # last: all else is there
 
 
 def write_predictions(path: Path, files: list[str], targets: np.ndarray, probabilities: np.ndarray) -> None:
     """One row per test image; ``actual``/``predicted`` feed DVC's confusion template."""
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["path", "actual", "predicted", "confidence", "prob_dog"])
-        for file, target, probs in zip(files, targets, probabilities):
-            writer.writerow([file, CLASSES[target], CLASSES[probs.argmax()], round(float(probs.max()), 6),
-                             round(float(probs[1]), 6)])
+    reports.write_csv(path, ["path", "actual", "predicted", "confidence", "prob_dog"],
+                      ([file, CLASSES[target], CLASSES[probs.argmax()], probs.max(), probs[1]]
+                       for file, target, probs in zip(files, targets, probabilities)))
 
 
 def _write_columns(path: Path, columns: dict[str, np.ndarray]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows(zip(*(np.round(values, 6) for values in columns.values())))
+    reports.write_csv(path, list(columns), zip(*columns.values()))

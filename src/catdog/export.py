@@ -19,29 +19,27 @@ import numpy as np
 import torch
 from PIL import Image
 
-from catdog import integrity, serving, tracking
+from catdog import atomic, integrity, reports, serving, tracking
 from catdog.data import CachedImages, Split, load_split
 from catdog.errors import CatdogError
 from catdog.models import load_checkpoint
 from catdog.onnx_runtime import create_session, export_onnx
 from catdog.params import Params
-from catdog.paths import Paths
+from catdog.paths import LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, PT2_FILE, Paths
 from catdog.transforms import eval_preset
 
-MODEL_FILE, PT2_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE = (
-    "model.onnx", "model.pt2", "labels.json", "preprocess.json", "MODEL_CARD.md")
 
 
 def run(params: Params, paths: Paths) -> dict:
     p = params.export
+    tracking.check_server(paths.root)
     integrity.verify(paths)
     model, config = load_checkpoint(paths.checkpoint)
-    out = paths.exported
-    out.mkdir(parents=True, exist_ok=True)
+    paths.exported.mkdir(parents=True, exist_ok=True)
     size = config["image_size"]
     example = torch.rand(2, 3, size, size)
-    export_onnx(model, example, out / MODEL_FILE, p.opset, names=("image", "logits"))
-    export_pt2(model, example, out / PT2_FILE)
+    export_onnx(model, example, paths.onnx_model, p.opset, names=("image", "logits"))
+    export_pt2(model, example, paths.pt2_model)
 
     test = load_split(paths, "test")
     images = CachedImages(paths, test, eval_preset(size))
@@ -51,20 +49,21 @@ def run(params: Params, paths: Paths) -> dict:
     with torch.inference_mode():
         eager = model(batch).numpy()
     results = {"parity_images": count, "eager_accuracy": _accuracy(eager, targets)}
-    for name, logits in (("onnx", onnx_logits(out / MODEL_FILE, batch.numpy())),
-                         ("pt2", pt2_logits(out / PT2_FILE, batch))):
+    for name, logits in (("onnx", onnx_logits(paths.onnx_model, batch.numpy())),
+                         ("pt2", pt2_logits(paths.pt2_model, batch))):
         results[f"{name}_max_abs_diff"] = float(np.abs(logits - eager).max())
         results[f"{name}_accuracy"] = _accuracy(logits, targets)
         if results[f"{name}_max_abs_diff"] > p.tolerance or results[f"{name}_accuracy"] != results["eager_accuracy"]:
-            _write_metrics(paths, results)
+            reports.write_json(paths.parity, results)
             raise CatdogError(
                 f"{name} parity check failed over {count} test images: max |logit diff| "
                 f"{results[f'{name}_max_abs_diff']:.2e} (export.tolerance {p.tolerance:.0e}), accuracy "
                 f"{results[f'{name}_accuracy']:.4f} vs eager {results['eager_accuracy']:.4f}")
-    results["onnx_mb"] = round((out / MODEL_FILE).stat().st_size / 2**20, 2)
+    results["onnx_mb"] = round(paths.onnx_model.stat().st_size / 2**20, 2)
+    reports.write_json(paths.parity, results)
 
-    (out / LABELS_FILE).write_text(json.dumps({"classes": config["classes"]}, indent=2) + "\n")
-    (out / PREPROCESS_FILE).write_text(json.dumps({
+    atomic.write_text(paths.labels, json.dumps({"classes": config["classes"]}, indent=2) + "\n")
+    atomic.write_text(paths.preprocess, json.dumps({
         "cache_size": config["cache_size"],  # decode: EXIF-rotate, RGB, squash-resize (bilinear)
         "min_image_size": params.data.min_image_size,  # smaller images are refused, as prepare does
         "image_size": size,  # then resize to the model input
@@ -72,19 +71,17 @@ def run(params: Params, paths: Paths) -> dict:
         "normalization": "inside the model",
     }, indent=2) + "\n")
 
-    with tracking.resume_run(paths.root, paths.evaluate_reports / "mlflow_run.json",
-                             paths.export_reports / "mlflow_run.json", params.flat("export"), params) as mlflow_run:
-        test_metrics = json.loads((paths.evaluate_reports / "metrics.json").read_text())
-        lineage = mlflow_run.lineage()
-        (out / CARD_FILE).write_text(model_card(params, config, test_metrics, results, lineage, paths))
+    with tracking.stage_run(params, paths, "export") as mlflow_run:
+        test_metrics = json.loads(paths.evaluate_metrics.read_text())
+        atomic.write_text(paths.model_card, model_card(params, config, test_metrics, results, paths))
         # model.onnx, labels and preprocessing live in the logged model; model.pt2 only in DVC's cache
-        mlflow_run.log_artifact(out / CARD_FILE, "export")
+        mlflow_run.log_artifact(paths.model_card, "export")
         # dvc.lock as it stands now: every upstream stage's hashes (export's own entry lands after this)
-        for name in ("params.yaml", "dvc.yaml", "dvc.lock"):
-            mlflow_run.log_artifact(paths.root / name, "lineage")
+        for lineage_file in (paths.params_file, paths.dvc_yaml, paths.dvc_lock):
+            mlflow_run.log_artifact(lineage_file, "lineage")
         mlflow_run.log_metrics("export", {k: v for k, v in results.items() if k != "parity_images"})
         classifier = serving.pyfunc_model(
-            {"onnx_model": out / MODEL_FILE, "labels": out / LABELS_FILE, "preprocess": out / PREPROCESS_FILE},
+            {"onnx_model": paths.onnx_model, "labels": paths.labels, "preprocess": paths.preprocess},
             config["classes"], example_jpeg(paths, test))
         registration = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name,
                                                    test_accuracy=test_metrics["accuracy"], promote=p.promote_champion)
@@ -92,7 +89,6 @@ def run(params: Params, paths: Paths) -> dict:
                     "promoted_champion": registration.promoted} if registration else {}
         mlflow_run.log_facts({"parity_images": count, **registry})
         results.update(registry)
-    _write_metrics(paths, results)
     return results
 
 
@@ -107,7 +103,8 @@ def example_jpeg(paths: Paths, test: Split) -> bytes:
 def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     """torch.export (the successor of TorchScript): loadable with ``torch.export.load`` alone."""
     program = torch.export.export(model.eval(), (example,), dynamic_shapes={"images": {0: _batch_dim()}})
-    torch.export.save(program, str(path))
+    with atomic.replacing(path) as temporary:
+        torch.export.save(program, str(temporary))
 
 
 def onnx_logits(path: Path, batch: np.ndarray) -> np.ndarray:
@@ -120,10 +117,12 @@ def pt2_logits(path: Path, batch: torch.Tensor) -> np.ndarray:
         return torch.export.load(str(path)).module()(batch).numpy()
 
 
-def model_card(params: Params, config: dict, test: dict, parity: dict, lineage: dict, paths: Paths) -> str:
+def model_card(params: Params, config: dict, test: dict, parity: dict, paths: Paths) -> str:
+    """Only what the model's inputs determine: the same checkpoint, data and params give the same card
+    (no run id, commit or date: the card is a DVC output, and those differ per run)."""
     summary = json.loads(paths.prepare_summary.read_text())
     splits = ", ".join(f"{name} {sum(counts.values())}" for name, counts in summary["splits"].items())
-    metric_rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in test.items() if k != "n")
+    metric_rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in test.items())
     train_rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in params.flat("train").items())
     return f"""# Model card: catdog {config['arch']}
 
@@ -134,7 +133,7 @@ Binary image classifier: **cat** or **dog**, fine-tuned from ImageNet weights.
   squashed to {config['cache_size']}x{config['cache_size']} (bilinear), then {config['image_size']}x{config['image_size']};
   float32 NCHW in [0, 1]. Normalisation is inside the model.
 - Output: logits for `{config['classes']}`; softmax gives the confidence.
-- Files: `{MODEL_FILE}` (ONNX, dynamic batch; `catdog predict` uses it), `{PT2_FILE}` (torch.export),
+- Files: `{ONNX_FILE}` (ONNX, dynamic batch; `catdog predict` uses it), `{PT2_FILE}` (torch.export),
   `{LABELS_FILE}`, `{PREPROCESS_FILE}`.
 - Intended use: sorting pet photos into cats and dogs. Not for any decision about people,
   animal welfare or safety.
@@ -142,14 +141,14 @@ Binary image classifier: **cat** or **dog**, fine-tuned from ImageNet weights.
 ## Data
 - Source: `{params.data.source}` ({summary['images']} usable images; {splits}).
 - Rejected files: {summary['rejected_total']}; duplicate groups kept within one split: {summary['duplicate_groups_merged']}.
-- Data hash (md5 of `data/prepared/content.json`: size and md5 of the image cache and manifest): `{lineage.get('data.hash', 'n/a')}`.
+- Data hash (md5 of `data/prepared/content.json`: size and md5 of the image cache and manifest): `{integrity.data_hash(paths)}`.
 
 ## Training params
 | param | value |
 |---|---|
 {train_rows}
 
-## Test metrics ({test['n']} held-out images)
+## Test metrics ({sum(summary['splits']['test'].values())} held-out images)
 | metric | value |
 |---|---|
 {metric_rows}
@@ -158,9 +157,9 @@ Export parity over {parity['parity_images']} test images: ONNX max |logit diff| 
 torch.export max |logit diff| {parity['pt2_max_abs_diff']:.2e}; accuracy identical to the eager model.
 
 ## Lineage
-- Git commit: `{lineage.get('mlflow.source.git.commit', 'n/a')}` (code or params changed since: {lineage.get('git.dirty', 'n/a')})
-- MLflow run: `{lineage['run_id']}`; params hash `{lineage.get('catdog.params_hash', 'n/a')}`
-- DVC experiment: `{lineage.get('dvc.exp_name', 'none')}`
+- Checkpoint md5: `{tracking.file_md5(paths.checkpoint)}`, as in the `dvc.lock` of the commit that produced
+  this model (its code and params). Its MLflow runs carry the tag `{tracking.CHECKPOINT_TAG}` with this value
+  (UI search: `tags."{tracking.CHECKPOINT_TAG}" = '...'`).
 
 ## Known limits
 - Two classes only: every input gets "cat" or "dog", including photos of neither.
@@ -178,8 +177,3 @@ def _accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
 
 def _batch_dim():
     return torch.export.Dim("batch", min=1, max=4096)
-
-
-def _write_metrics(paths: Paths, results: dict) -> None:
-    paths.export_reports.mkdir(parents=True, exist_ok=True)
-    (paths.export_reports / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")

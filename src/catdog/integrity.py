@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from catdog import atomic
 from catdog.errors import CatdogError
 from catdog.paths import Paths
 
@@ -22,7 +23,7 @@ _RESTORE = "restore it with `dvc checkout data/prepared` or rebuild it with `dvc
 def record(paths: Paths) -> None:
     """Written last by prepare, once ``images.npy`` and ``manifest.csv`` are complete."""
     content = {path.name: _describe(path) for path in (paths.images, paths.manifest)}
-    paths.prepared_content.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    atomic.write_text(paths.prepared_content, json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
 def verify(paths: Paths) -> None:

@@ -7,6 +7,7 @@ train, evaluate, the ONNX export and ``catdog predict`` can never disagree about
 from __future__ import annotations
 
 import importlib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from catdog import atomic
 from catdog.errors import CatdogError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -150,7 +152,7 @@ class _LiteStage(nn.Module):
 
     def __init__(self, net: nn.Module, part: str, block: nn.Module | None = None, drop_connect_rate: float = 0.0):
         super().__init__()
-        self.net_swish, self.part, self.rate = net._swish, part, drop_connect_rate
+        self.swish, self.part, self.rate = net._swish, part, drop_connect_rate
         if part == "stem":
             self.conv, self.bn = net._conv_stem, net._bn0
         elif part == "head":
@@ -161,7 +163,7 @@ class _LiteStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.part == "block":
             return self.block(x, drop_connect_rate=self.rate)
-        x = self.net_swish(self.bn(self.conv(x)))
+        x = self.swish(self.bn(self.conv(x)))
         return x.mean(dim=(2, 3)) if self.part == "head" else x
 
 
@@ -277,20 +279,29 @@ def create_model(arch: str, pretrained: bool = True, num_classes: int = 2, weigh
 def _load_state(path: str | Path) -> dict:
     if not Path(path).is_file():
         raise CatdogError(f"weights file {path} not found: fix train.weights")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _torch_load(path)
     return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _torch_load(path: str | Path):
+    """Tensors and plain containers only (``weights_only``): a pickle that would run code is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CatdogError(f"cannot load {path}: not a plain PyTorch weights file ({reason})") from None
 
 
 def save_checkpoint(path: Path, model: Classifier, config: dict) -> None:
     """``config`` holds what rebuilding needs (arch, image_size, classes, ...), saved with the weights."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": config, "state_dict": model.state_dict()}, path)
+    with atomic.replacing(path) as temporary:
+        torch.save({"config": config, "state_dict": model.state_dict()}, temporary)
 
 
 def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
     if not path.is_file():
         raise CatdogError(f"{path} not found: run the train stage first (dvc repro train)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = _torch_load(path)
     config = checkpoint["config"]
     model = create_model(config["arch"], pretrained=False, num_classes=len(config["classes"]),
                          image_size=config["image_size"], dropout=config["dropout"])

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from catdog import atomic
+
 CACHE_ENV = "CATDOG_CACHE"
 GRAPH_VERSION = "1"  # bump when the exported graph changes for the same weights
 
@@ -66,10 +68,8 @@ def export_onnx(module, example, path: Path, opset: int = 18, names: tuple[str, 
         program = torch.onnx.export(module, (example,), input_names=[names[0]], output_names=[names[1]],
                                     dynamic_shapes={argument: {0: batch}}, opset_version=opset, dynamo=True,
                                     verbose=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    program.save(str(partial))
-    os.replace(partial, path)
+    with atomic.replacing(path) as temporary:
+        program.save(str(temporary))
 
 
 def content_hash(module, *identity) -> str:

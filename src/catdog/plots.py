@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.calibration import CalibrationDisplay  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay  # noqa: E402
+from catdog import atomic  # noqa: E402
 
 
 def training_curves(history: list[dict], best_epoch: int, path: Path) -> None:
@@ -77,6 +78,6 @@ def gallery(images: list[np.ndarray], captions: list[str], path: Path, title: st
 
 
 def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic.replacing(path) as temporary:
+        fig.savefig(temporary, dpi=120, metadata={"Software": None})  # the same figure, the same bytes
     plt.close(fig)

@@ -4,14 +4,14 @@ Outputs (``paths.prepared``):
   manifest.csv   one row per kept image: path, label, split, pixel_md5; row i is images[i]
   images.npy     uint8 [N, cache_size, cache_size, 3]: decoded once, read by train/evaluate
   rejected.csv   path, reason for every file that was skipped
-and the summary metric ``paths.prepare_summary``.
+  summary.json   images per split and class, rejects per reason, duplicate groups merged
+and the headline metrics ``paths.prepare_metrics`` (images per split).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from catdog import CLASSES, integrity
+from catdog import CLASSES, integrity, reports
 from catdog.errors import CatdogError
 from catdog.images import BadImage, decode_image
 from catdog.params import DataParams, Params
@@ -50,20 +50,21 @@ def run(params: Params, paths: Paths) -> dict:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    images, kept, decode_rejects = decode_all(source, candidates, data, out / "images.npy")
+    images, kept, decode_rejects = decode_all(source, candidates, data, paths.images)
     rejected += decode_rejects
     check_class_counts(kept, data.min_per_class)
 
     splits, merged_groups = split(kept, data)
-    write_manifest(out / "manifest.csv", kept, splits)
-    write_rejected(out / "rejected.csv", rejected)
+    write_manifest(paths.manifest, kept, splits)
+    write_rejected(paths.rejected, rejected)
     integrity.record(paths)
 
     summary = summarize(kept, splits, rejected, unlabelled, merged_groups, images.shape[1])
-    paths.prepare_summary.parent.mkdir(parents=True, exist_ok=True)
-    paths.prepare_summary.write_text(json.dumps(summary, indent=2) + "\n")
+    reports.write_json(paths.prepare_summary, summary)
+    reports.write_json(paths.prepare_metrics, {f"{name}_images": sum(counts.values())
+                                               for name, counts in summary["splits"].items()})
     for reason, count in sorted(summary["rejected"].items()):
-        tqdm.write(f"warning: skipped {count} file(s): {reason} (see {out / 'rejected.csv'})")
+        tqdm.write(f"warning: skipped {count} file(s): {reason} (see {paths.rejected})")
     return summary
 
 

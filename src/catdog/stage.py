@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from typing import Callable
 
@@ -22,11 +24,28 @@ def main(name: str, run: Callable[[Params, Paths], dict], argv: list[str] | None
         with stop_on_signals():
             params = load_params(args.params)  # validated in full before any work starts
             metrics = run(params, Paths.under(args.root))
-    except CatdogError as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    except (CatdogError, OSError) as exc:
+        if os.environ.get("CATDOG_DEBUG") == "1":
+            raise
+        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
+        sys.exit(2 if isinstance(exc, CatdogError) else 1)
     except StageStopped as stop:
         print(f"{name}: {stop}: its MLflow run is marked KILLED; rerun (dvc repro) to continue "
               "(train resumes after its last finished epoch)", file=sys.stderr)
         sys.exit(130)
     print(f"{name}: {json.dumps(metrics, default=str)}")
+
+
+_OS_HINTS = {errno.ENOSPC: "free some disk space, then rerun", errno.EDQUOT: "free some disk space, then rerun",
+             errno.EACCES: "check the permissions of that path", errno.EPERM: "check the permissions of that path",
+             errno.EROFS: "the file system is read-only: run where the project can be written"}
+
+
+def _one_line(exc: Exception) -> str:
+    """An expected failure in one line (a disk, permission or store problem is not a bug:
+    no traceback unless CATDOG_DEBUG=1)."""
+    if not isinstance(exc, OSError):
+        return str(exc)
+    where = f": {exc.filename}" if exc.filename else ""
+    hint = _OS_HINTS.get(exc.errno, "")
+    return f"{exc.strerror or exc}{where}" + (f" ({hint})" if hint else "")

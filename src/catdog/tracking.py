@@ -1,10 +1,20 @@
 """Every MLflow call of the project lives here; DVC never has to know about MLflow.
 
-One pipeline run is one MLflow run: train creates it and records its id in a small DVC
-output; evaluate and export reopen that run. A downstream stage that reruns with params
-different from those already logged (say only ``evaluate.*`` changed) cannot rewrite them
-- MLflow params are immutable - so it continues in a new run derived from the old one
-(params, tags and metric history copied, tag ``catdog.derived_from``) and passes that id on.
+One pipeline run is one MLflow run, found by what DVC tracks rather than by a run id in a file
+(a run id differs on every run, so it cannot be in a DVC output of a reproducible pipeline):
+train tags its run with the md5 of the checkpoint it wrote (``CHECKPOINT_TAG``); evaluate and
+export log into the most recent run with their checkpoint's md5 (``stage_run``). Every run a
+pipeline invocation creates holds the full params and results, whichever stages DVC restored:
+
+- a stage whose results that run already holds (only ``evaluate.*`` changed, or a forced rerun)
+  starts a new run that copies the run's params, metrics and tags (MLflow params are immutable)
+  and tags ``catdog.reused_from``;
+- train, when its checkpoint comes out identical to an earlier run's (``dvc repro -f -s train``),
+  copies that run's evaluate and export results, which DVC will not recompute
+  (``record_checkpoint``).
+
+Tags ``catdog.results.<stage>`` say which stages' results a run holds: ``logged`` by the stage
+in this run, or ``copied`` from the run in ``catdog.reused_from``.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ import random
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -42,8 +54,13 @@ from catdog.params import Params
 from catdog.paths import Paths
 
 ARTIFACTS_DIR = "mlruns"
+FAILED_STAGE_TAG = "catdog.failed_stage"
 _RUN_OWN_TAGS = {"mlflow.runName", "mlflow.log-model.history", "mlflow.user",  # not copied to a derived run
-                 lifecycle.HOST_TAG, lifecycle.PID_TAG, lifecycle.STARTED_TAG, "catdog.stage", "catdog.stopped"}
+                 lifecycle.HOST_TAG, lifecycle.PID_TAG, lifecycle.STARTED_TAG, "catdog.stage", "catdog.stopped",
+                 FAILED_STAGE_TAG}
+CHECKPOINT_TAG = "catdog.checkpoint_md5"
+REUSED_TAG = "catdog.reused_from"
+RESULTS_TAG = "catdog.results."  # + stage name: "logged" or "copied"
 _LINEAGE_FILES = ("src", "stages", "dvc.yaml", "params.yaml", "pyproject.toml")  # beside mlflow.db, as MLflow itself does
 DB_FILE = "mlflow.db"
 
@@ -98,10 +115,6 @@ class Run:
         self.run_id = run_id
         self.progress: dict[str, str] = {}  # tags set only if the stage is stopped (how far it got)
 
-    def lineage(self) -> dict[str, str]:
-        """The run's tags plus its id: what a model card cites."""
-        return {**MlflowClient().get_run(self.run_id).data.tags, "run_id": self.run_id}
-
     def log_pyfunc_model(self, model: dict, name: str | None, test_accuracy: float,
                          promote: bool) -> Registration | None:
         """Log ``model`` (``mlflow.pyfunc.log_model`` arguments, e.g. from
@@ -128,10 +141,10 @@ class Run:
     def log_epoch(self, row: dict[str, float]) -> None:
         """One row of train's history, at step ``row["epoch"]``."""
         mlflow.log_metrics({key: float(row[column]) for column, key in EPOCH_METRIC_KEYS.items() if column in row},
-                           step=row["epoch"])
+                           step=row["epoch"], synchronous=False)  # off the training's critical path
 
     def log_step_loss(self, loss: float, step: int) -> None:
-        mlflow.log_metric(STEP_LOSS_KEY, loss, step=step)
+        mlflow.log_metric(STEP_LOSS_KEY, loss, step=step, synchronous=False)
 
     def logged_epochs(self) -> set[int]:
         """The epochs already logged (a resumed run skips those)."""
@@ -152,8 +165,9 @@ class Run:
         mlflow.log_params({k: _param_value(v) for k, v in params.items()})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if path.exists():
-            mlflow.log_artifact(str(path), artifact_path)
+        if not path.is_file():
+            raise CatdogError(f"cannot log {path} to MLflow: the file is not there (the stage should have written it)")
+        mlflow.log_artifact(str(path), artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         mlflow.set_tags(tags)
@@ -183,13 +197,12 @@ class Run:
 
 @contextlib.contextmanager
 def start_run(params: Params, paths: Paths) -> Iterator[Run]:
-    """Create the pipeline's run (train stage) and record its id in ``paths.train_run``."""
+    """Create the pipeline's run (train stage); ``record_checkpoint`` ties it to the checkpoint."""
     client = _client(paths.root)
     experiment_id = _experiment_id(client, params.tracking.experiment_name, paths.root)
     tags = lineage_tags(params, paths)
     _close_orphans(client, experiment_id)
     run = client.create_run(experiment_id, run_name=run_name(params), tags=tags)
-    _write_run_file(paths.train_run, run.info.run_id)
     with _opened(run.info.run_id, "train", log_system_metrics=True) as active:
         active.log_params(params.flat("data", "train", "tracking"))
         if paths.manifest.is_file():
@@ -198,11 +211,10 @@ def start_run(params: Params, paths: Paths) -> Iterator[Run]:
 
 
 @contextlib.contextmanager
-def resume(paths: Paths, run_id: str) -> Iterator[Run]:
+def reopen_train_run(paths: Paths, run_id: str) -> Iterator[Run]:
     """Reopen the train run ``run_id`` after a killed train stage: the same run, params already logged."""
     client = _client(paths.root)
     _close_orphans(client, client.get_run(run_id).info.experiment_id)
-    _write_run_file(paths.train_run, run_id)  # a DVC output: DVC deleted it before rerunning train
     with _opened(run_id, "train", log_system_metrics=True) as active:
         yield active
 
@@ -215,44 +227,105 @@ def run_exists(project_root: Path, run_id: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def resume_run(project_root: Path, upstream_run_file: Path, run_file: Path,
-               section_params: dict[str, object], params: Params | None = None) -> Iterator[Run]:
-    """Reopen the upstream stage's run (or a derived one when ``section_params`` conflict).
+def record_checkpoint(run: Run, checkpoint: Path) -> None:
+    """Tag train's run with the checkpoint's md5. When an earlier run produced the same checkpoint,
+    copy its downstream results (evaluate, export): DVC will not rerun those stages for it."""
+    client = MlflowClient()
+    md5 = file_md5(checkpoint)
+    experiment_id = client.get_run(run.run_id).info.experiment_id
+    earlier = _pipeline_run(client, experiment_id, md5)
+    client.set_tag(run.run_id, RESULTS_TAG + "train", "logged")
+    if earlier is not None and earlier.info.run_id != run.run_id:
+        _copy_missing(client, earlier, run.run_id)
+    client.set_tag(run.run_id, CHECKPOINT_TAG, md5)  # last: from now on evaluate and export find this run
 
-    A derived run is tagged with the current DVC experiment and, given the stage's full
-    ``params``, their hash: it belongs to this experiment, not to the one it copies from.
-    """
-    client = _client(project_root)
-    run_id = json.loads(upstream_run_file.read_text())["run_id"]
-    upstream = client.get_run(run_id)
-    _close_orphans(client, upstream.info.experiment_id)
-    logged = upstream.data.params
-    values = {k: _param_value(v) for k, v in section_params.items()}
-    if any(k in logged and logged[k] != v for k, v in values.items()):
-        run_id = _derive_run(client, run_id, drop=set(values),
-                             params_digest=params_hash(params) if params is not None else None)
-        logged = {}
-    _write_run_file(run_file, run_id)
-    with _opened(run_id, run_file.parent.name) as active:  # reports/<stage>/mlflow_run.json
+
+@contextlib.contextmanager
+def stage_run(params: Params, paths: Paths, stage: str) -> Iterator[Run]:
+    """The run of ``stage`` (evaluate, export): the most recent run of this checkpoint, or a new run
+    copied from it when that one already holds this stage's results or other ``stage`` params."""
+    client = _client(paths.root)
+    md5 = file_md5(paths.checkpoint)
+    experiment_id = _experiment_id(client, params.tracking.experiment_name, paths.root)
+    _close_orphans(client, experiment_id)
+    found = _pipeline_run(client, experiment_id, md5)
+    if found is None:
+        raise CatdogError(f"no MLflow run of {paths.checkpoint.name} (md5 {md5}) in experiment "
+                          f"{params.tracking.experiment_name!r} at {client.tracking_uri}: rerun train "
+                          "(dvc repro -f -s train) to log one")
+    values = {k: _param_value(v) for k, v in params.flat(stage).items()}
+    conflict = any(found.data.params.get(k, v) != v for k, v in values.items())
+    run_id = found.info.run_id
+    if conflict or found.data.tags.get(RESULTS_TAG + stage) == "logged":
+        run_id = _derive_run(client, run_id, drop=set(values), params_digest=params_hash(params))
+    logged = client.get_run(run_id).data.params
+    with _opened(run_id, stage) as active:
         active.log_params({k: v for k, v in values.items() if k not in logged})
         yield active
+        active.set_tags({RESULTS_TAG + stage: "logged"})
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _pipeline_run(client: MlflowClient, experiment_id: str, checkpoint_md5: str):
+    """The most recent live run tagged with this checkpoint md5, or None."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{CHECKPOINT_TAG}` = '{checkpoint_md5}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def _copy_missing(client: MlflowClient, source, target_id: str, skip_params: set[str] = frozenset()) -> None:
+    """Params (less ``skip_params``), metric histories and tags of ``source`` that run ``target_id``
+    lacks; the stage results copied are marked ``copied``."""
+    target = client.get_run(target_id).data
+    tags = {k: ("copied" if k.startswith(RESULTS_TAG) else v) for k, v in source.data.tags.items()
+            if k not in target.tags and k not in _RUN_OWN_TAGS and k not in _DVC_EXP_TAGS.values()}
+    tags[REUSED_TAG] = source.info.run_id
+    params = {k: v for k, v in source.data.params.items() if k not in target.params and k not in skip_params}
+    history = [m for key in source.data.metrics if key not in target.metrics
+               for m in client.get_metric_history(source.info.run_id, key)]
+    _log_batches(client, target_id, history, params, tags)
+
+
+def _log_batches(client: MlflowClient, run_id: str, history: list, params: dict[str, str],
+                 tags: dict[str, str]) -> None:
+    for start in range(0, max(len(history), 1), 900):  # log_batch takes at most 1000 metrics
+        client.log_batch(run_id, metrics=[Metric(m.key, m.value, m.timestamp, m.step)
+                                          for m in history[start:start + 900]],
+                         params=[Param(k, v) for k, v in params.items()] if start == 0 else [],
+                         tags=[RunTag(k, v) for k, v in tags.items()] if start == 0 else [])
 
 
 @contextlib.contextmanager
 def _opened(run_id: str, stage: str, **start_kwargs) -> Iterator[Run]:
     """The run made active for ``stage``, tagged with this process; a stop signal ends it KILLED
     (tagged with the stage and ``Run.progress``) instead of FAILED."""
-    active = Run(run_id)
+    active, client = Run(run_id), MlflowClient()
+    if FAILED_STAGE_TAG in client.get_run(run_id).data.tags:  # this attempt may well succeed
+        client.delete_tag(run_id, FAILED_STAGE_TAG)
     try:
         with mlflow.start_run(run_id=run_id, **start_kwargs):
             mlflow.set_tags({**lifecycle.process_tags(), "catdog.stage": stage})
             yield active
     except lifecycle.StageStopped as stop:  # also when it interrupts MLflow's own end_run
-        client = MlflowClient()
         for key, value in {"catdog.stopped": f"{stop.signal_name} during {stage}", **active.progress}.items():
             client.set_tag(run_id, key, value)
         client.set_terminated(run_id, "KILLED")
+        raise
+    except Exception as exc:  # MLflow marked the run FAILED; say which stage (unless the store is the problem)
+        with contextlib.suppress(Exception):
+            client.set_tag(run_id, FAILED_STAGE_TAG, stage)
+        uri = mlflow.get_tracking_uri()
+        if uri.startswith(("http://", "https://")) and (problem := _server_problem(uri)):
+            raise CatdogError(f"lost the MLflow tracking server {uri} during {stage} ({problem}; "
+                              f"{type(exc).__name__}): the files written so far stay; rerun the stage "
+                              "(dvc repro) once the server is back") from None
         raise
 
 
@@ -327,22 +400,16 @@ def _beats_champion(client: MlflowClient, name: str, test_accuracy: float) -> bo
 
 
 def _derive_run(client: MlflowClient, source_id: str, drop: set[str], params_digest: str | None = None) -> str:
+    """A new run with ``source_id``'s params (less ``drop``), metrics and tags, tagged ``catdog.reused_from``."""
     source = client.get_run(source_id)
     tags = {k: v for k, v in source.data.tags.items()
-            if k not in _RUN_OWN_TAGS and k not in _DVC_EXP_TAGS.values()}
+            if k not in _RUN_OWN_TAGS and k not in _DVC_EXP_TAGS.values() and not k.startswith(RESULTS_TAG)}
     tags.update(_dvc_exp_tags())  # this run's experiment, not the source's
-    tags["catdog.derived_from"] = source_id
     if params_digest:
         tags["catdog.params_hash"] = params_digest
     run = client.create_run(source.info.experiment_id,
                             run_name=os.environ.get("DVC_EXP_NAME") or f"{source.info.run_name}-re", tags=tags)
-    history = [m for key in source.data.metrics for m in client.get_metric_history(source_id, key)]
-    params = [Param(k, v) for k, v in source.data.params.items() if k not in drop]
-    for start in range(0, max(len(history), 1), 900):  # log_batch takes at most 1000 metrics
-        client.log_batch(run.info.run_id, metrics=[Metric(m.key, m.value, m.timestamp, m.step)
-                                                   for m in history[start:start + 900]],
-                         params=params if start == 0 else [], tags=[RunTag(k, v) for k, v in tags.items()]
-                         if start == 0 else [])
+    _copy_missing(client, source, run.info.run_id, skip_params=drop)  # the stage logs those anew
     if source.inputs and source.inputs.dataset_inputs:  # the same data, still shown in the runs table
         client.log_inputs(run.info.run_id, datasets=source.inputs.dataset_inputs)
     return run.info.run_id
@@ -380,7 +447,7 @@ def prepared_digest(paths: Paths) -> str:
     """DVC's md5 of ``data/prepared``: as dvc.lock records prepare's output, else computed the
     way DVC does (md5 of the sorted file list with each file's md5, plus ``.dir``), taking the
     md5s prepare recorded in content.json (which the stages verify) instead of hashing again."""
-    lock = paths.root / "dvc.lock"
+    lock = paths.dvc_lock
     if lock.is_file():
         outs = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("prepare", {}).get("outs", [])
         for out in outs:
@@ -437,8 +504,43 @@ def _client(project_root: Path) -> MlflowClient:
     if uri == default_tracking_uri(project_root):
         _defaults_in_use.add(uri)
     mlflow.set_tracking_uri(uri)
+    check_server(project_root)
     _prepare_sqlite_store(uri)
     return MlflowClient()
+
+
+SERVER_CHECK_SECONDS = 10
+# MLflow's own defaults retry a dead server for minutes (7 retries, backoff factor 2, 120 s timeout);
+# these bound every request to well under a minute. A value the user exported wins.
+_HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+_reachable_servers: set[str] = set()
+
+
+def check_server(project_root: Path) -> None:
+    """Fail fast, in one line, when an http(s) tracking server does not answer its /health
+    (stages call it first thing, before any slow work)."""
+    uri = tracking_uri(project_root)
+    if not uri.startswith(("http://", "https://")) or uri in _reachable_servers:
+        return
+    for name, value in _HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)
+    problem = _server_problem(uri)
+    if problem:
+        raise CatdogError(f"MLflow tracking server {uri} is unreachable ({problem}): "
+                          f"start it, or unset MLFLOW_TRACKING_URI to log to the project's {DB_FILE}")
+    _reachable_servers.add(uri)
+
+
+def _server_problem(uri: str) -> str | None:
+    """Why an http(s) server does not answer its /health within SERVER_CHECK_SECONDS, or None."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_CHECK_SECONDS):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered: whatever /health says, the API calls will tell
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
 
 
 _prepared_stores: set[str] = set()
@@ -485,11 +587,6 @@ def _experiment_id(client: MlflowClient, name: str, project_root: Path) -> str:
         return client.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # created by a parallel run meanwhile
         return client.get_experiment_by_name(name).experiment_id
-
-
-def _write_run_file(path: Path, run_id: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"run_id": run_id}) + "\n")
 
 
 def _param_value(value: object) -> str:
