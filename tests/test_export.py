@@ -14,8 +14,8 @@ from catdog.models import load_checkpoint
 
 from conftest import client_for, run_id
 
-
 # --- export ------------------------------------------------------------------------------------
+
 
 def test_export_writes_models_labels_preprocess_and_card(pipeline):
     out = pipeline.paths.exported

@@ -452,7 +452,7 @@ def prepared_digest(paths: Paths) -> str:
     """DVC's md5 of ``data/prepared``: as dvc.lock records prepare's output, else computed the
     way DVC does (md5 of the sorted file list with each file's md5, plus ``.dir``), taking the
     md5s prepare recorded in content.json (which the stages verify) instead of hashing again."""
-    lock = paths.root / "dvc.lock"
+    lock = paths.dvc_lock
     if lock.is_file():
         outs = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("prepare", {}).get("outs", [])
         for out in outs:

@@ -199,10 +199,11 @@ def _finish(fit: _Fit, progress: train_state.Progress, paths: Paths, mlflow_run:
         mlflow_run.log_metrics("val", {"best_accuracy": metrics["val_accuracy"], "best_loss": metrics["val_loss"]})
         mlflow_run.log_metrics("train", {"seconds": seconds})
         mlflow_run.log_facts({"best_epoch": metrics["best_epoch"], "epochs_trained": len(progress.history)})
-        mlflow_run.log_artifact(paths.train_reports / "curves.png", "plots")
-        mlflow_run.log_artifact(paths.train_reports / "history.csv", "reports")
+        mlflow_run.log_artifact(paths.train_curves, "plots")
+        mlflow_run.log_artifact(paths.train_history, "reports")
         if log_pytorch_model:
-            example = torch.stack([fit.val_images[i][0] for i in range(2)]).numpy()  # batch 2: keeps the batch dim dynamic
+            # a batch of 2 keeps the batch dimension dynamic
+            example = torch.stack([fit.val_images[i][0] for i in range(2)]).numpy()
             mlflow_run.log_pytorch_model(fit.model, example)
         tracking.record_checkpoint(mlflow_run, paths.checkpoint)  # after train's own results
         train_state.mark_complete(paths.train_state)  # last: the outputs are all there
@@ -359,8 +360,8 @@ def _write_outputs(paths: Paths, model: Classifier, p: TrainParams, history: lis
         "classes": list(CLASSES), "dropout": p.dropout,
     })
     tqdm.write(f"train: wrote {paths.checkpoint.relative_to(paths.root)} (best epoch {metrics['best_epoch']})")
-    reports.write_csv(paths.train_reports / "history.csv", list(history[0]), [list(row.values()) for row in history])
-    plots.training_curves(history, metrics["best_epoch"], paths.train_reports / "curves.png")
+    reports.write_csv(paths.train_history, list(history[0]), [list(row.values()) for row in history])
+    plots.training_curves(history, metrics["best_epoch"], paths.train_curves)
     reports.write_json(paths.train_metrics, metrics)  # last: all else is there
 
 
