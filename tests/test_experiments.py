@@ -41,6 +41,7 @@ from dvc_project import (EVAL_BACK_EXP, EVAL_BATCH, EVAL_EXP, QUEUED, REPO, WORK
 WORKERS = 3
 
 
+@pytest.mark.slow  # three worker processes racing on a new store
 def test_parallel_stages_on_a_fresh_sqlite_store_all_succeed(tmp_path):
     """N processes start at the same moment, each like a queued experiment: its own working
     directory in .dvc/tmp/exps, DVC_ROOT pointing at the repository, no mlflow.db yet.

@@ -107,8 +107,8 @@ def test_predict_cli_default_model_is_the_projects_from_any_subfolder(pipeline, 
     elsewhere = catdog("predict", str(inputs["good"]), cwd=tmp_path)
     assert elsewhere.returncode == 2 and elsewhere.stdout == ""
     assert elsewhere.stderr.strip().splitlines() == [
-        f"catdog: error: no catdog project here (no dvc.yaml in {tmp_path} or above): "
-        "pass --model PATH|models:/NAME@ALIAS"]
+        (f"catdog: error: no catdog project here (no dvc.yaml in {tmp_path} or above): "
+         "pass --model PATH|models:/NAME@ALIAS")]
 
 
 def test_catdog_version_and_help():
@@ -119,7 +119,7 @@ def test_catdog_version_and_help():
     (commands,) = [a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     for command in commands._choices_actions:  # every subcommand, with its one-line help
         assert command.help and "\n" not in command.help
-        assert re.search(rf"^\s+{command.dest}\s+{re.escape(command.help)}$", usage.stdout, re.M), usage.stdout
+        assert re.search(rf"^\s+{command.dest}\s+{re.escape(command.help)}$", usage.stdout, re.MULTILINE), usage.stdout
 
 
 def test_model_without_its_labels_file_is_a_clear_error(pipeline, tmp_path):

@@ -28,7 +28,8 @@ def champion(pipeline):
 
 def test_champion_classifies_encoded_images_with_a_per_row_error(champion, pipeline):
     dog, cat = jpeg_bytes("dog", 700), jpeg_bytes("cat", 701)
-    images = [dog, cat[: len(cat) // 2], base64.b64encode(cat).decode(), b"", "not base64!", b"%PDF-1.4 no image"]
+    images = [dog, cat[: len(cat) // 2], base64.b64encode(cat).decode(), b"", "not base64!", b"%PDF-1.4 no image",
+              jpeg_bytes("cat", 702, size=(16, 16))]
     result = champion.predict(pd.DataFrame({"image": images}))
 
     assert list(result.columns) == ["label", "p_cat", "p_dog", "error"]
@@ -36,7 +37,8 @@ def test_champion_classifies_encoded_images_with_a_per_row_error(champion, pipel
     assert result.error[[0, 2]].isna().all()
     assert result.error[1].startswith("corrupt") and result.error[3].startswith("empty")
     assert result.error[4].startswith("not_base64") and result.error[5].startswith("not_an_image")
-    assert result.label[[1, 3, 4, 5]].isna().all() and result.p_dog[[1, 3, 4, 5]].isna().all()
+    assert result.error[6].startswith("too_small")  # below data.min_image_size, as prepare
+    assert result.label[[1, 3, 4, 5, 6]].isna().all() and result.p_dog[[1, 3, 4, 5, 6]].isna().all()
     # the same preprocessing and numbers as `catdog predict`
     exported = ExportedModel.load(pipeline.paths.exported / "model.onnx")
     expected = exported.probabilities(exported.preprocess(dog)[None])[0]
