@@ -366,24 +366,29 @@ def promote_champion(client: MlflowClient, name: str, version: str, test_accurac
     no lock, so there the alias is set, then checked again until it holds still (a better version
     set meanwhile wins, a worse one is overwritten)."""
     with _sqlite_lock(client.tracking_uri) as locked:
-        if not _beats_champion(client, name, test_accuracy):
-            return False
-        client.set_registered_model_alias(name, "champion", version)
-    return locked or _champion_holds(client, name, version, test_accuracy)
+        if locked:
+            if not _beats_champion(client, name, test_accuracy):
+                return False
+            client.set_registered_model_alias(name, "champion", version)
+            return True
+    return _set_until_it_holds(client, name, version, test_accuracy)
 
 
-def _champion_holds(client: MlflowClient, name: str, version: str, test_accuracy: float,
-                    settle_seconds: float = 1.0, attempts: int = 20) -> bool:
+def _set_until_it_holds(client: MlflowClient, name: str, version: str, test_accuracy: float,
+                        settle_seconds: float = 1.0, attempts: int = 20) -> bool:
     """True once ``version`` is still champion a settle period after it was set: longer than any
     competitor's gap between reading the champion and setting it, so no stale set can follow."""
     for _ in range(attempts):
+        champion = _champion(client, name)
+        if champion is None or champion.version != version:
+            if not _beats_champion(client, name, test_accuracy):
+                return False  # a better (or as good) version holds it
+            with contextlib.suppress(mlflow.exceptions.MlflowException):  # two first sets can collide
+                client.set_registered_model_alias(name, "champion", version)
         time.sleep(settle_seconds * random.uniform(0.5, 1.0))
         champion = _champion(client, name)
         if champion is not None and champion.version == version:
             return True
-        if not _beats_champion(client, name, test_accuracy):
-            return False  # a better (or as good) version holds it
-        client.set_registered_model_alias(name, "champion", version)
     return False
 
 
