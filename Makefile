@@ -1,10 +1,10 @@
-# Two entry points (see README): `make repro` runs the pipeline, `make test` runs the tests.
-# Both create/refresh .venv first and are safe to rerun.
+# Two entry points (see README): `make repro` runs the pipeline, `make test` runs every test.
+# While coding: `make check` (lint + the fast tests). All create/refresh .venv first and are safe to rerun.
 VENV := .venv
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install repro test
+.PHONY: install repro test check lint
 
 install: $(STAMP)
 
@@ -19,3 +19,10 @@ repro: $(STAMP)
 
 test: $(STAMP)
 	pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	ruff check .
+	ruff format --check .
+
+check: lint
+	pytest -m "not slow" $(PYTEST_ARGS)

@@ -6,6 +6,7 @@ torch models. Nothing of catdog is mocked.
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import shutil
@@ -163,6 +164,27 @@ def make_dataset(tmp_path):
     return make
 
 
+# --- reading outputs ---------------------------------------------------------------------------
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def run_id(paths: Paths) -> str:
+    """The pipeline's MLflow run: the most recent one tagged with its checkpoint's md5."""
+    from catdog import tracking
+
+    client = client_for(paths.root)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.`catdog.checkpoint_md5` = '{tracking.file_md5(paths.checkpoint)}'",
+                              order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id
+
+
 # --- params and paths --------------------------------------------------------------------------
 
 def repo_params_raw() -> dict:
@@ -293,6 +315,10 @@ def pipeline(tmp_path_factory, mlflow_template, onnx_cache) -> PipelineRun:
     seed_store(mlflow_template, root)
     params = build_params({**PIPELINE_OVERRIDES, "data.source": str(data.zip)})
     paths = Paths.under(root)
+    # export logs these as the run's lineage (the lock without entries: no stage ran under DVC here)
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
+    shutil.copy(REPO_ROOT / "dvc.yaml", root / "dvc.yaml")
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
     with pytest.MonkeyPatch.context() as patch:
         for name in _CATDOG_ENV:
             patch.delenv(name, raising=False)

@@ -41,6 +41,7 @@ from dvc_project import (EVAL_BACK_EXP, EVAL_BATCH, EVAL_EXP, QUEUED, REPO, WORK
 WORKERS = 3
 
 
+@pytest.mark.slow  # three worker processes racing on a new store
 def test_parallel_stages_on_a_fresh_sqlite_store_all_succeed(tmp_path):
     """N processes start at the same moment, each like a queued experiment: its own working
     directory in .dvc/tmp/exps, DVC_ROOT pointing at the repository, no mlflow.db yet.
@@ -278,6 +279,20 @@ def test_dvc_exp_show_lists_experiments_with_params_and_test_accuracy(exps):
     lines = table.splitlines()
     assert lines[0].split(",") == ["Experiment", "accuracy", "train.lr"], table
     assert any(line.startswith(f"{WORKSPACE_EXP},") and line.endswith(f",{WORKSPACE_LR}") for line in lines), table
+
+
+@pytest.mark.slow
+def test_dvc_exp_show_only_changed_fits_a_120_column_terminal(exps):
+    """The experiments above differ from the baseline in one or two params (train.lr, and
+    evaluate.batch_size): at 120 columns ``dvc exp show --only-changed`` shows every cell whole
+    (DVC ends a cell it cannot fit with '…')."""
+    width = 120
+    shown = exps.project.dvc("exp", "show", "--only-changed", "--no-pager",
+                             env={**exps.project.env, "COLUMNS": str(width)}).stdout
+    experiments = [name for name in (*QUEUED, WORKSPACE_EXP, EVAL_EXP) if name in shown]
+    assert len(experiments) == 4, shown
+    too_wide = [line for line in shown.splitlines() if len(line) > width]
+    assert not too_wide and "…" not in shown, f"does not fit {width} columns:\n{shown}"
 
 
 @pytest.mark.slow

@@ -4,11 +4,11 @@ were, and tag the pipeline's run with the stage that failed; the rerun finishes 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ import yaml
 from catdog import train
 
 from conftest import REPO_ROOT, SMALL_OVERRIDES, client_for, prepared_project, repo_params_raw
+from dvc_project import free_port
 
 TRAIN = {"train.mode": "full", "train.arch": "simple_cnn", "train.pretrained": False, "train.epochs": 1}
 
@@ -27,17 +28,22 @@ def project(tmp_path, mlflow_template):
     return paths, params
 
 
-def _stage(name: str, paths, **overrides) -> subprocess.CompletedProcess:
+def _stage(name: str, paths, env: dict[str, str] | None = None, **overrides) -> subprocess.CompletedProcess:
     raw = repo_params_raw()
     for key, value in {**SMALL_OVERRIDES, **TRAIN, "data.source": "unused.zip", **overrides}.items():
         section, field = key.split(".")
         raw[section][field] = value
     params_file = paths.root / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if k != "CATDOG_DEBUG"}
+    env = {**{k: v for k, v in os.environ.items() if k != "CATDOG_DEBUG"}, **(env or {})}
     return subprocess.run([sys.executable, str(REPO_ROOT / "stages" / f"{name}.py"), "--root", str(paths.root),
                            "--params", str(params_file)], cwd=paths.root, env={**env, "TQDM_DISABLE": "1"},
                           capture_output=True, text=True, timeout=300)
+
+
+def _runs(paths):
+    client = client_for(paths.root)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 def _one_error_line(proc: subprocess.CompletedProcess, stage: str) -> str:
@@ -95,13 +101,25 @@ def test_an_unwritable_report_folder_fails_in_one_line_and_leaves_the_old_output
         assert (reports / "metrics.json").read_text() == '{"accuracy": "from an earlier run"}\n'
         # whatever got written is whole: no empty PNG, no temporary file left behind
         assert not [p.name for p in reports.iterdir() if p.stat().st_size == 0 or ".tmp" in p.name]
-    run_id = json.loads(paths.train_run.read_text())["run_id"]
     if problem == "disk_full":  # the run was reopened before the write failed
-        run = client_for(paths.root).get_run(run_id)
+        (run,) = _runs(paths)
         assert run.info.status == "FAILED" and run.data.tags["catdog.failed_stage"] == "evaluate"
 
     rerun = _stage("evaluate", paths)
     assert rerun.returncode == 0, rerun.stderr
-    run = client_for(paths.root).get_run(run_id)
+    (run,) = _runs(paths)
     assert run.info.status == "FINISHED" and "catdog.failed_stage" not in run.data.tags
     assert "accuracy" in (reports / "metrics.json").read_text()
+
+
+def test_an_unreachable_tracking_server_fails_the_stage_in_one_line_within_30_seconds(project):
+    paths, _ = project
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import catdog.train"], check=True, timeout=300)
+    startup = time.monotonic() - started  # imports alone (torch, mlflow): seconds, more on a loaded machine
+    started = time.monotonic()
+    proc = _stage("train", paths, env={"MLFLOW_TRACKING_URI": uri})
+    assert time.monotonic() - started - startup < 30
+    line = _one_error_line(proc, "train")
+    assert f"MLflow tracking server {uri} is unreachable" in line and "MLFLOW_TRACKING_URI" in line

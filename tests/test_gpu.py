@@ -4,6 +4,7 @@ all through the real train stage."""
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import subprocess
@@ -14,7 +15,7 @@ import torch
 import yaml
 
 from catdog import train
-from catdog.device import resolve_runtime
+from catdog.device import Runtime, resolve_runtime
 from catdog.models import create_model, load_checkpoint
 from catdog.paths import Paths
 
@@ -96,3 +97,30 @@ def test_ddp_over_two_gpus(gpu_project):
     (run,) = client.search_runs([client.get_experiment_by_name("catdog").experiment_id])
     assert run.data.tags["catdog.processes"] == "2" and run.data.tags["catdog.runtime"].startswith("cuda")
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/loss")) == [1, 2]
+
+
+def test_evaluate_scores_in_fp32_like_the_deployed_onnx_model(gpu_project):
+    """The champion is chosen on evaluate's numbers: on CUDA they must be fp32 (no bf16 autocast,
+    no TF32), i.e. what the fp32 ONNX model computes on a CPU."""
+    from catdog import evaluate
+    from catdog.data import CachedImages, load_split, make_loader
+    from catdog.engine import predict_probabilities
+    from catdog.transforms import eval_preset
+
+    runtime = resolve_runtime("fp32")
+    assert (runtime.device.type, runtime.amp_dtype) == ("cuda", None)
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+
+    paths, params = gpu_project
+    p = params(**{"train.mode": "head", "train.augment": False})
+    train.run(p, paths)
+    evaluate.run(p, paths)
+    with (paths.evaluate_reports / "predictions.csv").open() as handle:
+        on_gpu = [float(row["prob_dog"]) for row in csv.DictReader(handle)]
+
+    model, config = load_checkpoint(paths.checkpoint)
+    test = load_split(paths, "test")
+    loader = make_loader(CachedImages(paths, test, eval_preset(config["image_size"])), 8, 0)
+    cpu = Runtime(torch.device("cpu"), amp_dtype=None, channels_last=False)
+    on_cpu, _ = predict_probabilities(model.cpu(), loader, cpu, tta=False, desc="cpu")
+    assert on_gpu == pytest.approx(on_cpu[:, 1].tolist(), abs=1e-4)

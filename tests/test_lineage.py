@@ -38,7 +38,10 @@ WHOLE_PARAMS_READERS = {
 }
 # Paths properties that are neither deps nor outs, on purpose.
 UNDECLARED_PATHS = {
-    "root",  # the project itself (MLflow lineage artifacts: params.yaml, dvc.yaml, dvc.lock)
+    "root",  # the project itself
+    "params_file",  # DVC tracks its values as params, not the file as a dep; export logs it as lineage
+    "dvc_yaml",  # the pipeline itself; export logs it as the run's lineage
+    "dvc_lock",  # DVC's record of the run; export logs it, train's dataset digest reads prepare's entry
     "train_state",  # train's resumable state: deliberately not an out (see dvc.yaml)
 }
 MODULE_LEVEL = "<module>"

@@ -1,33 +1,29 @@
 """The MLflow UI in a real browser: the README's ``mlflow ui`` command on the project's store, the
-experiment's run list, two runs ticked and compared.
+experiment's run list, two runs ticked and compared, a run's metric charts grouped by section.
 
 The store is the shared experiments project's (tests/dvc_project.py): the runs of two real
-``dvc exp run --queue -S train.lr=...`` experiments. Headless Chromium (Debian package
-``chromium``) is driven by Playwright; ``playwright install`` is never needed. Every request the
-page makes to anything but the loopback server is aborted. The compare view is saved as
-docs/mlflow-compare.png, which the README shows.
+``dvc exp run --queue -S train.lr=...`` experiments. The UI is driven by the functions of
+scripts/mlflow_screenshot.py (which writes docs/mlflow-compare.png; this test writes its
+screenshot to tmp_path only): headless Chromium (Debian package ``chromium``) under Playwright,
+every request to anything but the loopback server aborted.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import urllib.parse
-from pathlib import Path
+import sys
 
 import pytest
 
 import dvc_project as dp
 from dvc_project import QUEUED, REPO
 
+sys.path.insert(0, str(REPO / "scripts"))
+import mlflow_screenshot as ui_driver
+
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-SCREENSHOT = REPO / "docs" / "mlflow-compare.png"
 SCREENSHOT_MAX_BYTES = 300_000
-UI_TIMEOUT_MS = 60_000
 
 
 def format_metric(value: float) -> str:
@@ -39,7 +35,7 @@ def format_metric(value: float) -> str:
         return f"{mantissa}e{int(exponent)}"
     digits = 3 if abs(value) < 10 else 2 if abs(value) < 100 else 1
     text = repr(math.floor(value * 10 ** digits + 0.5) / 10 ** digits)
-    return text[:-2] if text.endswith(".0") else text
+    return text.removesuffix(".0")
 
 
 def test_format_metric_matches_the_ui():
@@ -50,58 +46,26 @@ def test_format_metric_matches_the_ui():
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
     """The README's command, run in the project root: ``mlflow ui --backend-store-uri sqlite:///mlflow.db``."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)")
+    if not ui_driver.CHROMIUM.exists():
+        pytest.skip(f"{ui_driver.CHROMIUM} is missing: apt-get install chromium (.ci/run does)")
     pytest.importorskip("playwright.sync_api", reason="playwright is missing: pip install -e '.[test]'")
     exps = dp.experiments(tmp_path_factory)
-    port = dp.free_port()
     log = tmp_path_factory.mktemp("mlflow-ui") / "mlflow-ui.log"
-    server = dp.start_mlflow("ui", ["--backend-store-uri", "sqlite:///mlflow.db"], port, log,
-                             cwd=exps.project.root)
-    try:
-        yield exps, f"http://127.0.0.1:{port}", log
-    finally:
-        dp.stop(server)
+    with ui_driver.serve_ui(exps.project.root, log) as base:
+        yield exps, base, log
 
 
 @pytest.fixture(scope="module")
 def page(ui):
     from playwright.sync_api import sync_playwright
 
-    _, base, _ = ui
-    blocked: list[str] = []
-
-    def loopback_only(route):
-        host = urllib.parse.urlsplit(route.request.url).hostname
-        if host == "127.0.0.1" or route.request.url.startswith(("data:", "blob:")):
-            route.continue_()
-        else:
-            blocked.append(route.request.url)
-            route.abort()
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            context = browser.new_context(viewport={"width": 1280, "height": 800})
-            context.route("**/*", loopback_only)
-            page = context.new_page()
-            page.set_default_timeout(UI_TIMEOUT_MS)
-            page.blocked = blocked
-            yield page
-        finally:
-            browser.close()
-
-
-def close_assistant(page) -> None:
-    close = page.get_by_role("button", name="Close")
-    if close.count() and close.first.is_visible():
-        close.first.click()
+    with sync_playwright() as playwright, ui_driver.browser_page(playwright) as page:
+        yield page
 
 
 def section_rows(page, section: str) -> dict[str, list[str]]:
     """``{key: [value per run]}`` of the compare view's Parameters or Metrics section."""
-    switch = page.get_by_role("switch", name=f"{section} - Show diff only")
-    box = switch.locator("xpath=ancestor::div[contains(@class, 'collapse-item')][1]")
+    box = ui_driver.section_box(page, section)
     lines = [line.strip() for line in box.inner_text().splitlines() if line.strip()]
     lines = lines[lines.index("Show diff only") + 1:]
     if section == "Parameters":  # a table: key<TAB>value<TAB>value per line
@@ -122,41 +86,22 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def test_runs_list_then_compare_shows_both_runs_and_their_differences(ui, page):
-    from playwright.sync_api import expect
-
+def test_runs_list_then_compare_shows_both_runs_and_their_differences(ui, page, tmp_path):
     exps, base, log = ui
     runs = {name: exps.run_named(name) for name in QUEUED}
     experiment_id = exps.project.experiment_id()
 
-    # The experiment's run list: both runs are there, by their DVC experiment names.
+    # The experiment's run list shows both runs, by their DVC experiment names; tick them, Compare.
     page.goto(f"{base}/#/experiments/{experiment_id}/runs")
-    for run in runs.values():
-        page.locator(f'[row-id="{run.info.run_id}"]').first.wait_for()
-    close_assistant(page)
     for name, run in runs.items():
-        row = " ".join(page.locator(f'[row-id="{run.info.run_id}"]').all_inner_texts())
+        ui_driver.run_row(page, run.info.run_id).first.wait_for()
+        row = " ".join(ui_driver.run_row(page, run.info.run_id).all_inner_texts())
         assert name in row, f"run {run.info.run_id} is not shown as {name!r}: {row!r}"
-
-    # Tick the two runs and press Compare.
-    for run in runs.values():
-        page.locator(f'.ag-pinned-left-cols-container [row-id="{run.info.run_id}"] .ag-selection-checkbox').click()
-    page.get_by_role("button", name="Compare", exact=True).click()
-    page.wait_for_url("**/compare-runs**")
-    page.get_by_text("Comparing 2 Runs").wait_for()
-    close_assistant(page)
-    compared = json.loads(urllib.parse.unquote(page.url.split("runs=")[1].split("&")[0]))
+    compared = ui_driver.compare_runs(page, base, experiment_id, [r.info.run_id for r in runs.values()])
     assert sorted(compared) == sorted(r.info.run_id for r in runs.values())
     assert page.get_by_text("Parallel Coordinates Plot").is_visible()
 
-    for section in ("Parameters", "Metrics"):
-        page.get_by_role("switch", name=f"{section} - Show diff only").click()
-    page.set_viewport_size({"width": 1280, "height": 4000})  # the metrics grid renders visible rows only
-    metrics_box = page.get_by_role("switch", name="Metrics - Show diff only").locator(
-        "xpath=ancestor::div[contains(@class, 'collapse-item')][1]")
-    expect(metrics_box).to_contain_text("val_loss", timeout=UI_TIMEOUT_MS)
-    page.wait_for_timeout(500)
-
+    ui_driver.show_differences_only(page)
     body = page.inner_text("body")
     for name in QUEUED:
         assert name in body, f"run name {name} not shown"
@@ -168,28 +113,34 @@ def test_runs_list_then_compare_shows_both_runs_and_their_differences(ui, page):
     assert params["train.lr"] == [r.data.params["train.lr"] for r in ordered]
 
     metrics = section_rows(page, "Metrics")
-    differing = [key for key in ("val_loss", "test_log_loss", "train_loss")
+    differing = [key for key in ("val/loss", "test/log_loss", "train/loss")
                  if len({format_metric(r.data.metrics[key]) for r in ordered}) == 2]
     assert differing, "the two learning rates gave indistinguishable losses"
-    for key in differing:
-        assert metrics.get(key) == [format_metric(r.data.metrics[key]) for r in ordered], (key, metrics)
+    shown = [key for key in differing if key in metrics]  # the grid renders its first rows only
+    assert shown, (differing, metrics)
+    for key in shown:
+        assert metrics[key] == [format_metric(r.data.metrics[key]) for r in ordered], (key, metrics)
 
     # Parallel coordinates: train.lr against the losses (typed into the plot's metric picker).
-    page.set_viewport_size({"width": 1280, "height": 1400})
-    page.mouse.wheel(0, -10_000)
-    page.locator(".du-bois-light-select-multiple").nth(1).click()
-    for key in ("val_loss", "test_log_loss"):
-        page.keyboard.type(key)
-        page.keyboard.press("Enter")
-    page.keyboard.press("Escape")
-    plot = page.locator(".js-plotly-plot").first
-    for label in ("train.lr", "val_loss", "test_log_loss"):  # the axes of the drawn plot
-        expect(plot).to_contain_text(label, timeout=UI_TIMEOUT_MS)
-    page.wait_for_timeout(1000)  # let plotly finish drawing before the screenshot
+    plot = ui_driver.plot_parallel_coordinates(page)
+    assert "train.lr" in plot.text_content()
 
-    # README screenshot: plot, run details, and the differing params and metrics.
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
-    size = SCREENSHOT.stat().st_size
-    assert 10_000 < size < SCREENSHOT_MAX_BYTES, f"{SCREENSHOT}: {size} bytes"
+    # What scripts/mlflow_screenshot.py saves as docs/mlflow-compare.png: plot, run details, differences.
+    screenshot = tmp_path / "mlflow-compare.png"
+    page.screenshot(path=str(screenshot))
+    size = screenshot.stat().st_size
+    assert 10_000 < size < SCREENSHOT_MAX_BYTES, f"{screenshot}: {size} bytes"
     assert "Traceback" not in log.read_text(), dp.tail(log.read_text())
+
+
+def test_run_page_groups_metric_charts_by_section(ui, page):
+    """MLflow charts a run's metrics in one group per key prefix: train, val, test, export, schedule."""
+    exps, base, _ = ui
+    run = exps.run_named(next(iter(QUEUED)))
+    sections = ui_driver.metric_sections(page, base, exps.project.experiment_id(), run.info.run_id)
+    logged = {}
+    for key in run.data.metrics:
+        if not key.startswith("system/"):  # MLflow shows those on the "System metrics" tab
+            logged[key.split("/")[0]] = logged.get(key.split("/")[0], 0) + 1
+    assert {"train", "val", "test", "export", "schedule"} <= set(sections), sections
+    assert sections == logged, f"charts per section on the run page: {sections}, logged: {logged}"

@@ -47,21 +47,28 @@ def test_the_cpu_recipe_trains_lite2_features_on_the_full_zip():
 
 
 def test_printed_command_sets_every_key_with_dvc_exp_run(capsys, tmp_path, monkeypatch):
-    project_with_recipe(tmp_path, "mix", {"data": {"limit_per_class": 7}, "train": {"weights": None, "augment": True,
-                                                                                     "mode": "head", "lr": 0.0005}})
+    project_with_recipe(
+        tmp_path,
+        "mix",
+        {"data": {"limit_per_class": 7}, "train": {"weights": None, "augment": True, "mode": "head", "lr": 0.0005}},
+    )
     monkeypatch.chdir(tmp_path)
     assert recipe.main(["mix"]) == 0
     assert capsys.readouterr().out.strip() == (
         "dvc exp run -S data.limit_per_class=7 -S train.weights=null -S train.augment=true "
-        "-S train.mode=head -S train.lr=0.0005")
+        "-S train.mode=head -S train.lr=0.0005"
+    )
 
 
-@pytest.mark.parametrize("body, expected", [
-    ({"train": {"learning_rate": 0.1}}, r"mix\.yaml: unknown key train\.learning_rate"),
-    ({"trian": {"lr": 0.1}}, r"mix\.yaml: unknown key trian\b"),
-    ({"train": {"lr": -1}}, r"mix\.yaml: train\.lr must be greater than 0, got -1"),
-    ({"train": {"augment": True}}, r"train\.augment must be false in 'features' mode"),
-])
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ({"train": {"learning_rate": 0.1}}, r"mix\.yaml: unknown key train\.learning_rate"),
+        ({"trian": {"lr": 0.1}}, r"mix\.yaml: unknown key trian\b"),
+        ({"train": {"lr": -1}}, r"mix\.yaml: train\.lr must be greater than 0, got -1"),
+        ({"train": {"augment": True}}, r"train\.augment must be false in 'features' mode"),
+    ],
+)
 def test_bad_recipe_is_rejected_by_key_before_anything_runs(tmp_path, body, expected):
     project_with_recipe(tmp_path, "mix", body)
     with pytest.raises(CatdogError, match=expected):
@@ -79,17 +86,31 @@ def test_unknown_recipe_lists_the_known_ones(tmp_path, capsys, monkeypatch):
 @pytest.mark.slow
 def test_run_queues_a_dvc_experiment_that_records_every_recipe_value(tmp_path):
     """The real dvc: ``--run --queue`` queues an experiment whose params are params.yaml + the recipe."""
-    body = {"data": {"source": "../elsewhere/train-full.zip", "limit_per_class": 7},
-            "train": {"mode": "head", "augment": True, "lr": 0.0005, "grad_clip_norm": 2.5},
-            "export": {"registered_model_name": None}}
+    body = {
+        "data": {"source": "../elsewhere/train-full.zip", "limit_per_class": 7},
+        "train": {"mode": "head", "augment": True, "lr": 0.0005, "grad_clip_norm": 2.5},
+        "export": {"registered_model_name": None},
+    }
     root = project_with_recipe(tmp_path, "mix", body)
-    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"echo": {
-        "cmd": "echo hi > out.txt", "params": ["data", "train", "export"], "outs": ["out.txt"]}}}))
+    (root / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "echo": {"cmd": "echo hi > out.txt", "params": ["data", "train", "export"], "outs": ["out.txt"]}
+                }
+            }
+        )
+    )
     env = clean_env(PYTHONPATH=str(REPO_ROOT / "src"))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-c", "commit.gpgsign=false"]
-    for command in (["git", "init", "-q"], [tool("dvc"), "init", "-q"], [*git, "add", "-A"], [*git, "commit", "-qm", "x"],
-                    [sys.executable, "-m", "catdog.recipe", "mix", "--run", "--queue", "-n", "from-recipe"],
-                    [tool("dvc"), "exp", "show", "--json"]):
+    for command in (
+        ["git", "init", "-q"],
+        [tool("dvc"), "init", "-q"],
+        [*git, "add", "-A"],
+        [*git, "commit", "-qm", "x"],
+        [sys.executable, "-m", "catdog.recipe", "mix", "--run", "--queue", "-n", "from-recipe"],
+        [tool("dvc"), "exp", "show", "--json"],
+    ):
         proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, describe(proc)
 

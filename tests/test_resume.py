@@ -102,6 +102,7 @@ def epoch_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+@pytest.mark.slow  # kills and reruns the real stage: ~1 min each on 2 cores
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_killed_train_resumes_in_the_same_run_and_ends_like_an_uninterrupted_one(
         recipe, prepared, tmp_path, mlflow_template):

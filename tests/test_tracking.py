@@ -14,7 +14,7 @@ from catdog import serving, tracking
 from catdog.errors import CatdogError
 from catdog.paths import Paths
 
-from conftest import build_params, client_for, jpeg_bytes, seed_store
+from conftest import build_params, client_for, jpeg_bytes, read_csv, run_id, seed_store
 
 
 @pytest.fixture
@@ -100,8 +100,8 @@ def test_every_run_logs_the_prepared_data_as_an_mlflow_dataset(mlflow_store, tmp
         pass
     assert derived.run_id != run.run_id
     client = client_for(mlflow_store)
-    for run_id in (run.run_id, derived.run_id):  # a derived run shows the same data
-        (logged,) = client.get_run(run_id).inputs.dataset_inputs
+    for shown_id in (run.run_id, derived.run_id):  # a derived run shows the same data
+        (logged,) = client.get_run(shown_id).inputs.dataset_inputs
         dataset = logged.dataset
         assert dataset.name == "train.zip" and dataset.digest == tracking.prepared_digest(paths)
         assert dataset.digest.endswith(".dir") and len(dataset.digest) == 36
@@ -244,17 +244,17 @@ def test_experiment_is_reused(mlflow_store, tmp_path, params):
     assert client.get_run(first.run_id).info.experiment_id == client.get_run(second.run_id).info.experiment_id
 
 
-def test_log_artifact_skips_missing_files(mlflow_store, tmp_path, params):
+def test_log_artifact_of_a_missing_file_is_an_error(mlflow_store, tmp_path, params):
     paths = Paths.under(tmp_path)
     report = tmp_path / "reports" / "note.txt"
     report.parent.mkdir()
     report.write_text("hello\n")
     with tracking.start_run(params, paths) as run:
         run.log_artifact(report, "reports")
-        run.log_artifact(tmp_path / "missing.png", "plots")  # no error
+        with pytest.raises(CatdogError, match=r"missing\.png.*not there"):
+            run.log_artifact(tmp_path / "missing.png", "plots")
     artifacts = [a.path for a in client_for(mlflow_store).list_artifacts(run.run_id, "reports")]
     assert artifacts == ["reports/note.txt"]
-    assert not client_for(mlflow_store).list_artifacts(run.run_id, "plots")
 
 
 # --- one pipeline run per checkpoint: record_checkpoint, stage_run -------------------------------
@@ -415,3 +415,21 @@ def test_pyfunc_model_moves_champion_only_on_improvement(mlflow_store, tmp_path,
     assert client.get_model_version("catdog-test", "2").tags["test_accuracy"] == "0.8"
     assert client.get_model_version("catdog-test", "1").run_id == run.run_id
     assert len(client.search_model_versions("name = 'catdog-test'")) == 5  # no name: logged, not registered
+
+
+# --- metric keys of the whole pipeline's run ----------------------------------------------------
+
+def test_mlflow_metrics_are_grouped_by_section_and_facts_are_tags(pipeline):
+    """The run page charts metrics by the prefix before "/"; counts, versions, flags are no metrics."""
+    run = client_for(pipeline.root).get_run(run_id(pipeline.paths))
+    metrics = set(run.data.metrics)
+    assert not [key for key in metrics if "/" not in key], sorted(metrics)
+    assert {key.split("/")[0] for key in metrics} <= {"train", "val", "test", "export", "schedule", "system"}
+    assert {"train/loss", "train/accuracy", "val/loss", "val/accuracy", "schedule/lr",
+            "test/accuracy", "test/log_loss", "test/roc_auc", "test/f1", "test/ece", "test/precision_cat",
+            "test/recall_dog", "export/onnx_max_abs_diff", "export/pt2_max_abs_diff"} <= metrics, sorted(metrics)
+    assert not metrics & {"test/n", "export/parity_images", "export/registered_version"}
+    tags = run.data.tags
+    assert tags["catdog.test_images"] == str(len(read_csv(pipeline.paths.evaluate_reports / "predictions.csv")))
+    assert tags["catdog.parity_images"] == "10" and tags["catdog.epochs_trained"] == "3"
+    assert (tags["catdog.registered_version"], tags["catdog.promoted_champion"]) == ("1", "True")

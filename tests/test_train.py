@@ -1,41 +1,23 @@
-"""train, evaluate and export on a tiny synthetic dataset (the session ``pipeline`` fixture),
-plus short runs of the other training modes."""
+"""train on a tiny synthetic dataset (the session ``pipeline`` fixture), plus short runs of the
+other training modes."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
-from conftest import PIPELINE_OVERRIDES, client_for, prepared_project
 
-from catdog import CLASSES, tracking, train
+from catdog import CLASSES, train
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import resolve_runtime
-from catdog.engine import evaluate as evaluate_loop
+from catdog.engine import validate
 from catdog.errors import CatdogError
 from catdog.models import create_model, load_checkpoint
 from catdog.transforms import eval_preset
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def read_csv(path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def run_id(paths) -> str:
-    """The pipeline's MLflow run: the most recent one tagged with its checkpoint's md5."""
-    client = client_for(paths.root)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              f"tags.`catdog.checkpoint_md5` = '{tracking.file_md5(paths.checkpoint)}'",
-                              order_by=["attributes.start_time DESC"])
-    return runs[0].info.run_id
+from conftest import PIPELINE_OVERRIDES, PNG_SIGNATURE, client_for, prepared_project, read_csv, run_id
 
 
 # --- train -------------------------------------------------------------------------------------
@@ -86,7 +68,7 @@ def test_checkpoint_holds_the_best_epoch_weights(pipeline):
                       "classes": list(CLASSES), "dropout": pipeline.params.train.dropout}
     val = load_split(paths, "val")
     loader = make_loader(CachedImages(paths, val, eval_preset(64)), 16, 0)
-    stats = evaluate_loop(model, loader, resolve_runtime("fp32"), desc="val")
+    stats = validate(model, loader, resolve_runtime("fp32"), desc="val")
     assert stats.accuracy == pytest.approx(pipeline.train["val_accuracy"], abs=1e-6)
     assert stats.loss == pytest.approx(pipeline.train["val_loss"], rel=1e-3, abs=1e-5)
 
@@ -143,159 +125,9 @@ def test_logged_model_loads_and_matches_the_checkpoint(pipeline):
 
 
 def test_train_without_prepare_is_a_catdog_error(make_params, paths):
-    with pytest.raises(CatdogError, match=r"manifest\.csv not found: run the prepare stage first"):
+    with pytest.raises(CatdogError, match=r"not found: run the prepare stage"):
         train.run(make_params({"data.source": "unused.zip"}), paths)
     assert not paths.checkpoint.exists()
-
-
-# --- evaluate ----------------------------------------------------------------------------------
-
-def test_evaluate_writes_metrics_predictions_and_confusion_matrix(pipeline):
-    reports = pipeline.paths.evaluate_reports
-    metrics = json.loads(reports.joinpath("metrics.json").read_text())
-    assert set(metrics) == {"accuracy", "log_loss", "roc_auc", "f1", "ece"}  # the headline DVC metrics
-    details = json.loads(pipeline.paths.evaluate_details.read_text())
-    assert details == pytest.approx(pipeline.evaluate, abs=1e-6)  # every figure, rounded to 6 decimals
-    assert details["n"] == 10  # round(20 * 0.25) test images per class
-    assert reports.joinpath("confusion_matrix.png").read_bytes()[:8] == PNG_SIGNATURE
-
-    rows = read_csv(reports / "predictions.csv")
-    manifest = [r for r in read_csv(pipeline.paths.manifest) if r["split"] == "test"]
-    assert [r["path"] for r in rows] == [r["path"] for r in manifest]
-    assert [r["actual"] for r in rows] == [r["label"] for r in manifest]
-    for row in rows:
-        assert row["predicted"] in CLASSES
-        confidence, prob_dog = float(row["confidence"]), float(row["prob_dog"])
-        assert 0.5 <= confidence <= 1
-        assert confidence == pytest.approx(max(prob_dog, 1 - prob_dog), abs=2e-6)
-        assert row["predicted"] == ("dog" if prob_dog > 0.5 else "cat")
-    accuracy = sum(r["actual"] == r["predicted"] for r in rows) / len(rows)
-    assert metrics["accuracy"] == pytest.approx(accuracy)
-
-
-def test_evaluate_logs_into_the_train_run(pipeline):
-    client = client_for(pipeline.root)
-    train_id = run_id(pipeline.paths)
-    run = client.get_run(train_id)
-    for key in ("accuracy", "precision", "recall", "f1", "log_loss"):
-        assert run.data.metrics[f"test/{key}"] == pytest.approx(pipeline.evaluate[key])
-    assert run.data.params["evaluate.batch_size"] == str(pipeline.params.evaluate.batch_size)
-    artifacts = {a.path for folder in ("plots", "reports") for a in client.list_artifacts(train_id, folder)}
-    assert {"plots/confusion_matrix.png", "reports/predictions.csv"} <= artifacts
-
-
-def test_evaluate_writes_curves_and_diagnostic_plots(pipeline):
-    reports = pipeline.paths.evaluate_reports
-    roc = read_csv(reports / "roc.csv")
-    assert list(roc[0]) == ["fpr", "tpr"]
-    assert (float(roc[0]["fpr"]), float(roc[-1]["fpr"]), float(roc[-1]["tpr"])) == (0.0, 1.0, 1.0)
-    assert [float(r["fpr"]) for r in roc] == sorted(float(r["fpr"]) for r in roc)
-    pr = read_csv(reports / "pr.csv")
-    assert list(pr[0]) == ["recall", "precision"]
-    assert all(0 <= float(r["precision"]) <= 1 and 0 <= float(r["recall"]) <= 1 for r in pr)
-    for name in ("roc_pr_curves.png", "reliability.png", "confidently_wrong.png"):
-        assert (reports / name).read_bytes()[:8] == PNG_SIGNATURE, name
-
-
-def test_test_time_augmentation_averages_with_the_mirrored_images(pipeline):
-    from catdog.engine import predict_logits, predict_probabilities
-
-    paths = pipeline.paths
-    model, _ = load_checkpoint(paths.checkpoint)
-    runtime = resolve_runtime("fp32")
-    loader = make_loader(CachedImages(paths, load_split(paths, "test"), eval_preset(64)), 4, 0)
-    plain, targets = predict_probabilities(model, loader, runtime, tta=False, desc="test")
-    tta, tta_targets = predict_probabilities(model, loader, runtime, tta=True, desc="test")
-    assert torch.equal(targets, tta_targets)
-    logits, _ = predict_logits(model, loader, runtime, desc="test")
-    assert torch.allclose(plain, torch.softmax(logits, 1), atol=1e-6)
-    images = torch.stack([image for image, _ in loader.dataset])
-    with torch.inference_mode():
-        mirrored = torch.softmax(model(torch.flip(images, dims=[3])), 1)
-    assert torch.allclose(tta, (plain + mirrored) / 2, atol=1e-5)
-    assert torch.allclose(tta.sum(1), torch.ones(len(tta)), atol=1e-5)
-    assert not torch.allclose(tta, plain, atol=1e-6)  # the noisy images are not mirror-symmetric
-
-
-# --- export ------------------------------------------------------------------------------------
-
-def test_export_writes_models_labels_preprocess_and_card(pipeline):
-    out = pipeline.paths.exported
-    assert (out / "model.onnx").stat().st_size > 1_000_000
-    assert (out / "model.pt2").stat().st_size > 1_000_000
-    assert json.loads((out / "labels.json").read_text()) == {"classes": ["cat", "dog"]}
-    preprocess = json.loads((out / "preprocess.json").read_text())
-    assert preprocess["cache_size"] == 64 and preprocess["image_size"] == 64
-    assert preprocess["layout"] == "NCHW" and preprocess["dtype"] == "float32"
-    card = (out / "MODEL_CARD.md").read_text()
-    tags = client_for(pipeline.root).get_run(run_id(pipeline.paths)).data.tags
-    assert tags["data.hash"] in card and tags["catdog.checkpoint_md5"] in card
-    assert run_id(pipeline.paths) not in card  # a DVC output: nothing that differs per run
-    assert f"({pipeline.evaluate['n']} held-out images)" in card
-
-
-def test_export_parity(pipeline):
-    results = pipeline.export
-    parity = json.loads(pipeline.paths.parity.read_text())
-    assert parity == pytest.approx({k: v for k, v in results.items() if k in parity}, abs=1e-6)
-    assert "registered_version" not in parity  # registry details live in MLflow
-    assert results["parity_images"] == 10  # all test images (fewer than export.parity_images)
-    tolerance = pipeline.params.export.tolerance
-    assert results["onnx_max_abs_diff"] <= tolerance
-    assert results["pt2_max_abs_diff"] <= tolerance
-    accuracy = pipeline.evaluate["accuracy"]
-    assert results["eager_accuracy"] == results["onnx_accuracy"] == results["pt2_accuracy"] == pytest.approx(accuracy)
-
-
-@pytest.mark.parametrize("batch_size", [1, 5])
-def test_exported_models_have_a_dynamic_batch_and_match_torch(pipeline, batch_size):
-    reference, _ = load_checkpoint(pipeline.paths.checkpoint)
-    batch = torch.rand(batch_size, 3, 64, 64, generator=torch.Generator().manual_seed(batch_size))
-    with torch.inference_mode():
-        expected = reference(batch).numpy()
-    session = ort.InferenceSession(str(pipeline.paths.exported / "model.onnx"), providers=["CPUExecutionProvider"])
-    onnx_out = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
-    assert onnx_out.shape == (batch_size, 2)
-    np.testing.assert_allclose(onnx_out, expected, atol=1e-3)
-    program = torch.export.load(str(pipeline.paths.exported / "model.pt2"))
-    with torch.inference_mode():
-        pt2_out = program.module()(batch).numpy()
-    np.testing.assert_allclose(pt2_out, expected, atol=1e-4)
-
-
-def test_export_logs_into_the_same_run_and_registers_the_model(pipeline):
-    client = client_for(pipeline.root)
-    train_id = run_id(pipeline.paths)
-    run = client.get_run(train_id)
-    assert run.data.metrics["export/onnx_max_abs_diff"] == pytest.approx(pipeline.export["onnx_max_abs_diff"])
-    assert run.data.params["export.opset"] == "18"
-    exported = {a.path for a in client.list_artifacts(train_id, "export")}
-    assert exported == {"export/MODEL_CARD.md"}  # the model files are in the logged classifier, once
-    assert len(client.search_runs([run.info.experiment_id])) == 1  # one pipeline run, one MLflow run
-
-    name = pipeline.params.export.registered_model_name
-    assert name == "catdog"
-    assert pipeline.export["registered_version"] == "1" and pipeline.export["promoted_champion"] is True
-    version = client.get_model_version_by_alias(name, "champion")
-    assert str(version.version) == "1" and version.run_id == train_id
-    assert str(client.get_model_version_by_alias(name, "candidate").version) == "1"
-    assert float(version.tags["test_accuracy"]) == pytest.approx(pipeline.evaluate["accuracy"])
-
-
-def test_mlflow_metrics_are_grouped_by_section_and_facts_are_tags(pipeline):
-    """The run page charts metrics by the prefix before "/"; counts, versions, flags are no metrics."""
-    run = client_for(pipeline.root).get_run(run_id(pipeline.paths))
-    metrics = set(run.data.metrics)
-    assert not [key for key in metrics if "/" not in key], sorted(metrics)
-    assert {key.split("/")[0] for key in metrics} <= {"train", "val", "test", "export", "schedule", "system"}
-    assert {"train/loss", "train/accuracy", "val/loss", "val/accuracy", "schedule/lr",
-            "test/accuracy", "test/log_loss", "test/roc_auc", "test/f1", "test/ece", "test/precision_cat",
-            "test/recall_dog", "export/onnx_max_abs_diff", "export/pt2_max_abs_diff"} <= metrics, sorted(metrics)
-    assert not metrics & {"test/n", "export/parity_images", "export/registered_version"}
-    tags = run.data.tags
-    assert tags["catdog.test_images"] == str(len(read_csv(pipeline.paths.evaluate_reports / "predictions.csv")))
-    assert tags["catdog.parity_images"] == "10" and tags["catdog.epochs_trained"] == "3"
-    assert (tags["catdog.registered_version"], tags["catdog.promoted_champion"]) == ("1", "True")
 
 
 # --- other modes -------------------------------------------------------------------------------

@@ -43,11 +43,12 @@ class Runtime:
 
 
 def resolve_runtime(precision: str = "auto") -> Runtime:
-    """CUDA: bf16 autocast (fp16 + GradScaler where bf16 is unsupported) and channels_last.
-    CPU: fp32, or bf16 autocast when asked for."""
+    """CUDA: bf16 autocast (fp16 + GradScaler where bf16 is unsupported) and channels_last, or
+    plain fp32 (TF32 off) when asked for. CPU: fp32, or bf16 autocast when asked for."""
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
-        if precision == "fp32":
+        if precision == "fp32":  # true fp32, as the exported ONNX model computes: no TF32 either
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
             dtype = None
         else:
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

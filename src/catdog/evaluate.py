@@ -24,13 +24,11 @@ from catdog.paths import Paths
 from catdog.transforms import eval_preset
 
 HEADLINE = ("accuracy", "log_loss", "roc_auc", "f1", "ece")
-PLOTS = ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "confidently_wrong.png")
-
-
 def run(params: Params, paths: Paths) -> dict:
     p = params.evaluate
+    tracking.check_server(paths.root)
     integrity.verify(paths)
-    runtime = resolve_runtime()
+    runtime = resolve_runtime("fp32")  # the deployed model's precision: the champion is chosen on these numbers
     model, config = load_checkpoint(paths.checkpoint)
     model = inference_module(runtime.prepare_model(model), config["arch"], config["image_size"], runtime)
     test = load_split(paths, "test")
@@ -44,10 +42,11 @@ def run(params: Params, paths: Paths) -> dict:
                       p.gallery_size)
         mlflow_run.log_metrics("test", {k: v for k, v in results.items() if k != "n"})
         mlflow_run.log_facts({"test_images": results["n"]})
-        for name in PLOTS:
-            mlflow_run.log_artifact(paths.evaluate_reports / name, "plots")
-        for name in ("predictions.csv", "roc.csv", "pr.csv"):
-            mlflow_run.log_artifact(paths.evaluate_reports / name, "reports")
+        for plot in (paths.confusion_matrix_plot, paths.roc_pr_plot, paths.reliability_plot,
+                     paths.confidently_wrong_plot):
+            mlflow_run.log_artifact(plot, "plots")
+        for report in (paths.predictions, paths.roc_points, paths.pr_points):
+            mlflow_run.log_artifact(report, "reports")
     return results
 
 
@@ -88,19 +87,18 @@ def expected_calibration_error(targets: np.ndarray, probabilities: np.ndarray, b
 
 def write_reports(paths: Paths, files: list[str], rows: np.ndarray, targets: np.ndarray,
                   probabilities: np.ndarray, results: dict, calibration_bins: int, gallery_size: int) -> None:
-    folder = paths.evaluate_reports
-    write_predictions(folder / "predictions.csv", files, targets, probabilities)
+    write_predictions(paths.predictions, files, targets, probabilities)
 
     matrix = skm.confusion_matrix(targets, probabilities.argmax(1), labels=range(len(CLASSES)))
-    plots.confusion_matrix(matrix, CLASSES, folder / "confusion_matrix.png",
+    plots.confusion_matrix(matrix, CLASSES, paths.confusion_matrix_plot,
                            title=f"Test split: accuracy {results['accuracy']:.2%} (n={len(targets)})")
     # prepare puts both classes in every split, so the curves are defined
     fpr, tpr, _ = skm.roc_curve(targets, probabilities[:, 1])
     precision, recall, _ = skm.precision_recall_curve(targets, probabilities[:, 1])
-    _write_columns(folder / "roc.csv", {"fpr": fpr, "tpr": tpr})
-    _write_columns(folder / "pr.csv", {"recall": recall, "precision": precision})
-    plots.roc_pr_curves(targets, probabilities[:, 1], folder / "roc_pr_curves.png", positive=CLASSES[1])
-    plots.reliability_diagram(targets, probabilities[:, 1], folder / "reliability.png", calibration_bins,
+    _write_columns(paths.roc_points, {"fpr": fpr, "tpr": tpr})
+    _write_columns(paths.pr_points, {"recall": recall, "precision": precision})
+    plots.roc_pr_curves(targets, probabilities[:, 1], paths.roc_pr_plot, positive=CLASSES[1])
+    plots.reliability_diagram(targets, probabilities[:, 1], paths.reliability_plot, calibration_bins,
                               ece=results["ece"], positive=CLASSES[1])
 
     predicted = probabilities.argmax(1)
@@ -110,7 +108,7 @@ def write_reports(paths: Paths, files: list[str], rows: np.ndarray, targets: np.
     plots.gallery([images[rows[i]] for i in worst],
                   [f"{Path(files[i]).name}\ntrue {CLASSES[targets[i]]}, said {CLASSES[predicted[i]]} "
                    f"({probabilities[i].max():.0%})" for i in worst],
-                  folder / "confidently_wrong.png",
+                  paths.confidently_wrong_plot,
                   title=f"Most confidently wrong test images ({len(wrong)} wrong of {len(targets)})")
     reports.write_json(paths.evaluate_details, results)
     reports.write_json(paths.evaluate_metrics, {key: results[key] for key in HEADLINE})  # last: all else is there

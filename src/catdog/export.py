@@ -25,23 +25,21 @@ from catdog.errors import CatdogError
 from catdog.models import load_checkpoint
 from catdog.onnx_runtime import create_session, export_onnx
 from catdog.params import Params
-from catdog.paths import Paths
+from catdog.paths import LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, PT2_FILE, Paths
 from catdog.transforms import eval_preset
 
-MODEL_FILE, PT2_FILE, LABELS_FILE, PREPROCESS_FILE, CARD_FILE = (
-    "model.onnx", "model.pt2", "labels.json", "preprocess.json", "MODEL_CARD.md")
 
 
 def run(params: Params, paths: Paths) -> dict:
     p = params.export
+    tracking.check_server(paths.root)
     integrity.verify(paths)
     model, config = load_checkpoint(paths.checkpoint)
-    out = paths.exported
-    out.mkdir(parents=True, exist_ok=True)
+    paths.exported.mkdir(parents=True, exist_ok=True)
     size = config["image_size"]
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # saved in model.pt2
-    export_onnx(model, example, out / MODEL_FILE, p.opset, names=("image", "logits"))
-    export_pt2(model, example, out / PT2_FILE)
+    export_onnx(model, example, paths.onnx_model, p.opset, names=("image", "logits"))
+    export_pt2(model, example, paths.pt2_model)
 
     test = load_split(paths, "test")
     images = CachedImages(paths, test, eval_preset(size))
@@ -51,8 +49,8 @@ def run(params: Params, paths: Paths) -> dict:
     with torch.inference_mode():
         eager = model(batch).numpy()
     results = {"parity_images": count, "eager_accuracy": _accuracy(eager, targets)}
-    for name, logits in (("onnx", onnx_logits(out / MODEL_FILE, batch.numpy())),
-                         ("pt2", pt2_logits(out / PT2_FILE, batch))):
+    for name, logits in (("onnx", onnx_logits(paths.onnx_model, batch.numpy())),
+                         ("pt2", pt2_logits(paths.pt2_model, batch))):
         results[f"{name}_max_abs_diff"] = float(np.abs(logits - eager).max())
         results[f"{name}_accuracy"] = _accuracy(logits, targets)
         if results[f"{name}_max_abs_diff"] > p.tolerance or results[f"{name}_accuracy"] != results["eager_accuracy"]:
@@ -61,11 +59,11 @@ def run(params: Params, paths: Paths) -> dict:
                 f"{name} parity check failed over {count} test images: max |logit diff| "
                 f"{results[f'{name}_max_abs_diff']:.2e} (export.tolerance {p.tolerance:.0e}), accuracy "
                 f"{results[f'{name}_accuracy']:.4f} vs eager {results['eager_accuracy']:.4f}")
-    results["onnx_mb"] = round((out / MODEL_FILE).stat().st_size / 2**20, 2)
+    results["onnx_mb"] = round(paths.onnx_model.stat().st_size / 2**20, 2)
     reports.write_json(paths.parity, results)
 
-    atomic.write_text(out / LABELS_FILE, json.dumps({"classes": config["classes"]}, indent=2) + "\n")
-    atomic.write_text(out / PREPROCESS_FILE, json.dumps({
+    atomic.write_text(paths.labels, json.dumps({"classes": config["classes"]}, indent=2) + "\n")
+    atomic.write_text(paths.preprocess, json.dumps({
         "cache_size": config["cache_size"],  # decode: EXIF-rotate, RGB, squash-resize (bilinear)
         "min_image_size": params.data.min_image_size,  # smaller images are refused, as prepare does
         "image_size": size,  # then resize to the model input
@@ -75,15 +73,15 @@ def run(params: Params, paths: Paths) -> dict:
 
     with tracking.stage_run(params, paths, "export") as mlflow_run:
         test_metrics = json.loads(paths.evaluate_metrics.read_text())
-        atomic.write_text(out / CARD_FILE, model_card(params, config, test_metrics, results, paths))
+        atomic.write_text(paths.model_card, model_card(params, config, test_metrics, results, paths))
         # model.onnx, labels and preprocessing live in the logged model; model.pt2 only in DVC's cache
-        mlflow_run.log_artifact(out / CARD_FILE, "export")
+        mlflow_run.log_artifact(paths.model_card, "export")
         # dvc.lock as it stands now: every upstream stage's hashes (export's own entry lands after this)
-        for name in ("params.yaml", "dvc.yaml", "dvc.lock"):
-            mlflow_run.log_artifact(paths.root / name, "lineage")
+        for lineage_file in (paths.params_file, paths.dvc_yaml, paths.dvc_lock):
+            mlflow_run.log_artifact(lineage_file, "lineage")
         mlflow_run.log_metrics("export", {k: v for k, v in results.items() if k != "parity_images"})
         classifier = serving.pyfunc_model(
-            {"onnx_model": out / MODEL_FILE, "labels": out / LABELS_FILE, "preprocess": out / PREPROCESS_FILE},
+            {"onnx_model": paths.onnx_model, "labels": paths.labels, "preprocess": paths.preprocess},
             config["classes"], example_jpeg(paths, test))
         registration = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name,
                                                    test_accuracy=test_metrics["accuracy"], promote=p.promote_champion)
@@ -138,7 +136,7 @@ Binary image classifier: **cat** or **dog**, fine-tuned from ImageNet weights.
   squashed to {config['cache_size']}x{config['cache_size']} (bilinear), then {config['image_size']}x{config['image_size']};
   float32 NCHW in [0, 1]. Normalisation is inside the model.
 - Output: logits for `{config['classes']}`; softmax gives the confidence.
-- Files: `{MODEL_FILE}` (ONNX, dynamic batch; `catdog predict` uses it), `{PT2_FILE}` (torch.export),
+- Files: `{ONNX_FILE}` (ONNX, dynamic batch; `catdog predict` uses it), `{PT2_FILE}` (torch.export),
   `{LABELS_FILE}`, `{PREPROCESS_FILE}`.
 - Intended use: sorting pet photos into cats and dogs. Not for any decision about people,
   animal welfare or safety.

@@ -1,9 +1,21 @@
-"""Where each stage reads and writes, relative to the project root (mirrors dvc.yaml)."""
+"""Every file the pipeline reads or writes, named once, relative to the project root.
+
+dvc.yaml declares the same files as the stages' deps, outs, metrics and plots; tests/test_paths.py
+checks that the two agree. Kept free of torch and MLflow (predict imports it).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+# The files of an exported model's folder (models/export/, or a registered model's download):
+# predict finds the labels and preprocessing beside whichever model.onnx it is given.
+ONNX_FILE = "model.onnx"
+PT2_FILE = "model.pt2"
+LABELS_FILE = "labels.json"
+PREPROCESS_FILE = "preprocess.json"
+CARD_FILE = "MODEL_CARD.md"
 
 
 def find_root(start: Path) -> Path | None:
@@ -19,6 +31,19 @@ class Paths:
     @classmethod
     def under(cls, root: str | Path = ".") -> "Paths":
         return cls(Path(root).resolve())
+
+    # the project's own files, logged as a run's lineage
+    @property
+    def params_file(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def dvc_yaml(self) -> Path:
+        return self.root / "dvc.yaml"
+
+    @property
+    def dvc_lock(self) -> Path:
+        return self.root / "dvc.lock"
 
     # prepare
     @property
@@ -37,6 +62,11 @@ class Paths:
     def prepared_content(self) -> Path:
         """Size and md5 of images.npy and manifest.csv, as prepare wrote them (catdog.integrity)."""
         return self.prepared / "content.json"
+
+    @property
+    def rejected(self) -> Path:
+        """Every skipped file and why."""
+        return self.prepared / "rejected.csv"
 
     @property
     def prepare_summary(self) -> Path:
@@ -67,6 +97,14 @@ class Paths:
         """Headline DVC metrics: best epoch, its val accuracy and loss."""
         return self.train_reports / "metrics.json"
 
+    @property
+    def train_history(self) -> Path:
+        return self.train_reports / "history.csv"
+
+    @property
+    def train_curves(self) -> Path:
+        return self.train_reports / "curves.png"
+
     # evaluate
     @property
     def evaluate_reports(self) -> Path:
@@ -82,6 +120,34 @@ class Paths:
         """Every test figure (per class, PR-AUC, ...): a DVC output, not a metric."""
         return self.evaluate_reports / "details.json"
 
+    @property
+    def predictions(self) -> Path:
+        return self.evaluate_reports / "predictions.csv"
+
+    @property
+    def roc_points(self) -> Path:
+        return self.evaluate_reports / "roc.csv"
+
+    @property
+    def pr_points(self) -> Path:
+        return self.evaluate_reports / "pr.csv"
+
+    @property
+    def confusion_matrix_plot(self) -> Path:
+        return self.evaluate_reports / "confusion_matrix.png"
+
+    @property
+    def roc_pr_plot(self) -> Path:
+        return self.evaluate_reports / "roc_pr_curves.png"
+
+    @property
+    def reliability_plot(self) -> Path:
+        return self.evaluate_reports / "reliability.png"
+
+    @property
+    def confidently_wrong_plot(self) -> Path:
+        return self.evaluate_reports / "confidently_wrong.png"
+
     # export
     @property
     def exported(self) -> Path:
@@ -91,3 +157,23 @@ class Paths:
     def parity(self) -> Path:
         """Exported vs eager logits and accuracy on test images."""
         return self.exported / "parity.json"
+
+    @property
+    def onnx_model(self) -> Path:
+        return self.exported / ONNX_FILE
+
+    @property
+    def pt2_model(self) -> Path:
+        return self.exported / PT2_FILE
+
+    @property
+    def labels(self) -> Path:
+        return self.exported / LABELS_FILE
+
+    @property
+    def preprocess(self) -> Path:
+        return self.exported / PREPROCESS_FILE
+
+    @property
+    def model_card(self) -> Path:
+        return self.exported / CARD_FILE

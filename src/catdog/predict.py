@@ -14,12 +14,12 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from catdog.errors import CatdogError
-from catdog.paths import find_root
+from catdog.paths import LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, Paths, find_root
 from catdog.images import BadImage, decode_image, resize
 from catdog.onnx_runtime import create_session, usable_cores
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
-DEFAULT_MODEL = "models/export/model.onnx"
+DEFAULT_MODEL = Paths(Path(".")).onnx_model  # relative to the project root
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class ExportedModel:
         if not path.is_file():
             raise CatdogError(f"model {path} not found: run `dvc repro` first or pass --model")
         config = {}
-        for name in ("labels.json", "preprocess.json"):
+        for name in (LABELS_FILE, PREPROCESS_FILE):
             # export writes them beside the model; a registered MLflow model keeps them in extra_files/
             found = [f for f in (path.parent / name, path.parent / "extra_files" / name) if f.is_file()]
             if not found:
@@ -77,8 +77,8 @@ def _download_registered(uri: str) -> Path:
     store_root = find_root(Path.cwd()) or Path.cwd()  # the project's mlflow.db, from any subfolder
     folder = download_registered_model(uri, store_root)
     # the pyfunc of catdog.serving keeps it in artifacts/; versions registered before it, at the top
-    return next((f for f in (folder / "artifacts" / "model.onnx", folder / "model.onnx") if f.is_file()),
-                folder / "artifacts" / "model.onnx")
+    return next((f for f in (folder / "artifacts" / ONNX_FILE, folder / "model.onnx") if f.is_file()),
+                folder / "artifacts" / ONNX_FILE)
 
 
 def expand_paths(paths: Iterable[str]) -> list[Path]:

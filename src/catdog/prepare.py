@@ -50,13 +50,13 @@ def run(params: Params, paths: Paths) -> dict:
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    images, kept, decode_rejects = decode_all(source, candidates, data, out / "images.npy")
+    images, kept, decode_rejects = decode_all(source, candidates, data, paths.images)
     rejected += decode_rejects
     check_class_counts(kept, data.min_per_class)
 
     splits, merged_groups = split(kept, data)
-    write_manifest(out / "manifest.csv", kept, splits)
-    write_rejected(out / "rejected.csv", rejected)
+    write_manifest(paths.manifest, kept, splits)
+    write_rejected(paths.rejected, rejected)
     integrity.record(paths)
 
     summary = summarize(kept, splits, rejected, unlabelled, merged_groups, images.shape[1])
@@ -64,7 +64,7 @@ def run(params: Params, paths: Paths) -> dict:
     reports.write_json(paths.prepare_metrics, {f"{name}_images": sum(counts.values())
                                                for name, counts in summary["splits"].items()})
     for reason, count in sorted(summary["rejected"].items()):
-        tqdm.write(f"warning: skipped {count} file(s): {reason} (see {out / 'rejected.csv'})")
+        tqdm.write(f"warning: skipped {count} file(s): {reason} (see {paths.rejected})")
     return summary
 
 

@@ -21,6 +21,7 @@ import yaml
 
 from catdog.errors import CatdogError
 from catdog.params import load_params, parse_params
+from catdog.paths import Paths
 
 
 def recipes_dir(root: Path) -> Path:
@@ -34,7 +35,7 @@ def overrides(name: str, root: Path = Path(".")) -> dict[str, object]:
         known = sorted(p.stem for p in recipes_dir(root).glob("*.yaml"))
         raise CatdogError(f"no recipe {name!r} ({path}); known: {', '.join(known) or 'none'}")
     flat = _flatten(yaml.safe_load(path.read_text()) or {})
-    defaults = load_params(root / "params.yaml").model_dump()
+    defaults = load_params(Paths(root).params_file).model_dump()
     for key, value in flat.items():
         section, _, option = key.partition(".")
         defaults.setdefault(section, {})[option] = value  # parse_params names an unknown key
@@ -68,8 +69,12 @@ def _dvc_value(value: object) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m catdog.recipe", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help="a recipe in params/, without .yaml")
-    parser.add_argument("--run", nargs=argparse.REMAINDER, metavar="DVC_ARGS",
-                        help="run the command; arguments after it go to dvc exp run (e.g. --queue -n NAME)")
+    parser.add_argument(
+        "--run",
+        nargs=argparse.REMAINDER,
+        metavar="DVC_ARGS",
+        help="run the command; arguments after it go to dvc exp run (e.g. --queue -n NAME)",
+    )
     args = parser.parse_args(argv)
     try:
         command = dvc_command(overrides(args.name))

@@ -31,8 +31,9 @@ def main(name: str, run: Callable[[Params, Paths], dict], argv: list[str] | None
         sys.exit(2 if isinstance(exc, CatdogError) else 1)
     except StageStopped as stop:
         print(f"{name}: {stop}: its MLflow run is marked KILLED; rerun (dvc repro) to continue "
-              "(train resumes after its last finished epoch)", file=sys.stderr)
-        sys.exit(130)
+              "(train resumes after its last finished epoch)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # the run is closed: skip the interpreter's slow teardown (torch, MLflow threads)
     print(f"{name}: {json.dumps(metrics, default=str)}")
 
 

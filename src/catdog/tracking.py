@@ -28,6 +28,8 @@ import random
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -139,10 +141,10 @@ class Run:
     def log_epoch(self, row: dict[str, float]) -> None:
         """One row of train's history, at step ``row["epoch"]``."""
         mlflow.log_metrics({key: float(row[column]) for column, key in EPOCH_METRIC_KEYS.items() if column in row},
-                           step=row["epoch"])
+                           step=row["epoch"], synchronous=False)  # off the training's critical path
 
     def log_step_loss(self, loss: float, step: int) -> None:
-        mlflow.log_metric(STEP_LOSS_KEY, loss, step=step)
+        mlflow.log_metric(STEP_LOSS_KEY, loss, step=step, synchronous=False)
 
     def logged_epochs(self) -> set[int]:
         """The epochs already logged (a resumed run skips those)."""
@@ -163,8 +165,9 @@ class Run:
         mlflow.log_params({k: _param_value(v) for k, v in params.items()})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if path.exists():
-            mlflow.log_artifact(str(path), artifact_path)
+        if not path.is_file():
+            raise CatdogError(f"cannot log {path} to MLflow: the file is not there (the stage should have written it)")
+        mlflow.log_artifact(str(path), artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         mlflow.set_tags(tags)
@@ -208,7 +211,7 @@ def start_run(params: Params, paths: Paths) -> Iterator[Run]:
 
 
 @contextlib.contextmanager
-def resume(paths: Paths, run_id: str) -> Iterator[Run]:
+def reopen_train_run(paths: Paths, run_id: str) -> Iterator[Run]:
     """Reopen the train run ``run_id`` after a killed train stage: the same run, params already logged."""
     client = _client(paths.root)
     _close_orphans(client, client.get_run(run_id).info.experiment_id)
@@ -315,9 +318,14 @@ def _opened(run_id: str, stage: str, **start_kwargs) -> Iterator[Run]:
             client.set_tag(run_id, key, value)
         client.set_terminated(run_id, "KILLED")
         raise
-    except Exception:  # MLflow marked the run FAILED; say which stage (unless the store is the problem)
+    except Exception as exc:  # MLflow marked the run FAILED; say which stage (unless the store is the problem)
         with contextlib.suppress(Exception):
             client.set_tag(run_id, FAILED_STAGE_TAG, stage)
+        uri = mlflow.get_tracking_uri()
+        if uri.startswith(("http://", "https://")) and (problem := _server_problem(uri)):
+            raise CatdogError(f"lost the MLflow tracking server {uri} during {stage} ({problem}; "
+                              f"{type(exc).__name__}): the files written so far stay; rerun the stage "
+                              "(dvc repro) once the server is back") from None
         raise
 
 
@@ -358,24 +366,29 @@ def promote_champion(client: MlflowClient, name: str, version: str, test_accurac
     no lock, so there the alias is set, then checked again until it holds still (a better version
     set meanwhile wins, a worse one is overwritten)."""
     with _sqlite_lock(client.tracking_uri) as locked:
-        if not _beats_champion(client, name, test_accuracy):
-            return False
-        client.set_registered_model_alias(name, "champion", version)
-    return locked or _champion_holds(client, name, version, test_accuracy)
+        if locked:
+            if not _beats_champion(client, name, test_accuracy):
+                return False
+            client.set_registered_model_alias(name, "champion", version)
+            return True
+    return _set_until_it_holds(client, name, version, test_accuracy)
 
 
-def _champion_holds(client: MlflowClient, name: str, version: str, test_accuracy: float,
-                    settle_seconds: float = 1.0, attempts: int = 20) -> bool:
+def _set_until_it_holds(client: MlflowClient, name: str, version: str, test_accuracy: float,
+                        settle_seconds: float = 1.0, attempts: int = 20) -> bool:
     """True once ``version`` is still champion a settle period after it was set: longer than any
     competitor's gap between reading the champion and setting it, so no stale set can follow."""
     for _ in range(attempts):
+        champion = _champion(client, name)
+        if champion is None or champion.version != version:
+            if not _beats_champion(client, name, test_accuracy):
+                return False  # a better (or as good) version holds it
+            with contextlib.suppress(mlflow.exceptions.MlflowException):  # two first sets can collide
+                client.set_registered_model_alias(name, "champion", version)
         time.sleep(settle_seconds * random.uniform(0.5, 1.0))
         champion = _champion(client, name)
         if champion is not None and champion.version == version:
             return True
-        if not _beats_champion(client, name, test_accuracy):
-            return False  # a better (or as good) version holds it
-        client.set_registered_model_alias(name, "champion", version)
     return False
 
 
@@ -439,7 +452,7 @@ def prepared_digest(paths: Paths) -> str:
     """DVC's md5 of ``data/prepared``: as dvc.lock records prepare's output, else computed the
     way DVC does (md5 of the sorted file list with each file's md5, plus ``.dir``), taking the
     md5s prepare recorded in content.json (which the stages verify) instead of hashing again."""
-    lock = paths.root / "dvc.lock"
+    lock = paths.dvc_lock
     if lock.is_file():
         outs = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("prepare", {}).get("outs", [])
         for out in outs:
@@ -496,8 +509,43 @@ def _client(project_root: Path) -> MlflowClient:
     if uri == default_tracking_uri(project_root):
         _defaults_in_use.add(uri)
     mlflow.set_tracking_uri(uri)
+    check_server(project_root)
     _prepare_sqlite_store(uri)
     return MlflowClient()
+
+
+SERVER_CHECK_SECONDS = 10
+# MLflow's own defaults retry a dead server for minutes (7 retries, backoff factor 2, 120 s timeout);
+# these bound every request to well under a minute. A value the user exported wins.
+_HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+_reachable_servers: set[str] = set()
+
+
+def check_server(project_root: Path) -> None:
+    """Fail fast, in one line, when an http(s) tracking server does not answer its /health
+    (stages call it first thing, before any slow work)."""
+    uri = tracking_uri(project_root)
+    if not uri.startswith(("http://", "https://")) or uri in _reachable_servers:
+        return
+    for name, value in _HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)
+    problem = _server_problem(uri)
+    if problem:
+        raise CatdogError(f"MLflow tracking server {uri} is unreachable ({problem}): "
+                          f"start it, or unset MLFLOW_TRACKING_URI to log to the project's {DB_FILE}")
+    _reachable_servers.add(uri)
+
+
+def _server_problem(uri: str) -> str | None:
+    """Why an http(s) server does not answer its /health within SERVER_CHECK_SECONDS, or None."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_CHECK_SECONDS):
+            return None
+    except urllib.error.HTTPError:
+        return None  # it answered: whatever /health says, the API calls will tell
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
 
 
 _prepared_stores: set[str] = set()

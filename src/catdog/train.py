@@ -22,37 +22,63 @@ import copy
 import json
 import math
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
 from catdog import CLASSES, distributed, integrity, plots, reports, tracking, train_state
-from catdog.data import CachedImages, load_split, make_loader
+from catdog.data import CachedImages, Split, load_split, make_loader
 from catdog.device import Runtime, resolve_runtime
 from catdog.distributed import World
-from catdog.engine import evaluate, train_one_epoch
+from catdog.engine import train_one_epoch, validate
 from catdog.errors import CatdogError
 from catdog.frozen import FrozenPart, cached_activations, split_for_training
 from catdog.linear_probe import fit_logistic_head
 from catdog.models import Classifier, create_model, save_checkpoint
 from catdog.params import Params, TrainParams
 from catdog.paths import Paths
-from catdog.seeding import restore_rng_state, rng_state, seed_everything
+from catdog.seeding import rng_state, seed_everything
 from catdog.transforms import eval_preset, train_transforms
 
 
 def run(params: Params, paths: Paths) -> dict:
     """Train in this process, or in ``train.nproc`` processes under torchrun (this process waits)."""
+    tracking.check_server(paths.root)
     integrity.verify(paths)
     if params.train.nproc > 1 and not distributed.under_torchrun():
         distributed.relaunch(params.train.nproc, params, paths.root)
         return json.loads(paths.train_metrics.read_text())
     with distributed.joined() as world:
         return _train(params, paths, world)
+
+
+@dataclass
+class _Fit:
+    """What the epochs need, built once per process."""
+
+    p: TrainParams
+    runtime: Runtime
+    world: World
+    generator: torch.Generator  # shuffling and DataLoader seeds: saved with the state
+    model: Classifier  # the whole classifier: written to the checkpoint
+    loop_model: nn.Module  # what the loops call: the part after the cached frozen activations, or the model
+    trained_part: nn.Module  # the weights that change, saved every epoch: the head ('features'/'head'), else the model
+    val_images: CachedImages
+    train_loader: DataLoader
+    val_loader: DataLoader
+    sampler: DistributedSampler | None
+    batch_transform: Callable | None  # augmentation on the device (CUDA), else None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    criterion: nn.Module
+    on_step: Callable[[float], None] | None = None  # rank 0: step-level train loss to MLflow
 
 
 def _train(params: Params, paths: Paths, world: World) -> dict:
@@ -66,99 +92,121 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
     model = runtime.prepare_model(
         create_model(p.arch, p.pretrained, len(CLASSES), p.weights, p.image_size, p.dropout))
     frozen, rest = split_for_training(model, p.arch, p.image_size, p.mode, p.unfreeze_blocks, runtime)
-    # the frozen part runs once over the images (its activations cached) unless augmentation or DDP
-    cached = frozen is not None and not p.augment and not world.distributed
-    forward = rest if cached or frozen is None else nn.Sequential(frozen, rest)  # what the loops call
-    trained = model.head if p.mode in ("features", "head") else model  # what changes: saved each epoch
     fingerprint = train_state.fingerprint(params, paths, world.world_size) if world.is_main else None
     state = world.broadcast(_resumable_state(paths, fingerprint) if world.is_main else None)
 
     with _open_run(params, paths, state, world) as mlflow_run:  # None on ranks other than 0
-        _note(world, f"train: {p.arch}, mode {p.mode}, {runtime.describe()}, {world.world_size} process(es), "
-                     f"{len(train_split.rows)} train / {len(val_split.rows)} val images")
-        if p.compile and runtime.device.type != "cuda":
-            _note(world, "train: compile skipped: torch.compile is used on CUDA only")
-        val_images = CachedImages(paths, val_split, eval_preset(p.image_size))
-        train_loader, val_loader, sampler, batch_transform = _loaders(
-            frozen if cached else None, paths, train_split, val_images, p, runtime, world, generator)
-        optimizer = _optimizer(model, p)
-        scheduler = _scheduler(optimizer, p, len(train_loader))
-        scaler = torch.amp.GradScaler() if runtime.needs_grad_scaler else None
-        history, best, seconds_before = [], None, 0.0
+        fit = _set_up(model, frozen, rest, paths, (train_split, val_split), p, runtime, world, generator)
+        progress = train_state.Progress()
         if state is not None:
-            history, best, seconds_before = _restore(state, trained, optimizer, scheduler, scaler, generator, world)
+            progress = train_state.restore(state, fit.trained_part, fit.optimizer, fit.scheduler, fit.scaler,
+                                           generator, world.rank)
             _note(world, f"train: resuming after epoch {state['epoch']} of {p.epochs} ({paths.train_state.name})")
-        first_epoch = len(history) + 1
-        on_step = None
         if mlflow_run is not None:
             mlflow_run.set_tags({"catdog.runtime": runtime.describe(), "catdog.processes": str(world.world_size)})
-            on_step = _step_logger(mlflow_run, state, p, steps_done=(first_epoch - 1) * len(train_loader))
-        criterion = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+            steps_done = len(progress.history) * len(fit.train_loader)
+            fit.on_step = _step_logger(mlflow_run, state, p, steps_done)
+        _fit_epochs(fit, progress, paths, mlflow_run, fingerprint, started)
+        return _finish(fit, progress, paths, mlflow_run, started, params.tracking.log_pytorch_model)
 
-        net, saved = None, state
-        epochs = tqdm(range(first_epoch, p.epochs + 1), desc="epochs", unit="epoch", disable=not world.is_main)
-        for epoch in epochs:
-            if _patience_ran_out(p, history, best[0] if best else None):
-                _note(world, f"train: early stop: {p.monitor} has not improved for {p.early_stopping_patience} epochs")
-                break
-            if net is None or epoch == p.head_warmup_epochs + 1:  # start, or head warm-up over
-                _set_trainable(model, p, epoch)
-                net = _training_module(forward, p, runtime, world)
-                if p.head_warmup_epochs and epoch == p.head_warmup_epochs + 1:
-                    _note(world, f"train: head warm-up over: from epoch {epoch} the backbone trains too")
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            lrs = scheduler.get_last_lr()
-            if p.head == "logistic":
-                fit = fit_logistic_head(model.head, *train_loader.dataset.tensors, p.logistic_c)
-            else:
-                fit = train_one_epoch(net, train_loader, optimizer, scheduler, runtime, scaler, desc=f"epoch {epoch}",
-                                      criterion=criterion, grad_clip_norm=p.grad_clip_norm,
-                                      batch_transform=batch_transform, on_step=on_step)
-            val = world.broadcast(evaluate(forward, val_loader, runtime, desc="val") if world.is_main else None)
-            row = {"epoch": epoch, "train_loss": fit.loss, "train_accuracy": fit.accuracy,
-                   "val_loss": val.loss, "val_accuracy": val.accuracy, "lr": lrs[0]}
-            if len(lrs) > 1:
-                row["lr_backbone"] = lrs[1]
-            history.append(row)
-            if best is None or _better(row, best[0], p.monitor):
-                best = (row, copy.deepcopy(trained.state_dict()))
-            rng = world.gather(rng_state(generator))
-            if world.is_main:
-                saved = {
-                    "version": train_state.VERSION, "fingerprint": fingerprint, "complete": False,
-                    "epoch": epoch, "run_id": mlflow_run.run_id, "model": trained.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler else None, "history": history,
-                    "best": {"row": best[0], "weights": best[1]}, "rng": rng,
-                    "seconds": seconds_before + time.perf_counter() - started,
-                }
-                train_state.save(paths.train_state, saved)
-                mlflow_run.progress["catdog.epoch_reached"] = str(epoch)  # tagged if the stage is stopped
-                mlflow_run.log_epoch(row)
-            epochs.set_postfix(val_acc=f"{val.accuracy:.4f}", val_loss=f"{val.loss:.4f}", refresh=False)
 
-        world.check_replicas_agree(trained)
-        best_row, best_weights = best
-        if world.is_main:  # loading the best weights below overwrites the tensors the state refers to
-            saved = {**saved, "model": copy.deepcopy(saved["model"])}
-        trained.load_state_dict(best_weights)
-        # The headline DVC metrics: the same for the same training, on any machine (timings go to MLflow).
-        metrics = {key: best_row[key] for key in ("epoch", "val_accuracy", "val_loss")}
-        metrics["best_epoch"] = metrics.pop("epoch")
-        seconds = round(seconds_before + time.perf_counter() - started, 1)
+def _set_up(model: Classifier, frozen: FrozenPart | None, rest: nn.Module, paths: Paths, splits: tuple[Split, Split],
+            p: TrainParams, runtime: Runtime, world: World, generator: torch.Generator) -> _Fit:
+    """``frozen`` (the part that never trains, None in full mode) and ``rest`` split the model."""
+    train_split, val_split = splits
+    _note(world, f"train: {p.arch}, mode {p.mode}, {runtime.describe()}, {world.world_size} process(es), "
+                 f"{len(train_split.rows)} train / {len(val_split.rows)} val images")
+    if p.compile and runtime.device.type != "cuda":
+        _note(world, "train: compile skipped: torch.compile is used on CUDA only")
+    val_images = CachedImages(paths, val_split, eval_preset(p.image_size))
+    # the frozen part runs once over the images (its activations cached) unless augmentation or DDP
+    cached = frozen is not None and not p.augment and not world.distributed
+    train_loader, val_loader, sampler, batch_transform = _loaders(
+        frozen if cached else None, paths, train_split, val_images, p, runtime, world, generator)
+    optimizer = _optimizer(model, p)
+    return _Fit(
+        p, runtime, world, generator, model,
+        loop_model=rest if cached or frozen is None else nn.Sequential(frozen, rest),
+        trained_part=model.head if p.mode in ("features", "head") else model,
+        val_images=val_images, train_loader=train_loader, val_loader=val_loader, sampler=sampler,
+        batch_transform=batch_transform, optimizer=optimizer,
+        scheduler=_scheduler(optimizer, p, len(train_loader)),
+        scaler=torch.amp.GradScaler() if runtime.needs_grad_scaler else None,
+        criterion=nn.CrossEntropyLoss(label_smoothing=p.label_smoothing))
+
+
+def _fit_epochs(fit: _Fit, progress: train_state.Progress, paths: Paths, mlflow_run: tracking.Run | None,
+                fingerprint: str | None, started: float) -> None:
+    """The remaining epochs; after each, the resumable state (rank 0 writes it) and the epoch's metrics."""
+    p, world = fit.p, fit.world
+    train_model = None
+    epochs = tqdm(range(len(progress.history) + 1, p.epochs + 1), desc="epochs", unit="epoch",
+                  disable=not world.is_main)
+    for epoch in epochs:
+        if _patience_ran_out(p, progress.history, progress.best_row):
+            _note(world, f"train: early stop: {p.monitor} has not improved for {p.early_stopping_patience} epochs")
+            break
+        if train_model is None or epoch == p.head_warmup_epochs + 1:  # start, or head warm-up over
+            _set_trainable(fit.model, p, epoch)
+            train_model = _wrap_for_training(fit.loop_model, p, fit.runtime, world)
+            if p.head_warmup_epochs and epoch == p.head_warmup_epochs + 1:
+                _note(world, f"train: head warm-up over: from epoch {epoch} the backbone trains too")
+        row = _run_epoch(fit, train_model, epoch)
+        progress.history.append(row)
+        if progress.best_row is None or _better(row, progress.best_row, p.monitor):
+            progress.best_row, progress.best_weights = row, copy.deepcopy(fit.trained_part.state_dict())
+        rng = world.gather(rng_state(fit.generator))
         if world.is_main:
-            _write_outputs(paths, model, p, history, metrics)
-            mlflow_run.log_metrics("val", {"best_accuracy": metrics["val_accuracy"], "best_loss": metrics["val_loss"]})
-            mlflow_run.log_metrics("train", {"seconds": seconds})
-            mlflow_run.log_facts({"best_epoch": metrics["best_epoch"], "epochs_trained": len(history)})
-            mlflow_run.log_artifact(paths.train_reports / "curves.png", "plots")
-            mlflow_run.log_artifact(paths.train_reports / "history.csv", "reports")
-            if params.tracking.log_pytorch_model:
-                example = torch.stack([val_images[i][0] for i in range(2)]).numpy()  # batch 2: keeps the batch dim dynamic
-                mlflow_run.log_pytorch_model(model, example)
-            tracking.record_checkpoint(mlflow_run, paths.checkpoint)  # after train's own results
-            train_state.save(paths.train_state, {**saved, "complete": True})  # last: the outputs are all there
+            train_state.save_epoch(paths.train_state, fingerprint, mlflow_run.run_id, progress, fit.trained_part,
+                                   fit.optimizer, fit.scheduler, fit.scaler, rng,
+                                   seconds=progress.seconds + time.perf_counter() - started)
+            mlflow_run.progress["catdog.epoch_reached"] = str(epoch)  # tagged if the stage is stopped
+            mlflow_run.log_epoch(row)
+        epochs.set_postfix(val_acc=f"{row['val_accuracy']:.4f}", val_loss=f"{row['val_loss']:.4f}", refresh=False)
+
+
+def _run_epoch(fit: _Fit, train_model: nn.Module, epoch: int) -> dict:
+    """One epoch of training, then validation on rank 0; returns the history row."""
+    if fit.sampler is not None:
+        fit.sampler.set_epoch(epoch)
+    lrs = fit.scheduler.get_last_lr()
+    if fit.p.head == "logistic":
+        trained = fit_logistic_head(fit.model.head, *fit.train_loader.dataset.tensors, fit.p.logistic_c)
+    else:
+        trained = train_one_epoch(train_model, fit.train_loader, fit.optimizer, fit.scheduler, fit.runtime, fit.scaler,
+                                  desc=f"epoch {epoch}", criterion=fit.criterion, grad_clip_norm=fit.p.grad_clip_norm,
+                                  batch_transform=fit.batch_transform, on_step=fit.on_step)
+    world = fit.world
+    val = world.broadcast(validate(fit.loop_model, fit.val_loader, fit.runtime, desc="val") if world.is_main else None)
+    row = {"epoch": epoch, "train_loss": trained.loss, "train_accuracy": trained.accuracy,
+           "val_loss": val.loss, "val_accuracy": val.accuracy, "lr": lrs[0]}
+    if len(lrs) > 1:
+        row["lr_backbone"] = lrs[1]
+    return row
+
+
+def _finish(fit: _Fit, progress: train_state.Progress, paths: Paths, mlflow_run: tracking.Run | None,
+            started: float, log_pytorch_model: bool) -> dict:
+    """Keep the best epoch's weights; rank 0 writes the outputs, logs them and marks the state complete."""
+    fit.world.check_replicas_agree(fit.trained_part)
+    fit.trained_part.load_state_dict(progress.best_weights)
+    best = progress.best_row
+    # The headline DVC metrics: the same for the same training, on any machine (timings go to MLflow).
+    metrics = {"val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"], "best_epoch": best["epoch"]}
+    seconds = round(progress.seconds + time.perf_counter() - started, 1)
+    if fit.world.is_main:
+        _write_outputs(paths, fit.model, fit.p, progress.history, metrics)
+        mlflow_run.log_metrics("val", {"best_accuracy": metrics["val_accuracy"], "best_loss": metrics["val_loss"]})
+        mlflow_run.log_metrics("train", {"seconds": seconds})
+        mlflow_run.log_facts({"best_epoch": metrics["best_epoch"], "epochs_trained": len(progress.history)})
+        mlflow_run.log_artifact(paths.train_curves, "plots")
+        mlflow_run.log_artifact(paths.train_history, "reports")
+        if log_pytorch_model:
+            # a batch of 2 keeps the batch dimension dynamic
+            example = torch.stack([fit.val_images[i][0] for i in range(2)]).numpy()
+            mlflow_run.log_pytorch_model(fit.model, example)
+        tracking.record_checkpoint(mlflow_run, paths.checkpoint)  # after train's own results
+        train_state.mark_complete(paths.train_state)  # last: the outputs are all there
     return metrics
 
 
@@ -168,18 +216,6 @@ def _resumable_state(paths: Paths, fingerprint: str) -> dict | None:
         tqdm.write(f"train: the MLflow run of {paths.train_state.name} is gone: starting afresh")
         return None
     return state
-
-
-def _restore(state: dict, trained: nn.Module, optimizer, scheduler, scaler, generator: torch.Generator,
-             world: World) -> tuple[list[dict], tuple[dict, dict], float]:
-    """Puts the saved epoch back; returns (history, (best row, best weights), seconds spent so far)."""
-    trained.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    restore_rng_state(state["rng"][world.rank], generator)  # last: setting up drew random numbers
-    return state["history"], (state["best"]["row"], state["best"]["weights"]), state["seconds"]
 
 
 def _step_logger(mlflow_run: tracking.Run, state: dict | None, p: TrainParams, steps_done: int) -> "_StepLogger":
@@ -200,7 +236,7 @@ def _open_run(params: Params, paths: Paths, state: dict | None, world: World):
     if not world.is_main:
         return contextlib.nullcontext()
     if state is not None:
-        return tracking.resume(paths, state["run_id"])
+        return tracking.reopen_train_run(paths, state["run_id"])
     return tracking.start_run(params, paths)
 
 
@@ -245,15 +281,15 @@ def _set_trainable(model: Classifier, p: TrainParams, epoch: int) -> None:
         model.unfreeze_backbone()
 
 
-def _training_module(module: nn.Module, p: TrainParams, runtime: Runtime, world: World) -> nn.Module:
+def _wrap_for_training(loop_model: nn.Module, p: TrainParams, runtime: Runtime, world: World) -> nn.Module:
     """What the training loop calls: DDP over the layers that train now (so rebuilt when head
     warm-up ends), compiled on CUDA."""
     if world.distributed:
         on_cuda = runtime.device.type == "cuda"
-        module = DistributedDataParallel(module, device_ids=[world.local_rank] if on_cuda else None)
+        loop_model = DistributedDataParallel(loop_model, device_ids=[world.local_rank] if on_cuda else None)
     if p.compile and runtime.device.type == "cuda":
-        module = torch.compile(module)
-    return module
+        loop_model = torch.compile(loop_model)
+    return loop_model
 
 
 def _optimizer(model: Classifier, p: TrainParams) -> torch.optim.Optimizer:
@@ -324,8 +360,8 @@ def _write_outputs(paths: Paths, model: Classifier, p: TrainParams, history: lis
         "classes": list(CLASSES), "dropout": p.dropout,
     })
     tqdm.write(f"train: wrote {paths.checkpoint.relative_to(paths.root)} (best epoch {metrics['best_epoch']})")
-    reports.write_csv(paths.train_reports / "history.csv", list(history[0]), [list(row.values()) for row in history])
-    plots.training_curves(history, metrics["best_epoch"], paths.train_reports / "curves.png")
+    reports.write_csv(paths.train_history, list(history[0]), [list(row.values()) for row in history])
+    plots.training_curves(history, metrics["best_epoch"], paths.train_curves)
     reports.write_json(paths.train_metrics, metrics)  # last: all else is there
 
 

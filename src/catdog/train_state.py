@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,8 +23,19 @@ from tqdm import tqdm
 from catdog import atomic, integrity
 from catdog.params import Params
 from catdog.paths import Paths
+from catdog.seeding import restore_rng_state
 
 VERSION = 1
+
+
+@dataclass
+class Progress:
+    """What the epochs so far produced; carried from epoch to epoch and saved with the state."""
+
+    history: list[dict] = field(default_factory=list)  # one row per finished epoch
+    best_row: dict | None = None  # the row of the best epoch by train.monitor
+    best_weights: dict | None = None  # the trained part's weights after that epoch
+    seconds: float = 0.0  # training time spent by earlier (killed) processes
 
 
 def fingerprint(params: Params, paths: Paths, world_size: int) -> str:
@@ -60,3 +72,32 @@ def save(path: Path, state: dict) -> None:
         torch.save(state, handle)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def save_epoch(path: Path, fingerprint: str, run_id: str, progress: Progress, trained_part: torch.nn.Module,
+               optimizer, scheduler, scaler, rng: list, seconds: float) -> None:
+    """The state after the last epoch of ``progress``; ``rng`` holds every rank's RNG states."""
+    save(path, {
+        "version": VERSION, "fingerprint": fingerprint, "complete": False,
+        "epoch": progress.history[-1]["epoch"], "run_id": run_id, "model": trained_part.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler else None, "history": progress.history,
+        "best": {"row": progress.best_row, "weights": progress.best_weights}, "rng": rng, "seconds": seconds,
+    })
+
+
+def restore(state: dict, trained_part: torch.nn.Module, optimizer, scheduler, scaler, generator: torch.Generator,
+            rank: int) -> Progress:
+    """Puts the saved epoch back into the objects that train, and returns the progress so far."""
+    trained_part.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    restore_rng_state(state["rng"][rank], generator)  # last: setting up drew random numbers
+    return Progress(state["history"], state["best"]["row"], state["best"]["weights"], state["seconds"])
+
+
+def mark_complete(path: Path) -> None:
+    """The run's outputs are all written: a rerun with the same params starts afresh."""
+    save(path, {**torch.load(path, map_location="cpu", weights_only=True), "complete": True})

@@ -1,4 +1,5 @@
-"""catdog.evaluate.classification_metrics against numbers worked out by hand."""
+"""catdog.evaluate: classification_metrics against numbers worked out by hand, and the stage's
+outputs and MLflow run on the tiny synthetic pipeline (the session ``pipeline`` fixture)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,17 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
+from catdog import CLASSES
+from catdog.data import CachedImages, load_split, make_loader
+from catdog.device import resolve_runtime
+from catdog.engine import predict_logits, predict_probabilities
 from catdog.evaluate import classification_metrics, write_predictions
+from catdog.models import load_checkpoint
+from catdog.transforms import eval_preset
+
+from conftest import PNG_SIGNATURE, client_for, read_csv, run_id
 
 
 def probs(prob_dog: list[float]) -> np.ndarray:
@@ -114,3 +124,70 @@ def test_write_predictions(tmp_path):
         ["train/dog.2.jpg", "dog", "dog", "0.875", "0.875"],
         ["train/dog.3.jpg", "dog", "cat", "0.7", "0.3"],
     ]
+
+
+# --- evaluate ----------------------------------------------------------------------------------
+
+def test_evaluate_writes_metrics_predictions_and_confusion_matrix(pipeline):
+    reports = pipeline.paths.evaluate_reports
+    metrics = json.loads(reports.joinpath("metrics.json").read_text())
+    assert set(metrics) == {"accuracy", "log_loss", "roc_auc", "f1", "ece"}  # the headline DVC metrics
+    details = json.loads(pipeline.paths.evaluate_details.read_text())
+    assert details == pytest.approx(pipeline.evaluate, abs=1e-6)  # every figure, rounded to 6 decimals
+    assert details["n"] == 10  # round(20 * 0.25) test images per class
+    assert reports.joinpath("confusion_matrix.png").read_bytes()[:8] == PNG_SIGNATURE
+
+    rows = read_csv(reports / "predictions.csv")
+    manifest = [r for r in read_csv(pipeline.paths.manifest) if r["split"] == "test"]
+    assert [r["path"] for r in rows] == [r["path"] for r in manifest]
+    assert [r["actual"] for r in rows] == [r["label"] for r in manifest]
+    for row in rows:
+        assert row["predicted"] in CLASSES
+        confidence, prob_dog = float(row["confidence"]), float(row["prob_dog"])
+        assert 0.5 <= confidence <= 1
+        assert confidence == pytest.approx(max(prob_dog, 1 - prob_dog), abs=2e-6)
+        assert row["predicted"] == ("dog" if prob_dog > 0.5 else "cat")
+    accuracy = sum(r["actual"] == r["predicted"] for r in rows) / len(rows)
+    assert metrics["accuracy"] == pytest.approx(accuracy)
+
+
+def test_evaluate_logs_into_the_train_run(pipeline):
+    client = client_for(pipeline.root)
+    train_id = run_id(pipeline.paths)
+    run = client.get_run(train_id)
+    for key in ("accuracy", "precision", "recall", "f1", "log_loss"):
+        assert run.data.metrics[f"test/{key}"] == pytest.approx(pipeline.evaluate[key])
+    assert run.data.params["evaluate.batch_size"] == str(pipeline.params.evaluate.batch_size)
+    artifacts = {a.path for folder in ("plots", "reports") for a in client.list_artifacts(train_id, folder)}
+    assert {"plots/confusion_matrix.png", "reports/predictions.csv"} <= artifacts
+
+
+def test_evaluate_writes_curves_and_diagnostic_plots(pipeline):
+    reports = pipeline.paths.evaluate_reports
+    roc = read_csv(reports / "roc.csv")
+    assert list(roc[0]) == ["fpr", "tpr"]
+    assert (float(roc[0]["fpr"]), float(roc[-1]["fpr"]), float(roc[-1]["tpr"])) == (0.0, 1.0, 1.0)
+    assert [float(r["fpr"]) for r in roc] == sorted(float(r["fpr"]) for r in roc)
+    pr = read_csv(reports / "pr.csv")
+    assert list(pr[0]) == ["recall", "precision"]
+    assert all(0 <= float(r["precision"]) <= 1 and 0 <= float(r["recall"]) <= 1 for r in pr)
+    for name in ("roc_pr_curves.png", "reliability.png", "confidently_wrong.png"):
+        assert (reports / name).read_bytes()[:8] == PNG_SIGNATURE, name
+
+
+def test_test_time_augmentation_averages_with_the_mirrored_images(pipeline):
+    paths = pipeline.paths
+    model, _ = load_checkpoint(paths.checkpoint)
+    runtime = resolve_runtime("fp32")
+    loader = make_loader(CachedImages(paths, load_split(paths, "test"), eval_preset(64)), 4, 0)
+    plain, targets = predict_probabilities(model, loader, runtime, tta=False, desc="test")
+    tta, tta_targets = predict_probabilities(model, loader, runtime, tta=True, desc="test")
+    assert torch.equal(targets, tta_targets)
+    logits, _ = predict_logits(model, loader, runtime, desc="test")
+    assert torch.allclose(plain, torch.softmax(logits, 1), atol=1e-6)
+    images = torch.stack([image for image, _ in loader.dataset])
+    with torch.inference_mode():
+        mirrored = torch.softmax(model(torch.flip(images, dims=[3])), 1)
+    assert torch.allclose(tta, (plain + mirrored) / 2, atol=1e-5)
+    assert torch.allclose(tta.sum(1), torch.ones(len(tta)), atol=1e-5)
+    assert not torch.allclose(tta, plain, atol=1e-6)  # the noisy images are not mirror-symmetric
