@@ -98,7 +98,7 @@ def expand_paths(paths: Iterable[str]) -> list[Path]:
     return files
 
 
-def predict(model: ExportedModel, files: Iterable[Path], batch_size: int = 64, tta: bool = False) -> Iterator[dict]:
+def predict(model: ExportedModel, files: Iterable[Path], batch_size: int = 16, tta: bool = False) -> Iterator[dict]:
     """One result per file, in order: {path, label, confidence} or {path, error}. Files decode in
     threads up to two batches ahead while ONNX Runtime runs the current one; at most those batches
     are held, so memory depends on the batch size, not on the number of files."""
