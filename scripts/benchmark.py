@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -65,8 +65,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--unfreeze-blocks", type=int, default=1, help="top_epoch: blocks that train")
-    parser.add_argument("--model-images", type=int, default=512,
-                        help="features, extraction, top_epoch, predict_naive: at most this many images")
+    parser.add_argument(
+        "--model-images",
+        type=int,
+        default=512,
+        help="features, extraction, top_epoch, predict_naive: at most this many images",
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -85,9 +89,13 @@ def main(argv: list[str] | None = None) -> dict:
             bench_epoch(prepared, files),
             prepare_result,
         ]
-    report = {"machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "config": {k: str(v) for k, v in vars(args).items()}, "results": results,
-              "peak_rss_mb": peak_rss_mb(resource.RUSAGE_SELF)}
+    report = {
+        "machine": machine(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": {k: str(v) for k, v in vars(args).items()},
+        "results": results,
+        "peak_rss_mb": peak_rss_mb(resource.RUSAGE_SELF),
+    }
     print_table(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +125,8 @@ def bench_prepare(folder: Path, tmp: Path, size: int) -> tuple[Paths, dict]:
         timings[workers] = time.perf_counter() - started
     count = len(list(folder.iterdir()))
     return Paths.under(tmp / "workers0"), comparison(
-        "prepare", "parallel decode (all cores)", timings[0], "one process", timings[1], count)
+        "prepare", "parallel decode (all cores)", timings[0], "one process", timings[1], count
+    )
 
 
 def export_model(model, image_size: int, out: Path) -> Path:
@@ -162,8 +171,15 @@ def bench_extraction(model, args, prepared: Paths) -> dict:
     raw_s = timed(lambda: [frozen(b) for b in batches])
     loader = make_loader(images, args.batch_size, 0)
     stage_s = timed(lambda: cached_activations(frozen, loader, desc="benchmark extraction"))
-    return comparison("extraction", "train's feature extraction (loader + ONNX Runtime)", stage_s,
-                      "raw ONNX Runtime on stacked tensors", raw_s, len(images), target=0.8)
+    return comparison(
+        "extraction",
+        "train's feature extraction (loader + ONNX Runtime)",
+        stage_s,
+        "raw ONNX Runtime on stacked tensors",
+        raw_s,
+        len(images),
+        target=0.8,
+    )
 
 
 def bench_top_epoch(model, args, prepared: Paths) -> dict:
@@ -187,16 +203,26 @@ def bench_top_epoch(model, args, prepared: Paths) -> dict:
     cached_loader = make_loader(torch.utils.data.TensorDataset(activations, labels), args.batch_size, 0)
     cached_s = timed(lambda: epoch(rest, cached_loader))
     model.unfreeze_backbone()
-    result = comparison("top_epoch", "epoch on cached prefix activations", cached_s,
-                        "epoch recomputing the prefix", recomputed_s, len(images))
+    result = comparison(
+        "top_epoch",
+        "epoch on cached prefix activations",
+        cached_s,
+        "epoch recomputing the prefix",
+        recomputed_s,
+        len(images),
+    )
     return {**result, "prefix_once_s": round(prefix_s, 3)}
 
 
-def bench_predict(model_file: Path, folder: Path, files: list[Path], model, image_size: int,
-                  naive_images: int) -> list[dict]:
+def bench_predict(
+    model_file: Path, folder: Path, files: list[Path], model, image_size: int, naive_images: int
+) -> list[dict]:
     started = time.perf_counter()
-    process = subprocess.Popen([str(Path(sys.executable).parent / "catdog"), "predict", str(folder),
-                                "--model", str(model_file)], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "catdog"), "predict", str(folder), "--model", str(model_file)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     predict_rss = PeakRss(process.pid)  # polled: a child's ru_maxrss starts at this big process's size
     out = process.stdout.read()
     status = process.wait()
@@ -210,8 +236,15 @@ def bench_predict(model_file: Path, folder: Path, files: list[Path], model, imag
     exported.probabilities(batch[:2])
     rounds = max(1, len(files) // len(batch))
     limit_s = timed(lambda: [exported.probabilities(batch) for _ in range(rounds)]) * len(files) / (rounds * 64)
-    limit = comparison("predict", "catdog predict (subprocess, decode overlapped)", project_s,
-                       "ONNX Runtime alone on pre-decoded tensors", limit_s, len(files), target=0.8)
+    limit = comparison(
+        "predict",
+        "catdog predict (subprocess, decode overlapped)",
+        project_s,
+        "ONNX Runtime alone on pre-decoded tensors",
+        limit_s,
+        len(files),
+        target=0.8,
+    )
 
     some = files[:naive_images]  # the slow baseline on a few images: the rate is what counts
     started = time.perf_counter()
@@ -220,8 +253,9 @@ def bench_predict(model_file: Path, folder: Path, files: list[Path], model, imag
             pixels = decode_image(file.read_bytes(), image_size)
             model(torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255)
     naive_s = (time.perf_counter() - started) * len(files) / len(some)
-    naive = comparison("predict_naive", "catdog predict", project_s, "PyTorch eager, one image at a time",
-                       naive_s, len(files))
+    naive = comparison(
+        "predict_naive", "catdog predict", project_s, "PyTorch eager, one image at a time", naive_s, len(files)
+    )
     return [{**limit, "peak_rss_mb": predict_rss}, naive]
 
 
@@ -250,11 +284,16 @@ class PeakRss:
 def bench_epoch(prepared: Paths, files: list[Path]) -> dict:
     images = np.load(prepared.images, mmap_mode="r")
     count = min(len(files), len(images))
-    cached_s = timed(lambda: [torch.from_numpy(np.array(images[row])).permute(2, 0, 1).float().div_(255)
-                              for row in range(count)])
+    cached_s = timed(
+        lambda: [torch.from_numpy(np.array(images[row])).permute(2, 0, 1).float().div_(255) for row in range(count)]
+    )
     size = images.shape[1]
-    decoded_s = timed(lambda: [torch.from_numpy(decode_image(file.read_bytes(), size)).permute(2, 0, 1).float()
-                               .div_(255) for file in files[:count]])
+    decoded_s = timed(
+        lambda: [
+            torch.from_numpy(decode_image(file.read_bytes(), size)).permute(2, 0, 1).float().div_(255)
+            for file in files[:count]
+        ]
+    )
     return comparison("epoch", "read prepare's uint8 cache", cached_s, "decode every JPEG again", decoded_s, count)
 
 
@@ -266,11 +305,16 @@ def timed(work) -> float:
 
 def comparison(name, project_label, project_s, baseline_label, baseline_s, count, target=None) -> dict:
     return {
-        "benchmark": name, "count": count,
-        "project": project_label, "project_s": round(project_s, 3), "project_per_s": round(count / project_s, 1),
-        "baseline": baseline_label, "baseline_s": round(baseline_s, 3),
+        "benchmark": name,
+        "count": count,
+        "project": project_label,
+        "project_s": round(project_s, 3),
+        "project_per_s": round(count / project_s, 1),
+        "baseline": baseline_label,
+        "baseline_s": round(baseline_s, 3),
         "baseline_per_s": round(count / baseline_s, 1),
-        "ratio": round(baseline_s / project_s, 2), "target": target,
+        "ratio": round(baseline_s / project_s, 2),
+        "target": target,
     }
 
 
@@ -279,22 +323,41 @@ def peak_rss_mb(who: int) -> float:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": cpu, "usable_cores": usable_cores(), "python": platform.python_version(),
-            "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
-            "load_average_1min": round(os.getloadavg()[0], 2)}
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
+    return {
+        "cpu": cpu,
+        "usable_cores": usable_cores(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": __import__("onnxruntime").__version__,
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
 
 
 def print_table(report: dict) -> None:
     print(f"{'benchmark':<14} {'project/s':>10} {'baseline/s':>11} {'ratio':>7} {'target':>7}  project vs baseline")
     for r in report["results"]:
         target = f"{r['target']:.2f}" if r["target"] else ""
-        print(f"{r['benchmark']:<14} {r['project_per_s']:>10.1f} {r['baseline_per_s']:>11.1f} {r['ratio']:>7.2f} "
-              f"{target:>7}  {r['project']} vs {r['baseline']}")
+        print(
+            f"{r['benchmark']:<14} {r['project_per_s']:>10.1f} {r['baseline_per_s']:>11.1f} {r['ratio']:>7.2f} "
+            f"{target:>7}  {r['project']} vs {r['baseline']}"
+        )
     predict = next(r for r in report["results"] if r["benchmark"] == "predict")
-    print(f"peak RSS: benchmark {report['peak_rss_mb']} MB, catdog predict {predict['peak_rss_mb']} MB; "
-          f"{report['machine']['cpu']}, {report['machine']['usable_cores']} cores, {report['date']}")
+    print(
+        f"peak RSS: benchmark {report['peak_rss_mb']} MB, catdog predict {predict['peak_rss_mb']} MB; "
+        f"{report['machine']['cpu']}, {report['machine']['usable_cores']} cores, {report['date']}"
+    )
 
 
 if __name__ == "__main__":

@@ -37,18 +37,23 @@ def main() -> None:
             for name in random.Random(f"{args.seed}-{label}").sample(of_label, args.per_class):
                 (Path(folder) / PurePosixPath(name).name).write_bytes(archive.read(name))
         started = time.perf_counter()
-        output = subprocess.run(["catdog", "predict", folder, "--model", args.model],
-                                capture_output=True, text=True, check=True).stdout
+        output = subprocess.run(
+            ["catdog", "predict", folder, "--model", args.model], capture_output=True, text=True, check=True
+        ).stdout
         seconds = time.perf_counter() - started
     results = [json.loads(line) for line in output.splitlines()]
     correct = sum(r["label"] == Path(r["path"]).name.split(".")[0] for r in results if "label" in r)
-    print(json.dumps({
-        "images": len(results),
-        "accuracy": round(correct / len(results), 4),
-        "errors": sum("error" in r for r in results),
-        "seconds": round(seconds, 1),
-        "images_per_second": round(len(results) / seconds, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "images": len(results),
+                "accuracy": round(correct / len(results), 4),
+                "errors": sum("error" in r for r in results),
+                "seconds": round(seconds, 1),
+                "images_per_second": round(len(results) / seconds, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2013)
     args = parser.parse_args()
 
-    with zipfile.ZipFile(args.source) as source, \
-            zipfile.ZipFile(args.output, "w", compression=zipfile.ZIP_STORED) as sample:
+    with (
+        zipfile.ZipFile(args.source) as source,
+        zipfile.ZipFile(args.output, "w", compression=zipfile.ZIP_STORED) as sample,
+    ):
         names = sorted(n for n in source.namelist() if n.endswith(".jpg"))
         for label in ("cat", "dog"):
             of_label = [n for n in names if PurePosixPath(n).name.startswith(f"{label}.")]

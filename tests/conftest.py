@@ -26,12 +26,21 @@ from catdog.paths import Paths
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO_PARAMS = REPO_ROOT / "params.yaml"
 # the console script of the environment pytest runs in (make test: .venv)
-CATDOG_BIN = next((b for b in (Path(sys.executable).parent / "catdog", REPO_ROOT / ".venv" / "bin" / "catdog")
-                   if b.exists()), REPO_ROOT / ".venv" / "bin" / "catdog")
+CATDOG_BIN = next(
+    (b for b in (Path(sys.executable).parent / "catdog", REPO_ROOT / ".venv" / "bin" / "catdog") if b.exists()),
+    REPO_ROOT / ".venv" / "bin" / "catdog",
+)
 
 # Environment variables catdog reads; the developer's shell must not leak into the tests.
-_CATDOG_ENV = ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV",
-               "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")
+_CATDOG_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "DVC_ROOT",
+    "DVC_EXP_NAME",
+    "DVC_EXP_BASELINE_REV",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_EXPERIMENT_ID",
+    "MLFLOW_RUN_ID",
+)
 
 # Small but valid: what every test that runs a stage starts from.
 SMALL_OVERRIDES = {
@@ -49,6 +58,7 @@ _COLOURS = {"cat": (200, 70, 50), "dog": (50, 80, 200)}  # reddish cats, bluish 
 
 
 # --- pytest plumbing ---------------------------------------------------------------------------
+
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("gpu") is not None:
@@ -84,6 +94,7 @@ def _isolated(monkeypatch, tmp_path, onnx_cache):
 
 # --- synthetic images --------------------------------------------------------------------------
 
+
 def synthetic_image(label: str, index: int, size: tuple[int, int] = (72, 60)) -> Image.Image:
     """A seeded noisy image whose colour tells the class: cats reddish, dogs bluish."""
     rng = np.random.default_rng([hash_label(label), index])
@@ -92,12 +103,12 @@ def synthetic_image(label: str, index: int, size: tuple[int, int] = (72, 60)) ->
     pixels = base + rng.normal(0, 20, size=(height, width, 3))
     # a darker blob somewhere, so images differ in structure too
     y, x = rng.integers(0, height // 2), rng.integers(0, width // 2)
-    pixels[y:y + height // 3, x:x + width // 3] *= 0.75
+    pixels[y : y + height // 3, x : x + width // 3] *= 0.75
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
 def hash_label(label: str) -> int:
-    return sum(ord(c) * 31 ** i for i, c in enumerate(label))
+    return sum(ord(c) * 31**i for i, c in enumerate(label))
 
 
 def encode(image: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
@@ -117,6 +128,7 @@ def make_jpeg():
 
 
 # --- datasets ----------------------------------------------------------------------------------
+
 
 @dataclass
 class Dataset:
@@ -179,13 +191,16 @@ def run_id(paths: Paths) -> str:
     from catdog import tracking
 
     client = client_for(paths.root)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              f"tags.`catdog.checkpoint_md5` = '{tracking.file_md5(paths.checkpoint)}'",
-                              order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"tags.`catdog.checkpoint_md5` = '{tracking.file_md5(paths.checkpoint)}'",
+        order_by=["attributes.start_time DESC"],
+    )
     return runs[0].info.run_id
 
 
 # --- params and paths --------------------------------------------------------------------------
+
 
 def repo_params_raw() -> dict:
     return yaml.safe_load(REPO_PARAMS.read_text())
@@ -219,6 +234,7 @@ def paths(tmp_path) -> Paths:
 
 # --- MLflow ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory) -> Path:
     """An empty, fully migrated sqlite store; copying it saves ~5 s of migrations per test."""
@@ -250,8 +266,9 @@ def prepared_project(root: Path, template: Path, **defaults):
     paths = Paths.under(root)
 
     def params(**overrides):
-        return build_params({"data.source": str(data.zip), "data.val_fraction": 0.2, "data.test_fraction": 0.2,
-                             **defaults, **overrides})
+        return build_params(
+            {"data.source": str(data.zip), "data.val_fraction": 0.2, "data.test_fraction": 0.2, **defaults, **overrides}
+        )
 
     prepare.run(params(), paths)
     return paths, params
@@ -277,6 +294,7 @@ def mlflow_client():
 
 
 # --- the whole pipeline, once ------------------------------------------------------------------
+
 
 @dataclass
 class PipelineRun:

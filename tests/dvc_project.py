@@ -43,8 +43,10 @@ def tail(text: str, lines: int = 60) -> str:
 
 
 def describe(proc: subprocess.CompletedProcess) -> str:
-    return (f"$ {' '.join(map(str, proc.args))}\nexit code {proc.returncode}\n"
-            f"--- stdout (tail) ---\n{tail(proc.stdout)}\n--- stderr (tail) ---\n{tail(proc.stderr)}")
+    return (
+        f"$ {' '.join(map(str, proc.args))}\nexit code {proc.returncode}\n"
+        f"--- stdout (tail) ---\n{tail(proc.stdout)}\n--- stderr (tail) ---\n{tail(proc.stderr)}"
+    )
 
 
 def tool(name: str) -> str:
@@ -90,8 +92,12 @@ def cached_outputs(dvc_yaml: Path) -> list[str]:
 
 
 def git_files(root: Path) -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                         cwd=root, capture_output=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root,
+        capture_output=True,
+        check=True,
+    ).stdout
     return sorted({name for name in out.decode().split("\0") if name})
 
 
@@ -111,8 +117,13 @@ def free_port() -> int:
 def clean_env(**extra: str) -> dict[str, str]:
     """os.environ without MLflow/DVC/git variables, with the venv's bin first on PATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "GIT_"))}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", VIRTUAL_ENV=str(BIN.parent),
-               PYTHONUNBUFFERED="1", TQDM_DISABLE="1", **extra)
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        VIRTUAL_ENV=str(BIN.parent),
+        PYTHONUNBUFFERED="1",
+        TQDM_DISABLE="1",
+        **extra,
+    )
     return env
 
 
@@ -124,10 +135,17 @@ class Project:
     first: object | None = None  # test_pipeline: the state right after the first repro
 
     # ---- processes
-    def run(self, *args: str, check: bool = True, timeout: int = 120, cwd: Path | None = None,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        proc = subprocess.run(list(args), cwd=cwd or self.root, env=env or self.env, capture_output=True,
-                              text=True, timeout=timeout)
+    def run(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: int = 120,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            list(args), cwd=cwd or self.root, env=env or self.env, capture_output=True, text=True, timeout=timeout
+        )
         if check and proc.returncode != 0:
             pytest.fail(f"command failed in {cwd or self.root}\n{describe(proc)}", pytrace=False)
         return proc
@@ -136,9 +154,19 @@ class Project:
         return self.run(tool("dvc"), *args, timeout=timeout, **kwargs)
 
     def git(self, *args: str, cwd: Path | None = None) -> str:
-        return self.run("git", "-c", "user.name=catdog-test", "-c", "user.email=test@example.invalid",
-                        "-c", "commit.gpgsign=false", "-c", "core.hooksPath=/dev/null", *args,
-                        cwd=cwd).stdout.strip()
+        return self.run(
+            "git",
+            "-c",
+            "user.name=catdog-test",
+            "-c",
+            "user.email=test@example.invalid",
+            "-c",
+            "commit.gpgsign=false",
+            "-c",
+            "core.hooksPath=/dev/null",
+            *args,
+            cwd=cwd,
+        ).stdout.strip()
 
     def repro(self) -> str:
         proc = self.dvc("repro")
@@ -218,14 +246,18 @@ def copy_project(root: Path, params: dict[str, dict], per_class: int = PER_CLASS
 # --------------------------------------------------------------------------- servers
 
 
-def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 120,
-                  log: Path | None = None) -> None:
+def wait_for_http(
+    url: str, proc: subprocess.Popen | None = None, timeout: float = 120, log: Path | None = None
+) -> None:
     """Poll ``url`` until it answers 200; fail early if ``proc`` died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode} before answering {url}\n"
-                        f"{tail(log.read_text()) if log and log.exists() else ''}", pytrace=False)
+            pytest.fail(
+                f"server exited with {proc.returncode} before answering {url}\n"
+                f"{tail(log.read_text()) if log and log.exists() else ''}",
+                pytrace=False,
+            )
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 if response.status == 200:
@@ -233,8 +265,10 @@ def wait_for_http(url: str, proc: subprocess.Popen | None = None, timeout: float
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             pass
         time.sleep(0.5)
-    pytest.fail(f"{url} did not answer within {timeout:.0f} s\n"
-                f"{tail(log.read_text()) if log and log.exists() else ''}", pytrace=False)
+    pytest.fail(
+        f"{url} did not answer within {timeout:.0f} s\n{tail(log.read_text()) if log and log.exists() else ''}",
+        pytrace=False,
+    )
 
 
 def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
@@ -254,16 +288,27 @@ def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
         proc.wait(timeout)
 
 
-def start_mlflow(command: str, args: list[str], port: int, log: Path, cwd: Path,
-                 env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.Popen:
+def start_mlflow(
+    command: str,
+    args: list[str],
+    port: int,
+    log: Path,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.Popen:
     """``mlflow COMMAND ARGS --host 127.0.0.1 --port PORT`` (``server`` or ``ui``) in ``cwd``, in its
     own process group (see ``stop``); returns once /health answers."""
     log.parent.mkdir(parents=True, exist_ok=True)
     handle = log.open("w")
-    proc = subprocess.Popen([tool("mlflow"), command, *args, "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1"],
-                            stdout=handle, stderr=subprocess.STDOUT, env=env or clean_env(),
-                            cwd=cwd, start_new_session=True)
+    proc = subprocess.Popen(
+        [tool("mlflow"), command, *args, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        env=env or clean_env(),
+        cwd=cwd,
+        start_new_session=True,
+    )
     handle.close()
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", proc, timeout, log)
@@ -276,10 +321,15 @@ def start_mlflow(command: str, args: list[str], port: int, log: Path, cwd: Path,
 # --------------------------------------------------------------------------- shared experiments
 
 TINY_PARAMS = {  # what every real-pipeline test here starts from: ~15 s per stage on 2 cores
-    "data": {"source": "data/tiny.zip", "cache_size": 64, "min_per_class": 4, "min_image_size": 32,
-             "limit_per_class": None, "workers": 1},
-    "train": {"arch": "efficientnet_lite0", "image_size": 64, "epochs": 2, "batch_size": 8, "lr": 0.001,
-              "workers": 0},
+    "data": {
+        "source": "data/tiny.zip",
+        "cache_size": 64,
+        "min_per_class": 4,
+        "min_image_size": 32,
+        "limit_per_class": None,
+        "workers": 1,
+    },
+    "train": {"arch": "efficientnet_lite0", "image_size": 64, "epochs": 2, "batch_size": 8, "lr": 0.001, "workers": 0},
     "evaluate": {"batch_size": 16},
 }
 BASELINE_LR = TINY_PARAMS["train"]["lr"]
@@ -293,6 +343,7 @@ QUEUE_TIMEOUT = 900
 @dataclass
 class Step:
     """What one command did: its output, and the project's state right after it."""
+
     name: str
     output: str  # stdout + stderr
     seconds: float
@@ -325,7 +376,7 @@ def experiments(tmp_path_factory) -> Experiments:
     if "experiments" not in _shared:
         try:
             _shared["experiments"] = _build_experiments(tmp_path_factory.mktemp("experiments"))
-        except BaseException as exc:  # noqa: BLE001 - every later user fails the same way, at once
+        except BaseException as exc:
             _shared["experiments"] = exc
             raise
     built = _shared["experiments"]

@@ -14,9 +14,27 @@ COMPARISONS = {"features", "extraction", "top_epoch", "predict", "predict_naive"
 
 def test_benchmark_measures_every_comparison_and_writes_json(dataset, tmp_path):
     out = tmp_path / "benchmark.json"
-    run = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "benchmark.py"), "--source", str(dataset.zip),
-                          "--images", "24", "--arch", "simple_cnn", "--image-size", "32", "--batch-size", "8",
-                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "scripts" / "benchmark.py"),
+            "--source",
+            str(dataset.zip),
+            "--images",
+            "24",
+            "--arch",
+            "simple_cnn",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(out.read_text())
     results = {r["benchmark"]: r for r in report["results"]}

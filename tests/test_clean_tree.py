@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+
 from dvc_project import REPO, Project, clean_env
 
 pytestmark = pytest.mark.slow
@@ -21,8 +22,12 @@ FIX = "run `dvc repro && git add dvc.lock reports/` and commit"
 
 def fresh_clone(source, target) -> Project:
     """``git clone`` of ``source``'s HEAD: committed files only, no DVC cache, no MLflow store."""
-    subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(source), str(target)], check=True,
-                   capture_output=True, env=clean_env())
+    subprocess.run(
+        ["git", "clone", "--quiet", "--no-hardlinks", str(source), str(target)],
+        check=True,
+        capture_output=True,
+        env=clean_env(),
+    )
     return Project(target, clean_env(PYTHONPATH=str(target / "src")))  # the stages import the clone's code
 
 
@@ -34,10 +39,12 @@ def test_default_pipeline_in_a_fresh_clone_leaves_git_status_clean(tmp_path):
     changed = [line.strip() for line in status.splitlines() if line.strip().startswith(("modified:", "new:"))]
     assert not changed, (  # only missing outputs ("deleted:", "not in cache:") are expected here
         f"a fresh clone's `dvc status` lists changed code, data or params, not only missing outputs: "
-        f"the committed dvc.lock is stale; {FIX}\n{status}")
+        f"the committed dvc.lock is stale; {FIX}\n{status}"
+    )
     proj.repro()
     changes = proj.run("git", "status", "--porcelain", "--untracked-files=all").stdout
     diff = proj.run("git", "diff", "--stat").stdout
     assert changes == "", (
         f"`dvc repro` of the default pipeline in a fresh clone changed git-tracked files: the committed "
-        f"dvc.lock and reports/ are not what the pipeline produces; {FIX}.\n{changes}\n{diff}")
+        f"dvc.lock and reports/ are not what the pipeline produces; {FIX}.\n{changes}\n{diff}"
+    )

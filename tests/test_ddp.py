@@ -27,12 +27,24 @@ EPOCHS = 3
 def ddp_project(tmp_path, mlflow_template):
     data = build_dataset(tmp_path / "raw", n_per_class=12)
     seed_store(mlflow_template, tmp_path)
-    params = build_params({
-        "data.source": str(data.zip), "data.cache_size": 32, "data.val_fraction": 0.2, "data.test_fraction": 0.2,
-        "train.mode": "full", "train.arch": "simple_cnn", "train.pretrained": False, "train.image_size": 32,
-        "train.epochs": EPOCHS, "train.batch_size": 4, "train.lr": 0.01, "train.augment": True,
-        "train.log_every_n_steps": 1,
-        "train.nproc": 2})
+    params = build_params(
+        {
+            "data.source": str(data.zip),
+            "data.cache_size": 32,
+            "data.val_fraction": 0.2,
+            "data.test_fraction": 0.2,
+            "train.mode": "full",
+            "train.arch": "simple_cnn",
+            "train.pretrained": False,
+            "train.image_size": 32,
+            "train.epochs": EPOCHS,
+            "train.batch_size": 4,
+            "train.lr": 0.01,
+            "train.augment": True,
+            "train.log_every_n_steps": 1,
+            "train.nproc": 2,
+        }
+    )
     prepare.run(params, Paths.under(tmp_path))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     return tmp_path
@@ -41,9 +53,21 @@ def ddp_project(tmp_path, mlflow_template):
 def test_two_processes_train_one_model_into_one_mlflow_run(ddp_project):
     root = ddp_project
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "train.py"), "--params",
-                           str(root / "params.yaml"), "--root", str(root)],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "stages" / "train.py"),
+            "--params",
+            str(root / "params.yaml"),
+            "--root",
+            str(root),
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
     assert "cpu fp32, 2 process(es)" in output, output  # said by rank 0, about both ranks
@@ -53,25 +77,32 @@ def test_two_processes_train_one_model_into_one_mlflow_run(ddp_project):
     (run,) = client.search_runs([client.get_experiment_by_name("catdog").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.tags["catdog.processes"] == "2"
-    assert run.data.tags["catdog.checkpoint_md5"] == hashlib.md5((root / "models" / "checkpoint.pt").read_bytes()).hexdigest()
+    assert (
+        run.data.tags["catdog.checkpoint_md5"]
+        == hashlib.md5((root / "models" / "checkpoint.pt").read_bytes()).hexdigest()
+    )
     for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "schedule/lr"):
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
         assert steps == list(range(1, EPOCHS + 1)), key
     # step-level loss: rank 0 logs its steps, each once (each rank gets half the batches)
-    train_images = sum(1 for row in csv.DictReader((root / "data" / "prepared" / "manifest.csv").open())
-                       if row["split"] == "train")
+    train_images = sum(
+        1 for row in csv.DictReader((root / "data" / "prepared" / "manifest.csv").open()) if row["split"] == "train"
+    )
     steps_per_epoch = math.ceil(math.ceil(train_images / 2) / 4)  # DistributedSampler pads to equal halves
     step_losses = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/step_loss"))
     assert step_losses == list(range(1, EPOCHS * steps_per_epoch + 1))
-    assert [m.name for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])
-            if m.source_run_id == run.info.run_id] == []  # tracking.log_pytorch_model: false
+    assert [
+        m.name
+        for m in client.search_logged_models(experiment_ids=[run.info.experiment_id])
+        if m.source_run_id == run.info.run_id
+    ] == []  # tracking.log_pytorch_model: false
 
     history = list(csv.DictReader((root / "reports" / "train" / "history.csv").open()))
     assert [int(row["epoch"]) for row in history] == list(range(1, EPOCHS + 1))
     state = torch.load(root / "models" / "train_state.pt", weights_only=True)
     assert state["complete"] and state["epoch"] == EPOCHS and len(state["rng"]) == 2  # every rank's RNG
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # seeded per rank: own augmentations
-    model, config = load_checkpoint(root / "models" / "checkpoint.pt")
+    _, config = load_checkpoint(root / "models" / "checkpoint.pt")
     assert config["arch"] == "simple_cnn"
     metrics = json.loads((root / "reports" / "train" / "metrics.json").read_text())
     assert 1 <= metrics["best_epoch"] <= EPOCHS

@@ -28,8 +28,9 @@ def clone(tmp_path_factory) -> tuple[dp.Experiments, Project]:
 def lock_outs(project: Project, rev: str) -> dict[str, str]:
     """Every cached output in ``rev``'s dvc.lock with its md5 (a directory's ends in .dir)."""
     lock = yaml.safe_load(project.git("show", f"{rev}:dvc.lock"))
-    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])
-            if out.get("md5")}
+    return {
+        out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", []) if out.get("md5")
+    }
 
 
 def test_push_sent_prepared_data_and_model_to_the_remote(clone):

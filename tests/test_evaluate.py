@@ -114,8 +114,9 @@ def test_tie_goes_to_cat():
 
 def test_write_predictions(tmp_path):
     file = tmp_path / "predictions.csv"
-    write_predictions(file, ["train/cat.1.jpg", "train/dog.2.jpg", "train/dog.3.jpg"],
-                      np.array([0, 1, 1]), probs([0.125, 0.875, 0.3]))
+    write_predictions(
+        file, ["train/cat.1.jpg", "train/dog.2.jpg", "train/dog.3.jpg"], np.array([0, 1, 1]), probs([0.125, 0.875, 0.3])
+    )
     with file.open(newline="") as handle:
         rows = list(csv.reader(handle))
     assert rows == [
@@ -127,6 +128,7 @@ def test_write_predictions(tmp_path):
 
 
 # --- evaluate ----------------------------------------------------------------------------------
+
 
 def test_evaluate_writes_metrics_predictions_and_confusion_matrix(pipeline):
     reports = pipeline.paths.evaluate_reports

@@ -35,8 +35,17 @@ from catdog.paths import Paths
 
 import dvc_project as dp
 from conftest import build_params
-from dvc_project import (EVAL_BACK_EXP, EVAL_BATCH, EVAL_EXP, QUEUED, REPO, WORKSPACE_EXP,
-                         WORKSPACE_LR, clean_env, stage_runs)
+from dvc_project import (
+    EVAL_BACK_EXP,
+    EVAL_BATCH,
+    EVAL_EXP,
+    QUEUED,
+    REPO,
+    WORKSPACE_EXP,
+    WORKSPACE_LR,
+    clean_env,
+    stage_runs,
+)
 
 WORKERS = 3
 
@@ -53,7 +62,8 @@ def test_parallel_stages_on_a_fresh_sqlite_store_all_succeed(tmp_path):
     repo.mkdir()
     go = tmp_path / "go"
     worker = tmp_path / "worker.py"
-    worker.write_text(textwrap.dedent(f"""
+    worker.write_text(
+        textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
         from catdog import tracking
@@ -70,11 +80,20 @@ def test_parallel_stages_on_a_fresh_sqlite_store_all_succeed(tmp_path):
             for step in range(1, 21):
                 run.log_metrics("val", {{"accuracy": step / 20, "loss": 1 / step}}, step=step)
             run.set_tags({{"worker": str(index)}})
-    """))
+    """)
+    )
     env = clean_env(DVC_ROOT=str(repo))
-    procs = [subprocess.Popen([sys.executable, str(worker), str(i)], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(WORKERS)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(i)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(WORKERS)
+    ]
     try:
         deadline = time.monotonic() + 120
         while not all((tmp_path / f"ready{i}").exists() for i in range(WORKERS)):
@@ -207,10 +226,12 @@ def test_queued_experiments_run_in_parallel_on_a_fresh_store(exps):
         assert run.data.tags["mlflow.source.git.commit"] == exps.baseline_rev
     # they did run at the same time: each started before the other ended
     a, b = runs.values()
-    assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time, \
+    assert a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time, (
         "the two queued experiments did not overlap: `dvc queue start -j 2` ran them one after the other"
-    assert not list((proj.root / ".dvc" / "tmp" / "exps").glob("tmp*/mlflow.db")), \
+    )
+    assert not list((proj.root / ".dvc" / "tmp" / "exps").glob("tmp*/mlflow.db")), (
         "a queued experiment logged into its temporary copy"
+    )
 
 
 @pytest.mark.slow
@@ -238,8 +259,7 @@ def test_evaluate_only_experiment_gets_a_derived_run_of_its_own(exps):
     source = exps.run_named(WORKSPACE_EXP)
     assert run.data.tags["catdog.reused_from"] == source.info.run_id
     assert run.data.tags["dvc.exp_name"] == EVAL_EXP
-    assert run.data.tags["catdog.params_hash"] == expected_hash(step.params) != \
-        source.data.tags["catdog.params_hash"]
+    assert run.data.tags["catdog.params_hash"] == expected_hash(step.params) != source.data.tags["catdog.params_hash"]
     assert run.data.params["evaluate.batch_size"] == str(EVAL_BATCH)
     # train's results copied (and export's when it did not rerun): the run shows the whole experiment
     assert run.data.params["train.lr"] == str(WORKSPACE_LR) and "export.opset" in run.data.params
@@ -287,8 +307,9 @@ def test_dvc_exp_show_only_changed_fits_a_120_column_terminal(exps):
     evaluate.batch_size): at 120 columns ``dvc exp show --only-changed`` shows every cell whole
     (DVC ends a cell it cannot fit with '…')."""
     width = 120
-    shown = exps.project.dvc("exp", "show", "--only-changed", "--no-pager",
-                             env={**exps.project.env, "COLUMNS": str(width)}).stdout
+    shown = exps.project.dvc(
+        "exp", "show", "--only-changed", "--no-pager", env={**exps.project.env, "COLUMNS": str(width)}
+    ).stdout
     experiments = [name for name in (*QUEUED, WORKSPACE_EXP, EVAL_EXP) if name in shown]
     assert len(experiments) == 4, shown
     too_wide = [line for line in shown.splitlines() if len(line) > width]

@@ -36,9 +36,21 @@ def _stage(name: str, paths, env: dict[str, str] | None = None, **overrides) -> 
     params_file = paths.root / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {**{k: v for k, v in os.environ.items() if k != "CATDOG_DEBUG"}, **(env or {})}
-    return subprocess.run([sys.executable, str(REPO_ROOT / "stages" / f"{name}.py"), "--root", str(paths.root),
-                           "--params", str(params_file)], cwd=paths.root, env={**env, "TQDM_DISABLE": "1"},
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "stages" / f"{name}.py"),
+            "--root",
+            str(paths.root),
+            "--params",
+            str(params_file),
+        ],
+        cwd=paths.root,
+        env={**env, "TQDM_DISABLE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _runs(paths):
@@ -63,8 +75,10 @@ def test_malicious_weights_are_refused_in_one_line_without_running_them(project)
     paths, _ = project
     weights = paths.root / "evil.pt"
     weights.write_bytes(pickle.dumps({"state_dict": _Payload()}))
-    line = _one_error_line(_stage("train", paths, **{"train.arch": "resnet18", "train.pretrained": True,
-                                                     "train.weights": str(weights)}), "train")
+    line = _one_error_line(
+        _stage("train", paths, **{"train.arch": "resnet18", "train.pretrained": True, "train.weights": str(weights)}),
+        "train",
+    )
     assert "not a plain PyTorch weights file" in line
     assert not (paths.root / "pwned").exists()
 
@@ -75,8 +89,12 @@ def _small_filesystem(folder: Path, size: str, read_only: bool = False):
     kept = {p.name: p.read_bytes() for p in folder.iterdir()} if folder.is_dir() else {}
     folder.mkdir(parents=True, exist_ok=True)
     options = f"size={size}" + (",ro" if read_only else "")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("needs permission to mount a tmpfs (root)")
     try:
         for name, data in kept.items():

@@ -27,9 +27,18 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture
 def gpu_project(tmp_path, mlflow_template):
     """10 + 10 images prepared at 64 px, with a store; ``params(**overrides)`` for full mode on it."""
-    return prepared_project(tmp_path, mlflow_template, **{
-        "train.mode": "full", "train.epochs": 1, "train.batch_size": 4, "train.lr": 0.001,
-        "train.augment": True, "train.workers": 2})
+    return prepared_project(
+        tmp_path,
+        mlflow_template,
+        **{
+            "train.mode": "full",
+            "train.epochs": 1,
+            "train.batch_size": 4,
+            "train.lr": 0.001,
+            "train.augment": True,
+            "train.workers": 2,
+        },
+    )
 
 
 def _trained(paths: Paths, metrics: dict) -> tuple[dict, dict]:
@@ -76,8 +85,10 @@ def test_forced_fp16_trains_with_a_grad_scaler(gpu_project, monkeypatch):
 
 def test_compile_on_cuda(gpu_project, capsys):
     paths, params = gpu_project
-    metrics = train.run(params(**{"train.arch": "simple_cnn", "train.pretrained": False, "train.epochs": 2,
-                                  "train.compile": True}), paths)
+    metrics = train.run(
+        params(**{"train.arch": "simple_cnn", "train.pretrained": False, "train.epochs": 2, "train.compile": True}),
+        paths,
+    )
     assert "compile skipped" not in capsys.readouterr().out
     assert math.isfinite(metrics["val_loss"])
 
@@ -88,10 +99,21 @@ def test_ddp_over_two_gpus(gpu_project):
     paths, params = gpu_project
     p = params(**{"train.nproc": 2, "train.epochs": 2})
     (paths.root / "params.yaml").write_text(yaml.safe_dump(p.model_dump(), sort_keys=False))
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "train.py"), "--params",
-                           str(paths.root / "params.yaml"), "--root", str(paths.root)],
-                          cwd=paths.root, env={**os.environ, "TQDM_DISABLE": "1"}, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "stages" / "train.py"),
+            "--params",
+            str(paths.root / "params.yaml"),
+            "--root",
+            str(paths.root),
+        ],
+        cwd=paths.root,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     client = client_for(paths.root)
     (run,) = client.search_runs([client.get_experiment_by_name("catdog").experiment_id])

@@ -142,8 +142,9 @@ def test_truncated_png_is_corrupt():
     assert info.value.reason == "corrupt"
 
 
-@pytest.mark.parametrize("data", [b"hello, I am a text file\n" * 10, b"\x00" * 64, b"GIF89a garbage",
-                                  b"\xff\xd8\xff" + b"junk" * 10])
+@pytest.mark.parametrize(
+    "data", [b"hello, I am a text file\n" * 10, b"\x00" * 64, b"GIF89a garbage", b"\xff\xd8\xff" + b"junk" * 10]
+)
 def test_non_image_bytes_are_not_an_image(data):
     with pytest.raises(BadImage) as info:
         decode_image(data, 32)

@@ -18,8 +18,11 @@ from conftest import REPO_ROOT, prepared_project
 
 @pytest.fixture
 def project(tmp_path, mlflow_template):
-    return prepared_project(tmp_path / "project", mlflow_template, **{
-        "train.mode": "full", "train.arch": "simple_cnn", "train.pretrained": False, "train.epochs": 1})
+    return prepared_project(
+        tmp_path / "project",
+        mlflow_template,
+        **{"train.mode": "full", "train.arch": "simple_cnn", "train.pretrained": False, "train.epochs": 1},
+    )
 
 
 def _noise_every_second_image(images_file) -> None:
@@ -45,7 +48,7 @@ def test_a_changed_or_truncated_cache_is_refused_before_training(project, damage
     else:
         with paths.images.open("r+b") as handle:
             handle.truncate(paths.images.stat().st_size // 2)
-    with pytest.raises(CatdogError, match="dvc checkout data/prepared.*dvc repro prepare"):
+    with pytest.raises(CatdogError, match=r"dvc checkout data/prepared.*dvc repro prepare"):
         train.run(params(), paths)
     assert not paths.checkpoint.exists()
 
@@ -54,8 +57,19 @@ def test_the_stage_cli_says_so_in_one_line(project):
     paths, _ = project
     with paths.images.open("r+b") as handle:
         handle.truncate(1000)
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "stages" / "evaluate.py"), "--root", str(paths.root),
-                           "--params", str(REPO_ROOT / "params.yaml")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "stages" / "evaluate.py"),
+            "--root",
+            str(paths.root),
+            "--params",
+            str(REPO_ROOT / "params.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("evaluate: error: ") and "truncated" in lines[0], proc.stderr

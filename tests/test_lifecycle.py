@@ -22,8 +22,16 @@ from conftest import REPO_ROOT, SMALL_OVERRIDES, client_for, prepared_project, r
 from dvc_project import copy_project, tool
 
 STAGE = REPO_ROOT / "stages" / "train.py"
-SLOW_TRAIN = {"train.mode": "full", "train.arch": "simple_cnn", "train.pretrained": False, "train.epochs": 30,
-              "train.batch_size": 4, "train.lr": 0.01, "data.cache_size": 32, "train.image_size": 32}
+SLOW_TRAIN = {
+    "train.mode": "full",
+    "train.arch": "simple_cnn",
+    "train.pretrained": False,
+    "train.epochs": 30,
+    "train.batch_size": 4,
+    "train.lr": 0.01,
+    "data.cache_size": 32,
+    "train.image_size": 32,
+}
 
 
 def _write_params(root: Path, source: Path, **overrides) -> Path:
@@ -53,8 +61,9 @@ def _command(root: Path) -> list[str]:
 
 
 def _start(root: Path) -> subprocess.Popen:
-    return subprocess.Popen(_command(root), cwd=root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        _command(root), cwd=root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _run(root: Path) -> subprocess.CompletedProcess:
@@ -74,8 +83,9 @@ def _wait_for_first_epoch(root: Path, proc: subprocess.Popen, timeout: float = 1
 
 def _runs(root: Path):
     client = client_for(root)
-    return client.search_runs([client.get_experiment_by_name("catdog").experiment_id],
-                              order_by=["attributes.start_time ASC"])
+    return client.search_runs(
+        [client.get_experiment_by_name("catdog").experiment_id], order_by=["attributes.start_time ASC"]
+    )
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -86,7 +96,9 @@ def test_a_signalled_stage_marks_its_run_killed_in_one_line_and_the_rerun_resume
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
-    assert f"train: stopped by {signal.Signals(signum).name}: its MLflow run is marked KILLED" in stderr.splitlines()[-1]
+    assert (
+        f"train: stopped by {signal.Signals(signum).name}: its MLflow run is marked KILLED" in stderr.splitlines()[-1]
+    )
     (run,) = _runs(project)
     assert run.info.status == "KILLED"
     assert 1 <= int(run.data.tags["catdog.epoch_reached"]) < SLOW_TRAIN["train.epochs"]
@@ -117,12 +129,23 @@ def test_a_sigkilled_stages_run_is_closed_by_the_next_stage_whatever_its_params(
 
 @pytest.mark.slow
 def test_killing_dvc_repro_stops_the_stage_and_the_rerun_resumes_into_one_finished_run(tmp_path):
-    proj = copy_project(tmp_path / "project", {
-        "data": {"source": "data/tiny.zip", "cache_size": 32, "min_per_class": 4, "workers": 1},
-        "train": {**{k.split(".")[1]: v for k, v in SLOW_TRAIN.items() if k.startswith("train.")}, "workers": 0},
-        "evaluate": {"batch_size": 16}})
-    dvc = subprocess.Popen([tool("dvc"), "repro"], cwd=proj.root, env=proj.env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proj = copy_project(
+        tmp_path / "project",
+        {
+            "data": {"source": "data/tiny.zip", "cache_size": 32, "min_per_class": 4, "workers": 1},
+            "train": {**{k.split(".")[1]: v for k, v in SLOW_TRAIN.items() if k.startswith("train.")}, "workers": 0},
+            "evaluate": {"batch_size": 16},
+        },
+    )
+    dvc = subprocess.Popen(
+        [tool("dvc"), "repro"],
+        cwd=proj.root,
+        env=proj.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _wait_for_first_epoch(proj.root, dvc, timeout=400)
         (stage,) = [p for p in psutil.Process(dvc.pid).children(recursive=True) if "stages/train.py" in p.cmdline()]

@@ -52,12 +52,8 @@ class Module:
     name: str  # "catdog.train", or "stages/train.py" for a stage script
     path: Path
     tree: ast.Module
-    bindings: dict[str, tuple[str, str | None]] = field(
-        default_factory=dict
-    )  # local -> (module, attr)
-    imported: set[str] = field(
-        default_factory=set
-    )  # every catdog module this file imports
+    bindings: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # local -> (module, attr)
+    imported: set[str] = field(default_factory=set)  # every catdog module this file imports
 
     def definitions(self) -> dict[str, ast.AST]:
         return {
@@ -86,12 +82,7 @@ def parse(name: str, path: Path) -> Module:
                     module.imported.add(alias.name)
                     if alias.asname:
                         module.bindings[alias.asname] = (alias.name, None)
-        elif (
-            isinstance(node, ast.ImportFrom)
-            and node.module
-            and node.level == 0
-            and is_module(node.module)
-        ):
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and is_module(node.module):
             module.imported.add(node.module)
             for alias in node.names:
                 submodule = f"{node.module}.{alias.name}"
@@ -103,9 +94,7 @@ def parse(name: str, path: Path) -> Module:
                         node.module,
                         alias.name,
                     )
-    module.imported |= (
-        {PACKAGE} if module.imported else set()
-    )  # a submodule import runs the package first
+    module.imported |= {PACKAGE} if module.imported else set()  # a submodule import runs the package first
     return module
 
 
@@ -150,9 +139,7 @@ class Closure:
                 body=[
                     s
                     for s in module.tree.body
-                    if not isinstance(
-                        s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
-                    )
+                    if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
                 ],
                 type_ignores=[],
             )
@@ -188,11 +175,7 @@ def sections_read(closure: Closure) -> tuple[set[str], set[str]]:
     """(sections read, functions that read all of params without an exception)."""
     sections, whole = set(), set()
     for where, node in closure.walk():
-        if (
-            isinstance(node, ast.Attribute)
-            and node.attr in SECTIONS
-            and is_params(node.value)
-        ):
+        if isinstance(node, ast.Attribute) and node.attr in SECTIONS and is_params(node.value):
             sections.add(node.attr)
         if (
             isinstance(node, ast.Call)
@@ -200,11 +183,7 @@ def sections_read(closure: Closure) -> tuple[set[str], set[str]]:
             and node.func.attr == "flat"
             and is_params(node.func.value)
         ):
-            names = [
-                a.value
-                for a in node.args
-                if isinstance(a, ast.Constant) and isinstance(a.value, str)
-            ]
+            names = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
             sections |= set(names)
             if not node.args and where not in WHOLE_PARAMS_READERS:
                 whole.add(where)
@@ -229,23 +208,15 @@ def paths_used(closure: Closure) -> set[str]:
     located = set()
     for entry in used:
         prop, _, name = entry.partition("/")
-        if prop in UNDECLARED_PATHS or not isinstance(
-            getattr(Paths, prop, None), property
-        ):
+        if prop in UNDECLARED_PATHS or not isinstance(getattr(Paths, prop, None), property):
             continue
         location = getattr(base, prop).relative_to(root)
-        located.add(
-            str(PurePosixPath(location, name)) if name else str(PurePosixPath(location))
-        )
+        located.add(str(PurePosixPath(location, name)) if name else str(PurePosixPath(location)))
     return located
 
 
 def _paths_property(node: ast.AST) -> str | None:
-    if (
-        isinstance(node, ast.Attribute)
-        and isinstance(node.value, ast.Name)
-        and node.value.id == "paths"
-    ):
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "paths":
         return node.attr
     return None
 
@@ -257,10 +228,7 @@ def related(a: str, b: str) -> bool:
 
 
 def declared(stage: dict, kind: str) -> list[str]:
-    return [
-        entry if isinstance(entry, str) else next(iter(entry))
-        for entry in stage.get(kind) or []
-    ]
+    return [entry if isinstance(entry, str) else next(iter(entry)) for entry in stage.get(kind) or []]
 
 
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -270,9 +238,7 @@ STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 def stage(request):
     name = request.param
     spec = STAGES[name]
-    assert spec["cmd"] == f"python stages/{name}.py", (
-        f"{name}: expected the thin CLI stages/{name}.py"
-    )
+    assert spec["cmd"] == f"python stages/{name}.py", f"{name}: expected the thin CLI stages/{name}.py"
     return name, spec, Closure(REPO / "stages" / f"{name}.py")
 
 
@@ -296,31 +262,21 @@ def test_params_are_exactly_the_sections_read(stage):
         f"{sorted(whole)} read all of params: name the sections (params.flat('train', ...)) "
         f"or add the function to WHOLE_PARAMS_READERS with the reason"
     )
-    listed = {
-        entry if isinstance(entry, str) else next(iter(entry))
-        for entry in spec.get("params") or []
-    }
+    listed = {entry if isinstance(entry, str) else next(iter(entry)) for entry in spec.get("params") or []}
     listed = {entry.split(".")[0] for entry in listed}
     missing, extra = sorted(sections - listed), sorted(listed - sections)
-    assert not missing and not extra, (
-        f"dvc.yaml stage {name!r} params: add {missing}, remove {extra}"
-    )
+    assert not missing and not extra, f"dvc.yaml stage {name!r} params: add {missing}, remove {extra}"
 
 
 def test_file_deps_are_exactly_the_files_read(stage):
     name, spec, closure = stage
     used = paths_used(closure)
     outputs = [o for kind in ("outs", "metrics", "plots") for o in declared(spec, kind)]
-    data_deps = [
-        d for d in declared(spec, "deps") if not d.endswith(".py") and "${" not in d
-    ]
+    data_deps = [d for d in declared(spec, "deps") if not d.endswith(".py") and "${" not in d]
     reads = {
         p
         for p in used
-        if not any(
-            related(p, out) and PurePosixPath(p).is_relative_to(out) or p == out
-            for out in outputs
-        )
+        if not any((related(p, out) and PurePosixPath(p).is_relative_to(out)) or p == out for out in outputs)
     }
     missing = sorted(
         p
@@ -329,17 +285,12 @@ def test_file_deps_are_exactly_the_files_read(stage):
         and not any(PurePosixPath(out).is_relative_to(p) for out in outputs)
     )
     extra = sorted(dep for dep in data_deps if not any(related(dep, p) for p in used))
-    assert not missing and not extra, (
-        f"dvc.yaml stage {name!r} deps: add {missing}, remove {extra}"
-    )
+    assert not missing and not extra, f"dvc.yaml stage {name!r} deps: add {missing}, remove {extra}"
 
 
 def test_the_analysis_sees_a_lazy_import_and_a_params_read(tmp_path):
     """Guards the checker itself: params reaches the models module only through a lazy import."""
     closure = Closure(REPO / "stages" / "train.py")
-    assert (
-        "src/catdog/models.py" in closure.files()
-        and "src/catdog/__init__.py" in closure.files()
-    )
+    assert "src/catdog/models.py" in closure.files() and "src/catdog/__init__.py" in closure.files()
     assert {"train", "tracking"} <= sections_read(closure)[0]
     assert "data/prepared/images.npy" in paths_used(closure)

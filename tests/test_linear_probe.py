@@ -33,9 +33,10 @@ def test_folded_head_gives_the_probabilities_of_scaler_plus_regression():
 
 
 def test_logistic_head_trains_in_features_mode_and_needs_one_epoch(tmp_path, mlflow_template, capsys):
-    paths, params = prepared_project(tmp_path, mlflow_template, **{
-        "data.cache_size": 32, "train.image_size": 32, "train.batch_size": 4})
-    with pytest.raises(ParamsError, match="train.head"):
+    paths, params = prepared_project(
+        tmp_path, mlflow_template, **{"data.cache_size": 32, "train.image_size": 32, "train.batch_size": 4}
+    )
+    with pytest.raises(ParamsError, match=r"train\.head"):
         params(**{"train.head": "logistic", "train.epochs": 2})
     metrics = train.run(params(**{"train.head": "logistic", "train.epochs": 1, "train.logistic_c": 0.1}), paths)
     assert metrics["best_epoch"] == 1 and metrics["train_accuracy"] > 0.9

@@ -34,13 +34,21 @@ def format_metric(value: float) -> str:
         mantissa, exponent = f"{value:.3e}".split("e")
         return f"{mantissa}e{int(exponent)}"
     digits = 3 if abs(value) < 10 else 2 if abs(value) < 100 else 1
-    text = repr(math.floor(value * 10 ** digits + 0.5) / 10 ** digits)
+    text = repr(math.floor(value * 10**digits + 0.5) / 10**digits)
     return text.removesuffix(".0")
 
 
 def test_format_metric_matches_the_ui():
-    assert [format_metric(v) for v in (0.0, 8.106e-6, 1.84e-4, 0.0063, 0.15151, 2.0, 12.984, 65888.43)] == \
-           ["0", "8.106e-6", "1.840e-4", "0.006", "0.152", "2", "12.98", "65888.4"]
+    assert [format_metric(v) for v in (0.0, 8.106e-6, 1.84e-4, 0.0063, 0.15151, 2.0, 12.984, 65888.43)] == [
+        "0",
+        "8.106e-6",
+        "1.840e-4",
+        "0.006",
+        "0.152",
+        "2",
+        "12.98",
+        "65888.4",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +75,15 @@ def section_rows(page, section: str) -> dict[str, list[str]]:
     """``{key: [value per run]}`` of the compare view's Parameters or Metrics section."""
     box = ui_driver.section_box(page, section)
     lines = [line.strip() for line in box.inner_text().splitlines() if line.strip()]
-    lines = lines[lines.index("Show diff only") + 1:]
+    lines = lines[lines.index("Show diff only") + 1 :]
     if section == "Parameters":  # a table: key<TAB>value<TAB>value per line
         return {cells[0]: cells[1:] for cells in (line.split("\t") for line in lines)}
     # Metrics: a grid; its text is every key, then the values row by row
     keys = [line for line in lines if not _is_number(line)]
-    values = lines[len(keys):]
+    values = lines[len(keys) :]
     width = len(values) // max(len(keys), 1)
     assert width * len(keys) == len(values), lines
-    return {key: values[i * width:(i + 1) * width] for i, key in enumerate(keys)}
+    return {key: values[i * width : (i + 1) * width] for i, key in enumerate(keys)}
 
 
 def _is_number(text: str) -> bool:
@@ -113,8 +121,11 @@ def test_runs_list_then_compare_shows_both_runs_and_their_differences(ui, page, 
     assert params["train.lr"] == [r.data.params["train.lr"] for r in ordered]
 
     metrics = section_rows(page, "Metrics")
-    differing = [key for key in ("val/loss", "test/log_loss", "train/loss")
-                 if len({format_metric(r.data.metrics[key]) for r in ordered}) == 2]
+    differing = [
+        key
+        for key in ("val/loss", "test/log_loss", "train/loss")
+        if len({format_metric(r.data.metrics[key]) for r in ordered}) == 2
+    ]
     assert differing, "the two learning rates gave indistinguishable losses"
     shown = [key for key in differing if key in metrics]  # the grid renders its first rows only
     assert shown, (differing, metrics)

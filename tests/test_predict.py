@@ -58,13 +58,28 @@ def inputs(tmp_path) -> dict[str, Path]:
 
 
 def test_predict_cli_mixed_inputs(model_file, inputs):
-    proc = catdog("predict", str(inputs["good"]), str(inputs["folder"]), str(inputs["broken"]),
-                  str(inputs["text"]), str(inputs["missing"]), "--model", model_file)
+    proc = catdog(
+        "predict",
+        str(inputs["good"]),
+        str(inputs["folder"]),
+        str(inputs["broken"]),
+        str(inputs["text"]),
+        str(inputs["missing"]),
+        "--model",
+        model_file,
+    )
     assert proc.returncode == 0, proc.stderr
     results = json_lines(proc.stdout)
     folder = inputs["folder"]
-    expected_paths = [inputs["good"], folder / "b_cat.jpg", folder / "c_dog.png", folder / "sub" / "a_cat.JPEG",
-                      inputs["broken"], inputs["text"], inputs["missing"]]
+    expected_paths = [
+        inputs["good"],
+        folder / "b_cat.jpg",
+        folder / "c_dog.png",
+        folder / "sub" / "a_cat.JPEG",
+        inputs["broken"],
+        inputs["text"],
+        inputs["missing"],
+    ]
     assert [r["path"] for r in results] == [str(p) for p in expected_paths]  # input order, folders sorted
 
     good = results[:4]
@@ -107,8 +122,11 @@ def test_predict_cli_default_model_is_the_projects_from_any_subfolder(pipeline, 
     elsewhere = catdog("predict", str(inputs["good"]), cwd=tmp_path)
     assert elsewhere.returncode == 2 and elsewhere.stdout == ""
     assert elsewhere.stderr.strip().splitlines() == [
-        (f"catdog: error: no catdog project here (no dvc.yaml in {tmp_path} or above): "
-         "pass --model PATH|models:/NAME@ALIAS")]
+        (
+            f"catdog: error: no catdog project here (no dvc.yaml in {tmp_path} or above): "
+            "pass --model PATH|models:/NAME@ALIAS"
+        )
+    ]
 
 
 def test_catdog_version_and_help():
@@ -208,8 +226,13 @@ def test_expand_paths(tmp_path):
     (tmp_path / "d" / ".git").mkdir()
     (tmp_path / "d" / ".git" / "obj.jpg").write_bytes(b"")
     files = expand_paths([str(tmp_path / "lone.txt"), str(tmp_path / "d"), str(tmp_path / "missing.jpg")])
-    assert files == [tmp_path / "lone.txt", tmp_path / "d" / "a.PNG", tmp_path / "d" / "b.jpg",
-                     tmp_path / "d" / "x" / "c.webp", tmp_path / "missing.jpg"]
+    assert files == [
+        tmp_path / "lone.txt",
+        tmp_path / "d" / "a.PNG",
+        tmp_path / "d" / "b.jpg",
+        tmp_path / "d" / "x" / "c.webp",
+        tmp_path / "missing.jpg",
+    ]
 
 
 def test_predict_cli_table_format(model_file, inputs):
@@ -227,9 +250,11 @@ def test_predict_cli_globs(model_file, inputs, tmp_path):
     proc = catdog("predict", pattern, str(tmp_path / "nothing-*.jpg"), "--model", model_file)
     assert proc.returncode == 0, proc.stderr
     results = json_lines(proc.stdout)
-    assert [r["path"] for r in results] == [str(inputs["folder"] / "b_cat.jpg"),
-                                            str(inputs["folder"] / "sub" / "a_cat.JPEG"),
-                                            str(tmp_path / "nothing-*.jpg")]
+    assert [r["path"] for r in results] == [
+        str(inputs["folder"] / "b_cat.jpg"),
+        str(inputs["folder"] / "sub" / "a_cat.JPEG"),
+        str(tmp_path / "nothing-*.jpg"),
+    ]
     assert [r.get("label") for r in results[:2]] == ["cat", "cat"]
     assert results[2]["error"] == "no file matches this pattern"
 
@@ -246,15 +271,22 @@ def test_tta_averages_with_the_mirrored_image(pipeline):
     # and the CLI flag reaches it
     image = pipeline.root / "tta-dog.jpg"
     image.write_bytes(jpeg_bytes("dog", 800))
-    with_tta = json_lines(catdog("predict", str(image), "--tta", "--model",
-                                 str(pipeline.paths.exported / "model.onnx")).stdout)[0]
+    with_tta = json_lines(
+        catdog("predict", str(image), "--tta", "--model", str(pipeline.paths.exported / "model.onnx")).stdout
+    )[0]
     expected = model.probabilities(model.preprocess(image.read_bytes())[None], tta=True)[0]
     assert with_tta["confidence"] == pytest.approx(float(expected.max()), abs=1e-5)
 
 
 def test_predict_from_the_model_registry(pipeline, inputs):
-    proc = catdog("predict", str(inputs["good"]), str(inputs["folder"] / "b_cat.jpg"),
-                  "--model", "models:/catdog@champion", cwd=pipeline.root)  # the project's store
+    proc = catdog(
+        "predict",
+        str(inputs["good"]),
+        str(inputs["folder"] / "b_cat.jpg"),
+        "--model",
+        "models:/catdog@champion",
+        cwd=pipeline.root,
+    )  # the project's store
     assert proc.returncode == 0, proc.stderr
     assert [r["label"] for r in json_lines(proc.stdout)] == ["dog", "cat"]
 
@@ -262,8 +294,14 @@ def test_predict_from_the_model_registry(pipeline, inputs):
 def test_unknown_registry_model_is_a_one_line_error(mlflow_template, inputs, tmp_path):
     db = seed_store(mlflow_template, tmp_path / "store")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
-    proc = subprocess.run([str(CATDOG_BIN), "predict", str(inputs["good"]), "--model", "models:/nope@champion"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        [str(CATDOG_BIN), "predict", str(inputs["good"]), "--model", "models:/nope@champion"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
     assert proc.returncode == 2
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()

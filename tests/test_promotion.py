@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from catdog import tracking
+
 from dvc_project import free_port, start_mlflow, stop
 
 MODEL = "catdog-race"
@@ -25,8 +26,10 @@ def _promote(uri: str, version: str, accuracy: float, barrier, results) -> None:
 def _race(uri: str, versions: dict[str, float]) -> dict[str, bool]:
     context = multiprocessing.get_context("fork")  # mlflow already imported: the workers start at once
     barrier, results = context.Barrier(len(versions)), context.Queue()
-    workers = [context.Process(target=_promote, args=(uri, version, accuracy, barrier, results))
-               for version, accuracy in versions.items()]
+    workers = [
+        context.Process(target=_promote, args=(uri, version, accuracy, barrier, results))
+        for version, accuracy in versions.items()
+    ]
     for worker in workers:
         worker.start()
     outcome = dict(results.get(timeout=120) for _ in workers)
@@ -37,8 +40,12 @@ def _race(uri: str, versions: dict[str, float]) -> dict[str, bool]:
 
 
 def _versions(client: MlflowClient, run_id: str, accuracies) -> dict[str, float]:
-    return {client.create_model_version(MODEL, f"runs:/{run_id}/model", run_id,
-                                        tags={"test_accuracy": str(a)}).version: float(a) for a in accuracies}
+    return {
+        client.create_model_version(
+            MODEL, f"runs:/{run_id}/model", run_id, tags={"test_accuracy": str(a)}
+        ).version: float(a)
+        for a in accuracies
+    }
 
 
 @pytest.fixture(params=["sqlite", pytest.param("server", marks=pytest.mark.slow)])
@@ -47,9 +54,13 @@ def tracking_uri(request, mlflow_store, tmp_path):
         yield f"sqlite:///{mlflow_store}"
         return
     port = free_port()
-    server = start_mlflow("server", ["--backend-store-uri", f"sqlite:///{mlflow_store}",
-                                     "--default-artifact-root", str(tmp_path / "artifacts")],
-                          port, tmp_path / "server.log", tmp_path)
+    server = start_mlflow(
+        "server",
+        ["--backend-store-uri", f"sqlite:///{mlflow_store}", "--default-artifact-root", str(tmp_path / "artifacts")],
+        port,
+        tmp_path / "server.log",
+        tmp_path,
+    )
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -30,8 +30,15 @@ EPOCH_KEYS = ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "sched
 # Tiny and fast, yet slow enough per epoch (a state save and an MLflow write each) to be
 # killed by a poller long before the last epoch.
 RECIPES = {
-    "full": {"train.mode": "full", "train.arch": "simple_cnn", "train.pretrained": False,
-             "train.epochs": 6, "train.batch_size": 4, "train.lr": 0.01, "train.augment": True},
+    "full": {
+        "train.mode": "full",
+        "train.arch": "simple_cnn",
+        "train.pretrained": False,
+        "train.epochs": 6,
+        "train.batch_size": 4,
+        "train.lr": 0.01,
+        "train.augment": True,
+    },
     "features": {"train.mode": "features", "train.epochs": 30, "train.batch_size": 4, "train.lr": 0.02},
 }
 
@@ -48,8 +55,16 @@ def prepared(tmp_path_factory) -> Path:
 
 
 def _params(overrides: dict):
-    return build_params({"data.cache_size": 32, "data.val_fraction": 0.2, "data.test_fraction": 0.2,
-                         "train.image_size": 32, "train.log_every_n_steps": 2, **overrides})
+    return build_params(
+        {
+            "data.cache_size": 32,
+            "data.val_fraction": 0.2,
+            "data.test_fraction": 0.2,
+            "train.image_size": 32,
+            "train.log_every_n_steps": 2,
+            **overrides,
+        }
+    )
 
 
 def _project(prepared: Path, root: Path, mlflow_template: Path, overrides: dict) -> Path:
@@ -66,8 +81,12 @@ def _stage(root: Path) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1",
-            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}  # system metrics even in a short run
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "TQDM_DISABLE": "1",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+    }  # system metrics even in a short run
 
 
 def run_stage(root: Path) -> str:
@@ -105,7 +124,8 @@ def epoch_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 @pytest.mark.slow  # kills and reruns the real stage: ~1 min each on 2 cores
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_killed_train_resumes_in_the_same_run_and_ends_like_an_uninterrupted_one(
-        recipe, prepared, tmp_path, mlflow_template):
+    recipe, prepared, tmp_path, mlflow_template
+):
     overrides, epochs = RECIPES[recipe], RECIPES[recipe]["train.epochs"]
     killed = _project(prepared, tmp_path / "killed", mlflow_template, overrides)
     reference = _project(prepared, tmp_path / "reference", mlflow_template, overrides)
@@ -150,6 +170,7 @@ def test_killed_train_resumes_in_the_same_run_and_ends_like_an_uninterrupted_one
 
 # --- in-process: when a state is resumed and when not --------------------------------------------
 
+
 @pytest.fixture
 def project(prepared, tmp_path, mlflow_template):
     root = tmp_path / "project"
@@ -158,15 +179,25 @@ def project(prepared, tmp_path, mlflow_template):
 
 
 def _train(root: Path, **overrides) -> dict:
-    params = _params({"data.source": "unused.zip", "train.mode": "full", "train.arch": "simple_cnn",
-                      "train.pretrained": False, "train.epochs": 2, "train.batch_size": 4, **overrides})
+    params = _params(
+        {
+            "data.source": "unused.zip",
+            "train.mode": "full",
+            "train.arch": "simple_cnn",
+            "train.pretrained": False,
+            "train.epochs": 2,
+            "train.batch_size": 4,
+            **overrides,
+        }
+    )
     return train.run(params, Paths.under(root))
 
 
 def _runs(root: Path):
     client = client_for(root)
-    return client, client.search_runs([client.get_experiment_by_name("catdog").experiment_id],
-                                      order_by=["attributes.start_time ASC"])
+    return client, client.search_runs(
+        [client.get_experiment_by_name("catdog").experiment_id], order_by=["attributes.start_time ASC"]
+    )
 
 
 def _mark_incomplete(state_file: Path) -> dict:
@@ -205,7 +236,7 @@ def test_a_state_from_other_params_starts_afresh(project, capsys):
     _mark_incomplete(Paths.under(project).train_state)
     _train(project, **{"train.lr": 0.002})
     assert "from other params or data: starting afresh" in capsys.readouterr().out
-    client, runs = _runs(project)
+    _, runs = _runs(project)
     assert len(runs) == 2 and runs[1].data.params["train.lr"] == "0.002"
     assert "catdog.resumed_from_epoch" not in runs[1].data.tags
 

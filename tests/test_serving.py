@@ -28,8 +28,15 @@ def champion(pipeline):
 
 def test_champion_classifies_encoded_images_with_a_per_row_error(champion, pipeline):
     dog, cat = jpeg_bytes("dog", 700), jpeg_bytes("cat", 701)
-    images = [dog, cat[: len(cat) // 2], base64.b64encode(cat).decode(), b"", "not base64!", b"%PDF-1.4 no image",
-              jpeg_bytes("cat", 702, size=(16, 16))]
+    images = [
+        dog,
+        cat[: len(cat) // 2],
+        base64.b64encode(cat).decode(),
+        b"",
+        "not base64!",
+        b"%PDF-1.4 no image",
+        jpeg_bytes("cat", 702, size=(16, 16)),
+    ]
     result = champion.predict(pd.DataFrame({"image": images}))
 
     assert list(result.columns) == ["label", "p_cat", "p_dog", "error"]
@@ -48,7 +55,9 @@ def test_champion_classifies_encoded_images_with_a_per_row_error(champion, pipel
 def test_registered_model_carries_signature_example_and_pinned_requirements(pipeline):
     client = client_for(pipeline.root)
     version = client.get_model_version_by_alias("catdog", "champion")
-    folder = Path(mlflow.artifacts.download_artifacts(version.source, tracking_uri=f"sqlite:///{pipeline.root / 'mlflow.db'}"))
+    folder = Path(
+        mlflow.artifacts.download_artifacts(version.source, tracking_uri=f"sqlite:///{pipeline.root / 'mlflow.db'}")
+    )
     mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
     inputs = json.loads(mlmodel["signature"]["inputs"])
     assert inputs == [{"type": "binary", "name": "image", "required": True}]
@@ -82,16 +91,35 @@ def test_mlflow_models_serve_answers_a_posted_jpeg_with_its_label(pipeline, tmp_
     log = tmp_path / "serve.log"
     with log.open("w") as handle:
         server = subprocess.Popen(
-            [tool("mlflow"), "models", "serve", "-m", "models:/catdog@champion", "--env-manager", "local",
-             "-p", str(port), "-h", "127.0.0.1", "-w", "1"],
-            stdout=handle, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
-            env=clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{pipeline.root / 'mlflow.db'}"))
+            [
+                tool("mlflow"),
+                "models",
+                "serve",
+                "-m",
+                "models:/catdog@champion",
+                "--env-manager",
+                "local",
+                "-p",
+                str(port),
+                "-h",
+                "127.0.0.1",
+                "-w",
+                "1",
+            ],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            start_new_session=True,
+            env=clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{pipeline.root / 'mlflow.db'}"),
+        )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/ping", server, timeout=180, log=log)
-        body = {"dataframe_split": {"columns": ["image"],
-                                    "data": [[base64.b64encode(jpeg_bytes("dog", 720)).decode()]]}}
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
+        body = {
+            "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(jpeg_bytes("dog", 720)).decode()]]}
+        }
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=60) as response:
             predictions = json.loads(response.read())["predictions"]
     finally:

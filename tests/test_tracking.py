@@ -19,8 +19,9 @@ from conftest import build_params, client_for, jpeg_bytes, read_csv, run_id, see
 
 @pytest.fixture
 def params():
-    return build_params({"data.source": "data/raw/train.zip", "train.lr": 0.005,
-                         "tracking.experiment_name": "catdog-tracking-test"})
+    return build_params(
+        {"data.source": "data/raw/train.zip", "train.lr": 0.005, "tracking.experiment_name": "catdog-tracking-test"}
+    )
 
 
 def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -28,6 +29,7 @@ def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 # --- where the store is ------------------------------------------------------------------------
+
 
 def test_default_uri_is_sqlite_file_in_the_project_root(tmp_path, monkeypatch):
     assert tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
@@ -50,6 +52,7 @@ def test_dvc_root_redirects_the_store(tmp_path, monkeypatch):
 
 
 # --- start_run ---------------------------------------------------------------------------------
+
 
 def test_start_run_creates_run_with_params_and_tags(mlflow_store, mlflow_client, tmp_path, params):
     paths = Paths.under(tmp_path)
@@ -88,8 +91,10 @@ def test_start_run_creates_run_with_params_and_tags(mlflow_store, mlflow_client,
 def test_every_run_logs_the_prepared_data_as_an_mlflow_dataset(mlflow_store, tmp_path, params):
     paths = Paths.under(tmp_path)
     paths.manifest.parent.mkdir(parents=True)
-    paths.manifest.write_text("path,label,split,pixel_md5\n" + "".join(
-        f"train/cat.{i}.jpg,cat,{split},{i}\n" for i, split in enumerate(["train"] * 3 + ["val", "test"])))
+    paths.manifest.write_text(
+        "path,label,split,pixel_md5\n"
+        + "".join(f"train/cat.{i}.jpg,cat,{split},{i}\n" for i, split in enumerate(["train"] * 3 + ["val", "test"]))
+    )
     (paths.prepared / "images.npy").write_bytes(b"pixels")
     paths.checkpoint.parent.mkdir(parents=True)
     paths.checkpoint.write_bytes(b"weights")
@@ -109,8 +114,9 @@ def test_every_run_logs_the_prepared_data_as_an_mlflow_dataset(mlflow_store, tmp
         assert json.loads(dataset.source)["uri"] == str(tmp_path / "data" / "raw" / "train.zip")
         assert {t.key: t.value for t in logged.tags}["mlflow.data.context"] == "training"
     # with a dvc.lock, the digest is the md5 DVC recorded for prepare's output
-    (tmp_path / "dvc.lock").write_text("stages:\n  prepare:\n    outs:\n    - path: data/prepared\n"
-                                        "      md5: 0123456789abcdef0123456789abcdef.dir\n")
+    (tmp_path / "dvc.lock").write_text(
+        "stages:\n  prepare:\n    outs:\n    - path: data/prepared\n      md5: 0123456789abcdef0123456789abcdef.dir\n"
+    )
     assert tracking.prepared_digest(paths) == "0123456789abcdef0123456789abcdef.dir"
 
 
@@ -150,8 +156,9 @@ def test_git_commit_and_dirty_tags(mlflow_store, tmp_path, params):
     (tmp_path / "README.md").write_text("hello\n")
     subprocess.run([*git, "add", "params.yaml", "README.md"], cwd=tmp_path, check=True)
     subprocess.run([*git, "commit", "-q", "-m", "init"], cwd=tmp_path, check=True)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.strip()
     paths = Paths.under(tmp_path)
     with tracking.start_run(params, paths) as clean:
         pass
@@ -259,6 +266,7 @@ def test_log_artifact_of_a_missing_file_is_an_error(mlflow_store, tmp_path, para
 
 # --- one pipeline run per checkpoint: record_checkpoint, stage_run -------------------------------
 
+
 @pytest.fixture
 def train_run(mlflow_store, tmp_path, params):
     """A finished train run with a metric history and its checkpoint, as the train stage leaves them."""
@@ -297,8 +305,9 @@ def test_a_stage_rerun_starts_a_run_with_the_full_results(train_run, mlflow_stor
     paths, train_id = train_run
     with tracking.stage_run(params, paths, "evaluate") as run:
         run.log_metrics("test", {"accuracy": 0.9})
-    changed = build_params({**{k: v for k, v in params.flat().items() if k != "evaluate.batch_size"},
-                            "evaluate.batch_size": 32})
+    changed = build_params(
+        {**{k: v for k, v in params.flat().items() if k != "evaluate.batch_size"}, "evaluate.batch_size": 32}
+    )
     with tracking.stage_run(changed, paths, "evaluate") as run:
         run.log_metrics("test", {"accuracy": 0.8})
     derived_id = run.run_id
@@ -315,8 +324,9 @@ def test_a_stage_rerun_starts_a_run_with_the_full_results(train_run, mlflow_stor
     assert derived.info.run_name == f"{source.info.run_name}-re"
     assert derived.data.params["evaluate.batch_size"] == "32"
     assert source.data.params["evaluate.batch_size"] == "16"  # immutable in the source
-    assert {k: v for k, v in derived.data.params.items() if k != "evaluate.batch_size"} == \
-           {k: v for k, v in source.data.params.items() if k != "evaluate.batch_size"}
+    assert {k: v for k, v in derived.data.params.items() if k != "evaluate.batch_size"} == {
+        k: v for k, v in source.data.params.items() if k != "evaluate.batch_size"
+    }
     # the whole per-epoch history, not only the last values
     assert metric_history(client, derived_id, "val/accuracy") == [(1, 0.6), (2, 0.7), (3, 0.8)]
     assert derived.data.metrics["test/accuracy"] == 0.8 and source.data.metrics["test/accuracy"] == 0.9
@@ -354,8 +364,10 @@ def test_an_identical_checkpoint_copies_the_downstream_results(train_run, mlflow
 def test_a_stage_without_a_run_of_its_checkpoint_says_what_to_do(train_run, params):
     paths, _ = train_run
     paths.checkpoint.write_bytes(b"weights nobody logged")
-    with pytest.raises(CatdogError, match=r"no MLflow run of checkpoint.pt .*dvc repro -f -s train"), \
-            tracking.stage_run(params, paths, "evaluate"):
+    with (
+        pytest.raises(CatdogError, match=r"no MLflow run of checkpoint.pt .*dvc repro -f -s train"),
+        tracking.stage_run(params, paths, "evaluate"),
+    ):
         pass
 
 
@@ -364,8 +376,9 @@ def test_a_derived_run_copies_long_metric_histories(train_run, mlflow_store, par
 
     paths, train_id = train_run
     client = client_for(mlflow_store)
-    client.log_batch(train_id, metrics=[Metric("step_loss", float(i), 1_700_000_000_000 + i, i)
-                                        for i in range(950)])  # more than one 900-metric batch
+    client.log_batch(
+        train_id, metrics=[Metric("step_loss", float(i), 1_700_000_000_000 + i, i) for i in range(950)]
+    )  # more than one 900-metric batch
     client.set_tag(train_id, "catdog.results.evaluate", "logged")
     with tracking.stage_run(params, paths, "evaluate") as derived:
         pass
@@ -377,6 +390,7 @@ def test_a_derived_run_copies_long_metric_histories(train_run, mlflow_store, par
 
 # --- model registry ----------------------------------------------------------------------------
 
+
 def _tiny_export(folder: Path) -> dict[str, Path]:
     """An exported-model folder: a 2-class ONNX model on 8x8 RGB input, its labels and preprocessing."""
     import numpy as np
@@ -385,17 +399,25 @@ def _tiny_export(folder: Path) -> dict[str, Path]:
 
     weights = numpy_helper.from_array(np.array([[1, -1], [0, 0], [-1, 1]], dtype=np.float32), "weights")
     graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "weights"], ["logits"])], "tiny",
+        [
+            helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "weights"], ["logits"]),
+        ],
+        "tiny",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])], [weights])
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+        [weights],
+    )
     folder.mkdir(parents=True, exist_ok=True)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(folder / "model.onnx"))
     (folder / "labels.json").write_text('{"classes": ["cat", "dog"]}\n')
     (folder / "preprocess.json").write_text('{"cache_size": 8, "image_size": 8}\n')
-    return {"onnx_model": folder / "model.onnx", "labels": folder / "labels.json",
-            "preprocess": folder / "preprocess.json"}
+    return {
+        "onnx_model": folder / "model.onnx",
+        "labels": folder / "labels.json",
+        "preprocess": folder / "preprocess.json",
+    }
 
 
 def test_pyfunc_model_moves_champion_only_on_improvement(mlflow_store, tmp_path, params):
@@ -419,15 +441,29 @@ def test_pyfunc_model_moves_champion_only_on_improvement(mlflow_store, tmp_path,
 
 # --- metric keys of the whole pipeline's run ----------------------------------------------------
 
+
 def test_mlflow_metrics_are_grouped_by_section_and_facts_are_tags(pipeline):
     """The run page charts metrics by the prefix before "/"; counts, versions, flags are no metrics."""
     run = client_for(pipeline.root).get_run(run_id(pipeline.paths))
     metrics = set(run.data.metrics)
     assert not [key for key in metrics if "/" not in key], sorted(metrics)
     assert {key.split("/")[0] for key in metrics} <= {"train", "val", "test", "export", "schedule", "system"}
-    assert {"train/loss", "train/accuracy", "val/loss", "val/accuracy", "schedule/lr",
-            "test/accuracy", "test/log_loss", "test/roc_auc", "test/f1", "test/ece", "test/precision_cat",
-            "test/recall_dog", "export/onnx_max_abs_diff", "export/pt2_max_abs_diff"} <= metrics, sorted(metrics)
+    assert {
+        "train/loss",
+        "train/accuracy",
+        "val/loss",
+        "val/accuracy",
+        "schedule/lr",
+        "test/accuracy",
+        "test/log_loss",
+        "test/roc_auc",
+        "test/f1",
+        "test/ece",
+        "test/precision_cat",
+        "test/recall_dog",
+        "export/onnx_max_abs_diff",
+        "export/pt2_max_abs_diff",
+    } <= metrics, sorted(metrics)
     assert not metrics & {"test/n", "export/parity_images", "export/registered_version"}
     tags = run.data.tags
     assert tags["catdog.test_images"] == str(len(read_csv(pipeline.paths.evaluate_reports / "predictions.csv")))

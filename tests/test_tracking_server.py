@@ -59,13 +59,26 @@ def postgres():
         return proc
 
     try:
-        pg(initdb, "-D", str(data), "-U", "postgres", "--pwfile", str(base / "pwfile"), "-E", "UTF8",
-           "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", "--no-sync")
+        pg(
+            initdb,
+            "-D",
+            str(data),
+            "-U",
+            "postgres",
+            "--pwfile",
+            str(base / "pwfile"),
+            "-E",
+            "UTF8",
+            "--auth-local=scram-sha-256",
+            "--auth-host=scram-sha-256",
+            "--no-sync",
+        )
         options = f"-c listen_addresses=127.0.0.1 -p {port} -k {base} -c fsync=off"
         pg(pg_ctl, "-D", str(data), "-l", str(base / "server.log"), "-o", options, "-w", "start")
         try:
-            connection = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", password=password,
-                                          dbname="postgres")
+            connection = psycopg2.connect(
+                host="127.0.0.1", port=port, user="postgres", password=password, dbname="postgres"
+            )
             connection.autocommit = True
             with connection.cursor() as cursor:
                 cursor.execute("CREATE DATABASE mlflow")
@@ -85,9 +98,14 @@ def server(postgres, tmp_path_factory):
     artifacts = base / "artifacts"
     port = dp.free_port()
     log = base / "mlflow-server.log"
-    proc = dp.start_mlflow("server", ["--backend-store-uri", postgres, "--serve-artifacts",
-                                      "--artifacts-destination", str(artifacts)],
-                           port, log, cwd=base, timeout=180)
+    proc = dp.start_mlflow(
+        "server",
+        ["--backend-store-uri", postgres, "--serve-artifacts", "--artifacts-destination", str(artifacts)],
+        port,
+        log,
+        cwd=base,
+        timeout=180,
+    )
     try:
         yield f"http://127.0.0.1:{port}", artifacts, log
     finally:

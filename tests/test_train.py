@@ -19,8 +19,8 @@ from catdog.transforms import eval_preset
 
 from conftest import PIPELINE_OVERRIDES, PNG_SIGNATURE, client_for, prepared_project, read_csv, run_id
 
-
 # --- train -------------------------------------------------------------------------------------
+
 
 def test_train_writes_checkpoint_history_metrics_and_curves(pipeline):
     paths, epochs = pipeline.paths, pipeline.params.train.epochs
@@ -64,8 +64,13 @@ def test_checkpoint_holds_the_best_epoch_weights(pipeline):
     """Reloaded from disk, the checkpoint reproduces the best epoch's val metrics."""
     paths = pipeline.paths
     model, config = load_checkpoint(paths.checkpoint)
-    assert config == {"arch": "efficientnet_lite0", "image_size": 64, "cache_size": 64,
-                      "classes": list(CLASSES), "dropout": pipeline.params.train.dropout}
+    assert config == {
+        "arch": "efficientnet_lite0",
+        "image_size": 64,
+        "cache_size": 64,
+        "classes": list(CLASSES),
+        "dropout": pipeline.params.train.dropout,
+    }
     val = load_split(paths, "val")
     loader = make_loader(CachedImages(paths, val, eval_preset(64)), 16, 0)
     stats = validate(model, loader, resolve_runtime("fp32"), desc="val")
@@ -92,8 +97,13 @@ def test_train_mlflow_run_has_params_epoch_history_and_model(pipeline):
     assert run.data.params["train.mode"] == "features"
     assert run.data.tags["data.hash"]
     history = read_csv(pipeline.paths.train_reports / "history.csv")
-    for column, key in (("train_loss", "train/loss"), ("train_accuracy", "train/accuracy"), ("val_loss", "val/loss"),
-                        ("val_accuracy", "val/accuracy"), ("lr", "schedule/lr")):
+    for column, key in (
+        ("train_loss", "train/loss"),
+        ("train_accuracy", "train/accuracy"),
+        ("val_loss", "val/loss"),
+        ("val_accuracy", "val/accuracy"),
+        ("lr", "schedule/lr"),
+    ):
         points = sorted((m.step, m.value) for m in client.get_metric_history(train_id, key))
         assert [step for step, _ in points] == [1, 2, 3], key
         assert [value for _, value in points] == pytest.approx([float(row[column]) for row in history], abs=1e-6)
@@ -112,8 +122,9 @@ def test_logged_model_loads_and_matches_the_checkpoint(pipeline):
     client = client_for(pipeline.root)
     train_id = run_id(pipeline.paths)
     experiment_id = client.get_run(train_id).info.experiment_id
-    models = [m for m in client.search_logged_models([experiment_id])
-              if m.source_run_id == train_id and m.name == "model"]
+    models = [
+        m for m in client.search_logged_models([experiment_id]) if m.source_run_id == train_id and m.name == "model"
+    ]
     assert len(models) == 1
 
     mlflow.set_tracking_uri(f"sqlite:///{pipeline.root}/mlflow.db")
@@ -132,11 +143,15 @@ def test_train_without_prepare_is_a_catdog_error(make_params, paths):
 
 # --- other modes -------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def small_project(tmp_path, mlflow_template):
     """10 + 10 images prepared at 32 px in tmp_path, with an MLflow store."""
-    return prepared_project(tmp_path, mlflow_template, **{
-        "data.cache_size": 32, "train.image_size": 32, "train.epochs": 1, "train.batch_size": 8})
+    return prepared_project(
+        tmp_path,
+        mlflow_template,
+        **{"data.cache_size": 32, "train.image_size": 32, "train.epochs": 1, "train.batch_size": 8},
+    )
 
 
 def test_head_mode_with_augment_trains_the_head_only(small_project):
@@ -156,8 +171,16 @@ def test_head_mode_with_augment_trains_the_head_only(small_project):
 
 def test_full_mode_trains_every_layer_reproducibly(small_project):
     paths, params = small_project
-    p = params(**{"train.mode": "full", "train.arch": "simple_cnn", "train.pretrained": False,
-                  "train.monitor": "val_accuracy", "train.epochs": 2, "train.batch_size": 4})
+    p = params(
+        **{
+            "train.mode": "full",
+            "train.arch": "simple_cnn",
+            "train.pretrained": False,
+            "train.monitor": "val_accuracy",
+            "train.epochs": 2,
+            "train.batch_size": 4,
+        }
+    )
     torch.manual_seed(p.train.seed)  # train seeds the same way before it builds the model
     initial = create_model("simple_cnn", pretrained=False, image_size=32).backbone.state_dict()
 

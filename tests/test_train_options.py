@@ -4,6 +4,7 @@ augmentation on the device."""
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 
 import pytest
@@ -29,31 +30,41 @@ def with_train(**values) -> dict:
 
 # --- params ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("values, expected", [
-    ({"mode": "top", "unfreeze_blocks": 0}, r"train\.unfreeze_blocks must be greater than or equal to 1, got 0"),
-    ({"mode": "full", "head_warmup_epochs": 30},
-     r"train\.head_warmup_epochs must be below train\.epochs \(30\), got 30"),
-    ({"mode": "head", "head_warmup_epochs": 2}, r"train\.head_warmup_epochs must be 0 in 'head' mode"),
-    ({"backbone_lr_factor": 0}, r"train\.backbone_lr_factor must be greater than 0, got 0"),
-    ({"optimizer": "adam"}, r"train\.optimizer must be 'adamw' or 'sgd', got 'adam'"),
-    ({"momentum": 1.0}, r"train\.momentum must be less than 1, got 1\.0"),
-    ({"scheduler": "step"}, r"train\.scheduler must be 'onecycle' or 'cosine', got 'step'"),
-    ({"scheduler": "cosine", "warmup_epochs": 30}, r"train\.warmup_epochs must be below train\.epochs \(30\), got 30"),
-    ({"warmup_epochs": 2}, r"train\.warmup_epochs must be 0 with scheduler 'onecycle'"),
-    ({"label_smoothing": 1.0}, r"train\.label_smoothing must be less than 1, got 1\.0"),
-    ({"grad_clip_norm": 0}, r"train\.grad_clip_norm must be greater than 0, got 0"),
-    ({"early_stopping_patience": 0}, r"train\.early_stopping_patience must be greater than or equal to 1, got 0"),
-    ({"compile": "yes"}, r"train\.compile must be a valid boolean, got 'yes'"),
-    ({"nproc": 0}, r"train\.nproc must be greater than or equal to 1, got 0"),
-    ({"nproc": 2}, r"train\.nproc must be 1 in 'features' mode"),
-    ({"log_every_n_steps": 0}, r"train\.log_every_n_steps must be greater than or equal to 1, got 0"),
-])
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ({"mode": "top", "unfreeze_blocks": 0}, r"train\.unfreeze_blocks must be greater than or equal to 1, got 0"),
+        (
+            {"mode": "full", "head_warmup_epochs": 30},
+            r"train\.head_warmup_epochs must be below train\.epochs \(30\), got 30",
+        ),
+        ({"mode": "head", "head_warmup_epochs": 2}, r"train\.head_warmup_epochs must be 0 in 'head' mode"),
+        ({"backbone_lr_factor": 0}, r"train\.backbone_lr_factor must be greater than 0, got 0"),
+        ({"optimizer": "adam"}, r"train\.optimizer must be 'adamw' or 'sgd', got 'adam'"),
+        ({"momentum": 1.0}, r"train\.momentum must be less than 1, got 1\.0"),
+        ({"scheduler": "step"}, r"train\.scheduler must be 'onecycle' or 'cosine', got 'step'"),
+        (
+            {"scheduler": "cosine", "warmup_epochs": 30},
+            r"train\.warmup_epochs must be below train\.epochs \(30\), got 30",
+        ),
+        ({"warmup_epochs": 2}, r"train\.warmup_epochs must be 0 with scheduler 'onecycle'"),
+        ({"label_smoothing": 1.0}, r"train\.label_smoothing must be less than 1, got 1\.0"),
+        ({"grad_clip_norm": 0}, r"train\.grad_clip_norm must be greater than 0, got 0"),
+        ({"early_stopping_patience": 0}, r"train\.early_stopping_patience must be greater than or equal to 1, got 0"),
+        ({"compile": "yes"}, r"train\.compile must be a valid boolean, got 'yes'"),
+        ({"nproc": 0}, r"train\.nproc must be greater than or equal to 1, got 0"),
+        ({"nproc": 2}, r"train\.nproc must be 1 in 'features' mode"),
+        ({"log_every_n_steps": 0}, r"train\.log_every_n_steps must be greater than or equal to 1, got 0"),
+    ],
+)
 def test_bad_training_options_are_rejected_by_name(values, expected):
     with pytest.raises(ParamsError, match=expected):
         parse_params(with_train(**values))
 
 
 # --- models: the blocks 'top' mode unfreezes ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_blocks_cover_every_backbone_weight_once(arch):
@@ -77,6 +88,7 @@ def test_top_mode_unfreezes_the_last_blocks_only():
 
 # --- the training loop -------------------------------------------------------------------------
 
+
 def _one_batch_loader(seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     return [(torch.randn(8, 4, generator=generator), torch.tensor([0, 1] * 4))]
@@ -87,8 +99,17 @@ def test_grad_clip_norm_bounds_the_step():
     before = [w.detach().clone() for w in module.parameters()]
     optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    train_one_epoch(module, _one_batch_loader(), optimizer, scheduler, resolve_runtime("fp32"), None, "t",
-                    criterion=lambda logits, targets: 100 * F.cross_entropy(logits, targets), grad_clip_norm=0.01)
+    train_one_epoch(
+        module,
+        _one_batch_loader(),
+        optimizer,
+        scheduler,
+        resolve_runtime("fp32"),
+        None,
+        "t",
+        criterion=lambda logits, targets: 100 * F.cross_entropy(logits, targets),
+        grad_clip_norm=0.01,
+    )
     step = torch.cat([(w.detach() - b).flatten() for w, b in zip(module.parameters(), before)])
     assert step.norm().item() == pytest.approx(0.01, rel=1e-4)  # lr 1 x the clipped gradient norm
 
@@ -101,8 +122,17 @@ def test_label_smoothing_is_in_the_train_loss():
     optimizer = torch.optim.SGD(module.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     steps = []
-    stats = train_one_epoch(module, _one_batch_loader(), optimizer, scheduler, resolve_runtime("fp32"), None, "t",
-                            criterion=nn.CrossEntropyLoss(label_smoothing=0.2), on_step=steps.append)
+    stats = train_one_epoch(
+        module,
+        _one_batch_loader(),
+        optimizer,
+        scheduler,
+        resolve_runtime("fp32"),
+        None,
+        "t",
+        criterion=nn.CrossEntropyLoss(label_smoothing=0.2),
+        on_step=steps.append,
+    )
     assert stats.loss == pytest.approx(expected, rel=1e-6) and steps == [pytest.approx(expected, rel=1e-6)]
     with torch.no_grad():
         plain = F.cross_entropy(module(inputs), targets).item()
@@ -111,8 +141,18 @@ def test_label_smoothing_is_in_the_train_loss():
 
 def test_optimizer_groups_and_backbone_lr_factor():
     model = create_model("simple_cnn", pretrained=False, image_size=32)
-    p = parse_params(with_train(mode="top", unfreeze_blocks=2, optimizer="sgd", momentum=0.8, lr=0.1,
-                                backbone_lr_factor=0.1, arch="simple_cnn", pretrained=False)).train
+    p = parse_params(
+        with_train(
+            mode="top",
+            unfreeze_blocks=2,
+            optimizer="sgd",
+            momentum=0.8,
+            lr=0.1,
+            backbone_lr_factor=0.1,
+            arch="simple_cnn",
+            pretrained=False,
+        )
+    ).train
     optimizer = train._optimizer(model, p)
     assert isinstance(optimizer, torch.optim.SGD)
     head, backbone = optimizer.param_groups
@@ -131,7 +171,7 @@ def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
         scheduler.step()
     assert lrs[:10] == pytest.approx([0.1 * (step + 1) / 10 for step in range(10)])
     assert max(lrs) == pytest.approx(0.1) and lrs[10] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.001
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:])) and lrs[-1] < 0.001
     assert lrs[30] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 20 / 40)))
 
 
@@ -149,32 +189,53 @@ def test_augmentation_on_the_device_draws_per_image():
 
 # --- whole runs --------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def small_project(tmp_path, mlflow_template):
-    return prepared_project(tmp_path, mlflow_template, **{
-        "data.cache_size": 32, "train.image_size": 32, "train.batch_size": 4})
+    return prepared_project(
+        tmp_path, mlflow_template, **{"data.cache_size": 32, "train.image_size": 32, "train.batch_size": 4}
+    )
 
 
 def test_top_mode_with_head_warm_up_trains_the_head_first_then_the_last_block(small_project, capsys, monkeypatch):
     paths, params = small_project
-    p = params(**{"train.mode": "top", "train.arch": "simple_cnn", "train.pretrained": False, "train.epochs": 2,
-                  "train.head_warmup_epochs": 1, "train.backbone_lr_factor": 0.5, "train.lr": 0.01,
-                  "train.scheduler": "cosine", "train.optimizer": "sgd", "train.label_smoothing": 0.1,
-                  "train.grad_clip_norm": 1.0, "train.monitor": "val_accuracy"})
+    p = params(
+        **{
+            "train.mode": "top",
+            "train.arch": "simple_cnn",
+            "train.pretrained": False,
+            "train.epochs": 2,
+            "train.head_warmup_epochs": 1,
+            "train.backbone_lr_factor": 0.5,
+            "train.lr": 0.01,
+            "train.scheduler": "cosine",
+            "train.optimizer": "sgd",
+            "train.label_smoothing": 0.1,
+            "train.grad_clip_norm": 1.0,
+            "train.monitor": "val_accuracy",
+        }
+    )
     torch.manual_seed(p.train.seed)  # train seeds the same way before it builds the model
     initial = create_model("simple_cnn", pretrained=False, image_size=32).state_dict()
     saved_weights = []  # each epoch's weights, as the resumable state gets them
     save = train_state.save
-    monkeypatch.setattr(train_state, "save", lambda path, state: (
-        saved_weights.append({k: v.clone() for k, v in state["model"].items()}), save(path, state)))
+    monkeypatch.setattr(
+        train_state,
+        "save",
+        lambda path, state: (
+            saved_weights.append({k: v.clone() for k, v in state["model"].items()}),
+            save(path, state),
+        ),
+    )
     train.run(p, paths)
     assert "head warm-up over: from epoch 2 the backbone trains too" in capsys.readouterr().out
     history = list(csv.DictReader((paths.train_reports / "history.csv").open()))
     assert [float(r["lr_backbone"]) / float(r["lr"]) for r in history] == pytest.approx([0.5, 0.5])
 
     def changed(weights):  # layer numbers of the simple_cnn backbone whose weights or statistics moved
-        return {k.split(".")[1] for k in weights
-                if k.startswith("backbone.") and not torch.equal(weights[k], initial[k])}
+        return {
+            k.split(".")[1] for k in weights if k.startswith("backbone.") and not torch.equal(weights[k], initial[k])
+        }
 
     after_warm_up, after_epoch_2 = saved_weights[0], saved_weights[1]
     assert changed(after_warm_up) == set()
@@ -185,8 +246,15 @@ def test_top_mode_with_head_warm_up_trains_the_head_first_then_the_last_block(sm
 def test_early_stopping_stops_when_the_monitor_stalls(small_project, capsys):
     paths, params = small_project
     # lr 1e-12 moves no float32 weight: val loss never improves after epoch 1
-    p = params(**{"train.mode": "features", "train.epochs": 10, "train.lr": 1e-12,
-                  "train.early_stopping_patience": 2, "train.compile": True})
+    p = params(
+        **{
+            "train.mode": "features",
+            "train.epochs": 10,
+            "train.lr": 1e-12,
+            "train.early_stopping_patience": 2,
+            "train.compile": True,
+        }
+    )
     metrics = train.run(p, paths)
     out = capsys.readouterr().out
     assert "early stop: val_loss has not improved for 2 epochs" in out

@@ -57,9 +57,24 @@ class CachedImages(Dataset):
         return self.transform(pixels), int(self.split.labels[index])
 
 
-def make_loader(dataset: Dataset, batch_size: int, workers: int, shuffle: bool = False,
-                generator: torch.Generator | None = None, pin_memory: bool = False,
-                sampler: Sampler | None = None, persistent_workers: bool = True) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
-                      worker_init_fn=seed_worker, generator=generator, pin_memory=pin_memory,
-                      persistent_workers=persistent_workers and workers > 0)
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    pin_memory: bool = False,
+    sampler: Sampler | None = None,
+    persistent_workers: bool = True,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=workers,
+        worker_init_fn=seed_worker,
+        generator=generator,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and workers > 0,
+    )

@@ -13,9 +13,9 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -95,9 +95,21 @@ def relaunch(nproc: int, params: Params, root: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="catdog-train-") as folder:
         params_file = Path(folder) / "params.yaml"
         params_file.write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "catdog.train", "--params", str(params_file), "--root", str(root)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "catdog.train",
+            "--params",
+            str(params_file),
+            "--root",
+            str(root),
+        ]
         returncode = subprocess.run(command).returncode
     if returncode != 0:
-        raise CatdogError(f"torchrun with {nproc} processes exited with code {returncode} "
-                          "(the ranks' errors are above)")
+        raise CatdogError(
+            f"torchrun with {nproc} processes exited with code {returncode} (the ranks' errors are above)"
+        )

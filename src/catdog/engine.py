@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -20,18 +20,28 @@ class EpochStats:
     accuracy: float
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, runtime: Runtime,
-                    scaler: torch.amp.GradScaler | None, desc: str, *,
-                    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-                    grad_clip_norm: float | None = None, batch_transform: Callable | None = None,
-                    on_step: Callable[[float], None] | None = None) -> EpochStats:
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer,
+    scheduler,
+    runtime: Runtime,
+    scaler: torch.amp.GradScaler | None,
+    desc: str,
+    *,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    grad_clip_norm: float | None = None,
+    batch_transform: Callable | None = None,
+    on_step: Callable[[float], None] | None = None,
+) -> EpochStats:
     """One pass over ``loader``, the scheduler stepped per batch; ``batch_transform`` runs on the
     device (GPU augmentation), ``on_step`` gets each step's loss. Under DDP the returned loss and
     accuracy cover every rank's batches."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    progress = tqdm(loader, desc=desc, unit="batch", leave=False, mininterval=1.0,
-                    disable=None)  # inner bars only on a terminal: they flood logs
+    progress = tqdm(
+        loader, desc=desc, unit="batch", leave=False, mininterval=1.0, disable=None
+    )  # inner bars only on a terminal: they flood logs
     for inputs, targets in progress:
         inputs, targets = runtime.to_device(inputs, batch_transform), targets.to(runtime.device)
         with runtime.autocast():
@@ -66,8 +76,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, runtime: Run
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, loader, runtime: Runtime, desc: str,
-                   mirror: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(
+    model: nn.Module, loader, runtime: Runtime, desc: str, mirror: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits float32 [N, C], targets [N]) on the CPU; ``mirror`` flips images left-right."""
     model.eval()
     all_logits, all_targets = [], []

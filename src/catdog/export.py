@@ -29,7 +29,6 @@ from catdog.paths import LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, PT2_FILE, Path
 from catdog.transforms import eval_preset
 
 
-
 def run(params: Params, paths: Paths) -> dict:
     p = params.export
     tracking.check_server(paths.root)
@@ -49,8 +48,10 @@ def run(params: Params, paths: Paths) -> dict:
     with torch.inference_mode():
         eager = model(batch).numpy()
     results = {"parity_images": count, "eager_accuracy": _accuracy(eager, targets)}
-    for name, logits in (("onnx", onnx_logits(paths.onnx_model, batch.numpy())),
-                         ("pt2", pt2_logits(paths.pt2_model, batch))):
+    for name, logits in (
+        ("onnx", onnx_logits(paths.onnx_model, batch.numpy())),
+        ("pt2", pt2_logits(paths.pt2_model, batch)),
+    ):
         results[f"{name}_max_abs_diff"] = float(np.abs(logits - eager).max())
         results[f"{name}_accuracy"] = _accuracy(logits, targets)
         if results[f"{name}_max_abs_diff"] > p.tolerance or results[f"{name}_accuracy"] != results["eager_accuracy"]:
@@ -58,18 +59,28 @@ def run(params: Params, paths: Paths) -> dict:
             raise CatdogError(
                 f"{name} parity check failed over {count} test images: max |logit diff| "
                 f"{results[f'{name}_max_abs_diff']:.2e} (export.tolerance {p.tolerance:.0e}), accuracy "
-                f"{results[f'{name}_accuracy']:.4f} vs eager {results['eager_accuracy']:.4f}")
+                f"{results[f'{name}_accuracy']:.4f} vs eager {results['eager_accuracy']:.4f}"
+            )
     results["onnx_mb"] = round(paths.onnx_model.stat().st_size / 2**20, 2)
     reports.write_json(paths.parity, results)
 
     atomic.write_text(paths.labels, json.dumps({"classes": config["classes"]}, indent=2) + "\n")
-    atomic.write_text(paths.preprocess, json.dumps({
-        "cache_size": config["cache_size"],  # decode: EXIF-rotate, RGB, squash-resize (bilinear)
-        "min_image_size": params.data.min_image_size,  # smaller images are refused, as prepare does
-        "image_size": size,  # then resize to the model input
-        "layout": "NCHW", "dtype": "float32", "scale": [0.0, 1.0],
-        "normalization": "inside the model",
-    }, indent=2) + "\n")
+    atomic.write_text(
+        paths.preprocess,
+        json.dumps(
+            {
+                "cache_size": config["cache_size"],  # decode: EXIF-rotate, RGB, squash-resize (bilinear)
+                "min_image_size": params.data.min_image_size,  # smaller images are refused, as prepare does
+                "image_size": size,  # then resize to the model input
+                "layout": "NCHW",
+                "dtype": "float32",
+                "scale": [0.0, 1.0],
+                "normalization": "inside the model",
+            },
+            indent=2,
+        )
+        + "\n",
+    )
 
     with tracking.stage_run(params, paths, "export") as mlflow_run:
         test_metrics = json.loads(paths.evaluate_metrics.read_text())
@@ -82,11 +93,17 @@ def run(params: Params, paths: Paths) -> dict:
         mlflow_run.log_metrics("export", {k: v for k, v in results.items() if k != "parity_images"})
         classifier = serving.pyfunc_model(
             {"onnx_model": paths.onnx_model, "labels": paths.labels, "preprocess": paths.preprocess},
-            config["classes"], example_jpeg(paths, test))
-        registration = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name,
-                                                   test_accuracy=test_metrics["accuracy"], promote=p.promote_champion)
-        registry = {"registered_version": registration.version,
-                    "promoted_champion": registration.promoted} if registration else {}
+            config["classes"],
+            example_jpeg(paths, test),
+        )
+        registration = mlflow_run.log_pyfunc_model(
+            classifier, p.registered_model_name, test_accuracy=test_metrics["accuracy"], promote=p.promote_champion
+        )
+        registry = (
+            {"registered_version": registration.version, "promoted_champion": registration.promoted}
+            if registration
+            else {}
+        )
         mlflow_run.log_facts({"parity_images": count, **registry})
         results.update(registry)
     return results
@@ -127,37 +144,40 @@ def model_card(params: Params, config: dict, test: dict, parity: dict, paths: Pa
     splits = ", ".join(f"{name} {sum(counts.values())}" for name, counts in summary["splits"].items())
     metric_rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in test.items())
     train_rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in params.flat("train").items())
-    return f"""# Model card: catdog {config['arch']}
+    return f"""# Model card: catdog {config["arch"]}
 
 Binary image classifier: **cat** or **dog**, fine-tuned from ImageNet weights.
 
 ## Use
 - Input: one RGB photo. Decoding as in prepare: EXIF rotation applied, converted to RGB,
-  squashed to {config['cache_size']}x{config['cache_size']} (bilinear), then {config['image_size']}x{config['image_size']};
+  squashed to {config["cache_size"]}x{config["cache_size"]} (bilinear),
+  then {config["image_size"]}x{config["image_size"]};
   float32 NCHW in [0, 1]. Normalisation is inside the model.
-- Output: logits for `{config['classes']}`; softmax gives the confidence.
+- Output: logits for `{config["classes"]}`; softmax gives the confidence.
 - Files: `{ONNX_FILE}` (ONNX, dynamic batch; `catdog predict` uses it), `{PT2_FILE}` (torch.export),
   `{LABELS_FILE}`, `{PREPROCESS_FILE}`.
 - Intended use: sorting pet photos into cats and dogs. Not for any decision about people,
   animal welfare or safety.
 
 ## Data
-- Source: `{params.data.source}` ({summary['images']} usable images; {splits}).
-- Rejected files: {summary['rejected_total']}; duplicate groups kept within one split: {summary['duplicate_groups_merged']}.
-- Data hash (md5 of `data/prepared/content.json`: size and md5 of the image cache and manifest): `{integrity.data_hash(paths)}`.
+- Source: `{params.data.source}` ({summary["images"]} usable images; {splits}).
+- Rejected files: {summary["rejected_total"]};
+  duplicate groups kept within one split: {summary["duplicate_groups_merged"]}.
+- Data hash (md5 of `data/prepared/content.json`: size and md5 of the image cache and manifest):
+  `{integrity.data_hash(paths)}`.
 
 ## Training params
 | param | value |
 |---|---|
 {train_rows}
 
-## Test metrics ({sum(summary['splits']['test'].values())} held-out images)
+## Test metrics ({sum(summary["splits"]["test"].values())} held-out images)
 | metric | value |
 |---|---|
 {metric_rows}
 
-Export parity over {parity['parity_images']} test images: ONNX max |logit diff| {parity['onnx_max_abs_diff']:.2e},
-torch.export max |logit diff| {parity['pt2_max_abs_diff']:.2e}; accuracy identical to the eager model.
+Export parity over {parity["parity_images"]} test images: ONNX max |logit diff| {parity["onnx_max_abs_diff"]:.2e},
+torch.export max |logit diff| {parity["pt2_max_abs_diff"]:.2e}; accuracy identical to the eager model.
 
 ## Lineage
 - Checkpoint md5: `{tracking.file_md5(paths.checkpoint)}`, as in the `dvc.lock` of the commit that produced

@@ -30,7 +30,7 @@ class FrozenPart(nn.Module):
         if runtime.device.type == "cpu":
             self.onnx = OrtFunction(cached_graph(prefix, (1, 3, input_size, input_size), *identity))
 
-    def train(self, mode: bool = True) -> "FrozenPart":
+    def train(self, mode: bool = True) -> FrozenPart:
         return super().train(False)  # BatchNorm statistics of a frozen part never move
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -40,8 +40,9 @@ class FrozenPart(nn.Module):
             return self._prefix[0](images)
 
 
-def split_for_training(model: Classifier, arch: str, image_size: int, mode: str, trainable_blocks: int,
-                       runtime: Runtime) -> tuple[FrozenPart | None, nn.Module]:
+def split_for_training(
+    model: Classifier, arch: str, image_size: int, mode: str, trainable_blocks: int, runtime: Runtime
+) -> tuple[FrozenPart | None, nn.Module]:
     """(frozen prefix or None, what trains after it): features/head freeze the whole backbone,
     top all but its last ``trainable_blocks`` blocks, full nothing."""
     if mode == "full":

@@ -37,8 +37,10 @@ def verify(paths: Paths) -> None:
             raise CatdogError(f"{path} is missing: {_RESTORE}")
         size = path.stat().st_size
         if expected is None or size != expected["bytes"]:
-            raise CatdogError(f"{path} has {size} bytes, prepare wrote {expected and expected['bytes']} "
-                              f"(truncated or replaced): {_RESTORE}")
+            raise CatdogError(
+                f"{path} has {size} bytes, prepare wrote {expected and expected['bytes']} "
+                f"(truncated or replaced): {_RESTORE}"
+            )
         if _md5(path) != expected["md5"]:
             raise CatdogError(f"{path} differs from what prepare wrote (md5 mismatch): {_RESTORE}")
 

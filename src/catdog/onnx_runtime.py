@@ -65,9 +65,16 @@ def export_onnx(module, example, path: Path, opset: int = 18, names: tuple[str, 
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter about its own internals
-        program = torch.onnx.export(module, (example,), input_names=[names[0]], output_names=[names[1]],
-                                    dynamic_shapes={argument: {0: batch}}, opset_version=opset, dynamo=True,
-                                    verbose=False)
+        program = torch.onnx.export(
+            module,
+            (example,),
+            input_names=[names[0]],
+            output_names=[names[1]],
+            dynamic_shapes={argument: {0: batch}},
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
     for node in program.model.graph.all_nodes():  # stack traces naming this machine's source paths
         node.metadata_props.clear()  # the same weights then give the same bytes anywhere
     with atomic.replacing(path) as temporary:

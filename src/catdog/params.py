@@ -104,22 +104,48 @@ class TrainParams(_Section):
 
     @model_validator(mode="after")
     def _options_fit_the_mode(self):
-        _check(not (self.mode == "features" and self.augment), "train.augment",
-               "must be false in 'features' mode (features are computed once); use mode 'head'", self.augment)
-        _check(self.head_warmup_epochs < self.epochs, "train.head_warmup_epochs",
-               f"must be below train.epochs ({self.epochs})", self.head_warmup_epochs)
-        _check(self.head_warmup_epochs == 0 or self.mode in ("top", "full"), "train.head_warmup_epochs",
-               f"must be 0 in '{self.mode}' mode (only the head trains anyway); use mode 'top' or 'full'",
-               self.head_warmup_epochs)
-        _check(self.warmup_epochs < self.epochs, "train.warmup_epochs",
-               f"must be below train.epochs ({self.epochs})", self.warmup_epochs)
-        _check(self.warmup_epochs == 0 or self.scheduler == "cosine", "train.warmup_epochs",
-               "must be 0 with scheduler 'onecycle' (it warms up over the first 10% of the steps itself)",
-               self.warmup_epochs)
-        _check(self.head == "gradient" or (self.mode == "features" and self.epochs == 1), "train.head",
-               "'logistic' is fitted once on the frozen features: needs mode 'features' and epochs 1", self.head)
-        _check(self.nproc == 1 or self.mode != "features", "train.nproc",
-               "must be 1 in 'features' mode (one process trains the head on cached embeddings)", self.nproc)
+        _check(
+            not (self.mode == "features" and self.augment),
+            "train.augment",
+            "must be false in 'features' mode (features are computed once); use mode 'head'",
+            self.augment,
+        )
+        _check(
+            self.head_warmup_epochs < self.epochs,
+            "train.head_warmup_epochs",
+            f"must be below train.epochs ({self.epochs})",
+            self.head_warmup_epochs,
+        )
+        _check(
+            self.head_warmup_epochs == 0 or self.mode in ("top", "full"),
+            "train.head_warmup_epochs",
+            f"must be 0 in '{self.mode}' mode (only the head trains anyway); use mode 'top' or 'full'",
+            self.head_warmup_epochs,
+        )
+        _check(
+            self.warmup_epochs < self.epochs,
+            "train.warmup_epochs",
+            f"must be below train.epochs ({self.epochs})",
+            self.warmup_epochs,
+        )
+        _check(
+            self.warmup_epochs == 0 or self.scheduler == "cosine",
+            "train.warmup_epochs",
+            "must be 0 with scheduler 'onecycle' (it warms up over the first 10% of the steps itself)",
+            self.warmup_epochs,
+        )
+        _check(
+            self.head == "gradient" or (self.mode == "features" and self.epochs == 1),
+            "train.head",
+            "'logistic' is fitted once on the frozen features: needs mode 'features' and epochs 1",
+            self.head,
+        )
+        _check(
+            self.nproc == 1 or self.mode != "features",
+            "train.nproc",
+            "must be 1 in 'features' mode (one process trains the head on cached embeddings)",
+            self.nproc,
+        )
         return self
 
 
@@ -153,9 +179,7 @@ class Params(_Section):
     def flat(self, *sections: str) -> dict[str, object]:
         """``{"train.lr": 0.001, ...}`` for the given sections (all when none given)."""
         names = sections or tuple(type(self).model_fields)
-        return {f"{name}.{key}": value
-                for name in names
-                for key, value in getattr(self, name).model_dump().items()}
+        return {f"{name}.{key}": value for name in names for key, value in getattr(self, name).model_dump().items()}
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -192,6 +216,9 @@ def _describe(error) -> str:
         return str(error["ctx"]["error"])
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"{key or 'top level'} must be a mapping, got {value!r}"
-    rule = error["msg"].replace("Input should be", "must be").replace("String should match pattern '\\S'",
-                                                                     "must not be empty")
+    rule = (
+        error["msg"]
+        .replace("Input should be", "must be")
+        .replace("String should match pattern '\\S'", "must not be empty")
+    )
     return f"{key} {rule}, got {value!r}"

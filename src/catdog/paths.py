@@ -29,7 +29,7 @@ class Paths:
     root: Path
 
     @classmethod
-    def under(cls, root: str | Path = ".") -> "Paths":
+    def under(cls, root: str | Path = ".") -> Paths:
         return cls(Path(root).resolve())
 
     # the project's own files, logged as a run's lineage

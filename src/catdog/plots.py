@@ -7,11 +7,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.calibration import CalibrationDisplay  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay  # noqa: E402
-from catdog import atomic  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.calibration import CalibrationDisplay
+from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
+
+from catdog import atomic
 
 
 def training_curves(history: list[dict], best_epoch: int, path: Path) -> None:
@@ -36,10 +37,10 @@ def confusion_matrix(matrix: np.ndarray, classes: tuple[str, ...], path: Path, t
 
 def roc_pr_curves(targets: np.ndarray, scores: np.ndarray, path: Path, positive: str) -> None:
     fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(10, 4.5), constrained_layout=True)
-    RocCurveDisplay.from_predictions(targets, scores, ax=roc_ax, name=f"{positive} vs rest",
-                                     plot_chance_level=True)
-    PrecisionRecallDisplay.from_predictions(targets, scores, ax=pr_ax, name=f"{positive} vs rest",
-                                            plot_chance_level=True)
+    RocCurveDisplay.from_predictions(targets, scores, ax=roc_ax, name=f"{positive} vs rest", plot_chance_level=True)
+    PrecisionRecallDisplay.from_predictions(
+        targets, scores, ax=pr_ax, name=f"{positive} vs rest", plot_chance_level=True
+    )
     roc_ax.set_title("ROC curve (test split)")
     pr_ax.set_title("Precision-recall curve (test split)")
     for ax in (roc_ax, pr_ax):
@@ -47,8 +48,9 @@ def roc_pr_curves(targets: np.ndarray, scores: np.ndarray, path: Path, positive:
     _save(fig, path)
 
 
-def reliability_diagram(targets: np.ndarray, scores: np.ndarray, path: Path, bins: int, ece: float,
-                        positive: str) -> None:
+def reliability_diagram(
+    targets: np.ndarray, scores: np.ndarray, path: Path, bins: int, ece: float, positive: str
+) -> None:
     fig, ax = plt.subplots(figsize=(5, 5), constrained_layout=True)
     CalibrationDisplay.from_predictions(targets, scores, n_bins=bins, ax=ax, name=f"P({positive})")
     ax.set_title(f"Reliability diagram (ECE {ece:.3f})")
@@ -66,8 +68,7 @@ def gallery(images: list[np.ndarray], captions: list[str], path: Path, title: st
         return
     columns = min(columns, len(images))
     rows = -(-len(images) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False,
-                             constrained_layout=True)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False, constrained_layout=True)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, images, captions):

@@ -5,18 +5,18 @@ from __future__ import annotations
 import glob
 import json
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
 from catdog.errors import CatdogError
-from catdog.paths import LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, Paths, find_root
 from catdog.images import BadImage, decode_image, resize
 from catdog.onnx_runtime import create_session, usable_cores
+from catdog.paths import LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, Paths, find_root
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_MODEL = Paths(Path(".")).onnx_model  # relative to the project root
@@ -32,7 +32,7 @@ class ExportedModel:
     min_image_size: int = 1  # prepare's data.min_image_size (exports before it was recorded: 1)
 
     @classmethod
-    def load(cls, spec: str | Path) -> "ExportedModel":
+    def load(cls, spec: str | Path) -> ExportedModel:
         """``spec``: an exported ``model.onnx`` (labels.json and preprocess.json beside it) or a
         registry URI such as ``models:/catdog@champion``."""
         path = _download_registered(str(spec)) if str(spec).startswith("models:/") else Path(spec)
@@ -49,8 +49,14 @@ class ExportedModel:
             session = create_session(path)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
             raise CatdogError(f"cannot load {path} as an ONNX model: {str(exc).splitlines()[0]}") from None
-        return cls(session, session.get_inputs()[0].name, config["classes"], config["cache_size"],
-                   config["image_size"], config.get("min_image_size", 1))
+        return cls(
+            session,
+            session.get_inputs()[0].name,
+            config["classes"],
+            config["cache_size"],
+            config["image_size"],
+            config.get("min_image_size", 1),
+        )
 
     def preprocess(self, data: bytes) -> np.ndarray:
         """The same decode and checks as prepare (BadImage ``too_small`` below its minimum size),
@@ -77,8 +83,10 @@ def _download_registered(uri: str) -> Path:
     store_root = find_root(Path.cwd()) or Path.cwd()  # the project's mlflow.db, from any subfolder
     folder = download_registered_model(uri, store_root)
     # the pyfunc of catdog.serving keeps it in artifacts/; versions registered before it, at the top
-    return next((f for f in (folder / "artifacts" / ONNX_FILE, folder / "model.onnx") if f.is_file()),
-                folder / "artifacts" / ONNX_FILE)
+    return next(
+        (f for f in (folder / "artifacts" / ONNX_FILE, folder / "model.onnx") if f.is_file()),
+        folder / "artifacts" / ONNX_FILE,
+    )
 
 
 def expand_paths(paths: Iterable[str]) -> list[Path]:
@@ -87,9 +95,13 @@ def expand_paths(paths: Iterable[str]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*")
-                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            files += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
         elif not path.exists() and glob.has_magic(raw):
             matches = sorted(glob.glob(raw, recursive=True))
             files += [Path(m) for m in matches if Path(m).is_file()] or [path]
@@ -123,8 +135,11 @@ def predict(model: ExportedModel, files: Iterable[Path], batch_size: int = 16, t
             for i, (path, loaded) in enumerate(batch):
                 if i in by_index:
                     p = by_index[i]
-                    yield {"path": str(path), "label": model.classes[int(p.argmax())],
-                           "confidence": round(float(p.max()), 6)}
+                    yield {
+                        "path": str(path),
+                        "label": model.classes[int(p.argmax())],
+                        "confidence": round(float(p.max()), 6),
+                    }
                 else:
                     yield {"path": str(path), "error": loaded}
 

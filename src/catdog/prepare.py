@@ -61,8 +61,9 @@ def run(params: Params, paths: Paths) -> dict:
 
     summary = summarize(kept, splits, rejected, unlabelled, merged_groups, images.shape[1])
     reports.write_json(paths.prepare_summary, summary)
-    reports.write_json(paths.prepare_metrics, {f"{name}_images": sum(counts.values())
-                                               for name, counts in summary["splits"].items()})
+    reports.write_json(
+        paths.prepare_metrics, {f"{name}_images": sum(counts.values()) for name, counts in summary["splits"].items()}
+    )
     for reason, count in sorted(summary["rejected"].items()):
         tqdm.write(f"warning: skipped {count} file(s): {reason} (see {paths.rejected})")
     return summary
@@ -155,15 +156,16 @@ def decode_all(source: Path, candidates: list[Candidate], data: DataParams, cach
     """Decode every candidate; returns (images memmap, kept [(candidate, md5)], rejected)."""
     size, count = data.cache_size, len(candidates)
     if count == 0:
-        raise CatdogError(f"no labelled images in {data.source}: expected cat.N.jpg/dog.N.jpg names "
-                          "or Cat/ and Dog/ folders")
+        raise CatdogError(
+            f"no labelled images in {data.source}: expected cat.N.jpg/dog.N.jpg names or Cat/ and Dog/ folders"
+        )
     scratch = cache_file.with_suffix(".decoding.npy")
     np.lib.format.open_memmap(scratch, mode="w+", dtype=np.uint8, shape=(count, size, size, 3)).flush()
     workers = min(data.workers or os.cpu_count() or 1, count)
     init_args = (str(source), str(scratch), count, size, data.min_image_size)
     tasks = [(i, c.path) for i, c in enumerate(candidates)]
     results = [None] * count
-    progress = dict(total=count, desc="decode", unit="img", mininterval=1.0)
+    progress = {"total": count, "desc": "decode", "unit": "img", "mininterval": 1.0}
     if workers == 1:
         _init_worker(*init_args)
         for index, md5, reason in tqdm(map(_decode_one, tasks), **progress):
@@ -182,10 +184,9 @@ def decode_all(source: Path, candidates: list[Candidate], data: DataParams, cach
         scratch.replace(cache_file)
     else:  # compact: drop the rows of rejected files
         decoded = np.load(scratch, mmap_mode="r")
-        images = np.lib.format.open_memmap(cache_file, mode="w+", dtype=np.uint8,
-                                           shape=(len(keep), size, size, 3))
+        images = np.lib.format.open_memmap(cache_file, mode="w+", dtype=np.uint8, shape=(len(keep), size, size, 3))
         for start in range(0, len(keep), 1024):
-            images[start:start + 1024] = decoded[keep[start:start + 1024]]
+            images[start : start + 1024] = decoded[keep[start : start + 1024]]
         images.flush()
         del decoded, images
         scratch.unlink()
@@ -196,8 +197,10 @@ def check_class_counts(kept: list[tuple[Candidate, str]], minimum: int) -> None:
     counts = Counter(candidate.label for candidate, _ in kept)
     for label in CLASSES:
         if counts[label] < minimum:
-            raise CatdogError(f"only {counts[label]} usable '{label}' image(s), need data.min_per_class={minimum}: "
-                              "add images or lower the param")
+            raise CatdogError(
+                f"only {counts[label]} usable '{label}' image(s), need data.min_per_class={minimum}: "
+                "add images or lower the param"
+            )
 
 
 def split(kept: list[tuple[Candidate, str]], data: DataParams) -> tuple[list[str], int]:

@@ -31,9 +31,7 @@ def rounded(value):
     if hasattr(value, "item"):  # numpy scalar
         value = value.item()
     if isinstance(value, float):
-        return (
-            value if not math.isfinite(value) else round(value, DECIMALS) + 0.0
-        )  # + 0.0: no "-0.0"
+        return value if not math.isfinite(value) else round(value, DECIMALS) + 0.0  # + 0.0: no "-0.0"
     return value
 
 

@@ -40,15 +40,18 @@ def classify(model: ExportedModel, images: list[bytes | str]) -> pd.DataFrame:
     """One row per image: label and class probabilities, or an error."""
     rows = []
     for start in range(0, len(images), BATCH_SIZE):
-        loaded = [_pixels(model, image) for image in images[start:start + BATCH_SIZE]]
+        loaded = [_pixels(model, image) for image in images[start : start + BATCH_SIZE]]
         good = [i for i, item in enumerate(loaded) if isinstance(item, np.ndarray)]
         probabilities = dict(zip(good, model.probabilities(np.stack([loaded[i] for i in good])) if good else []))
         for i, item in enumerate(loaded):
             p = probabilities.get(i)
-            rows.append({"label": model.classes[int(p.argmax())] if p is not None else None,
-                         **{f"p_{name}": float(p[k]) if p is not None else np.nan
-                            for k, name in enumerate(model.classes)},
-                         "error": None if p is not None else item})
+            rows.append(
+                {
+                    "label": model.classes[int(p.argmax())] if p is not None else None,
+                    **{f"p_{name}": float(p[k]) if p is not None else np.nan for k, name in enumerate(model.classes)},
+                    "error": None if p is not None else item,
+                }
+            )
     return pd.DataFrame(rows, columns=["label", *(f"p_{name}" for name in model.classes), "error"])
 
 
@@ -69,9 +72,14 @@ def pyfunc_model(artifacts: dict[str, Path], classes: list[str], example_image: 
     """What ``mlflow.pyfunc.log_model`` needs to log it: ``artifacts`` (``onnx_model`` with the labels
     and preprocessing files beside it), the catdog code (so it loads where catdog is not installed),
     a signature, ``example_image`` as input example and pinned requirements."""
-    return {"python_model": ImageClassifier(), "artifacts": {key: str(path) for key, path in artifacts.items()},
-            "code_paths": [str(Path(__file__).parent)], "signature": signature(classes),
-            "input_example": pd.DataFrame({IMAGE_COLUMN: [example_image]}), "pip_requirements": requirements()}
+    return {
+        "python_model": ImageClassifier(),
+        "artifacts": {key: str(path) for key, path in artifacts.items()},
+        "code_paths": [str(Path(__file__).parent)],
+        "signature": signature(classes),
+        "input_example": pd.DataFrame({IMAGE_COLUMN: [example_image]}),
+        "pip_requirements": requirements(),
+    }
 
 
 def signature(classes: list[str]):
@@ -81,9 +89,14 @@ def signature(classes: list[str]):
 
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.binary, IMAGE_COLUMN)]),
-        outputs=Schema([ColSpec(DataType.string, "label", required=False),
-                        *(ColSpec(DataType.double, f"p_{name}", required=False) for name in classes),
-                        ColSpec(DataType.string, "error", required=False)]))
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, "label", required=False),
+                *(ColSpec(DataType.double, f"p_{name}", required=False) for name in classes),
+                ColSpec(DataType.string, "error", required=False),
+            ]
+        ),
+    )
 
 
 def requirements() -> list[str]:

@@ -7,7 +7,7 @@ import errno
 import json
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from catdog.errors import CatdogError
 from catdog.lifecycle import StageStopped, stop_on_signals
@@ -30,16 +30,24 @@ def main(name: str, run: Callable[[Params, Paths], dict], argv: list[str] | None
         print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, CatdogError) else 1)
     except StageStopped as stop:
-        print(f"{name}: {stop}: its MLflow run is marked KILLED; rerun (dvc repro) to continue "
-              "(train resumes after its last finished epoch)", file=sys.stderr, flush=True)
+        print(
+            f"{name}: {stop}: its MLflow run is marked KILLED; rerun (dvc repro) to continue "
+            "(train resumes after its last finished epoch)",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.stdout.flush()
         os._exit(130)  # the run is closed: skip the interpreter's slow teardown (torch, MLflow threads)
     print(f"{name}: {json.dumps(metrics, default=str)}")
 
 
-_OS_HINTS = {errno.ENOSPC: "free some disk space, then rerun", errno.EDQUOT: "free some disk space, then rerun",
-             errno.EACCES: "check the permissions of that path", errno.EPERM: "check the permissions of that path",
-             errno.EROFS: "the file system is read-only: run where the project can be written"}
+_OS_HINTS = {
+    errno.ENOSPC: "free some disk space, then rerun",
+    errno.EDQUOT: "free some disk space, then rerun",
+    errno.EACCES: "check the permissions of that path",
+    errno.EPERM: "check the permissions of that path",
+    errno.EROFS: "the file system is read-only: run where the project can be written",
+}
 
 
 def _one_line(exc: Exception) -> str:

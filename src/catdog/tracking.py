@@ -32,9 +32,9 @@ import urllib.error
 import urllib.request
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 try:
     import fcntl
@@ -55,13 +55,27 @@ from catdog.paths import Paths
 
 ARTIFACTS_DIR = "mlruns"
 FAILED_STAGE_TAG = "catdog.failed_stage"
-_RUN_OWN_TAGS = {"mlflow.runName", "mlflow.log-model.history", "mlflow.user",  # not copied to a derived run
-                 lifecycle.HOST_TAG, lifecycle.PID_TAG, lifecycle.STARTED_TAG, "catdog.stage", "catdog.stopped",
-                 FAILED_STAGE_TAG}
+_RUN_OWN_TAGS = {
+    "mlflow.runName",
+    "mlflow.log-model.history",
+    "mlflow.user",  # not copied to a derived run
+    lifecycle.HOST_TAG,
+    lifecycle.PID_TAG,
+    lifecycle.STARTED_TAG,
+    "catdog.stage",
+    "catdog.stopped",
+    FAILED_STAGE_TAG,
+}
 CHECKPOINT_TAG = "catdog.checkpoint_md5"
 REUSED_TAG = "catdog.reused_from"
 RESULTS_TAG = "catdog.results."  # + stage name: "logged" or "copied"
-_LINEAGE_FILES = ("src", "stages", "dvc.yaml", "params.yaml", "pyproject.toml")  # beside mlflow.db, as MLflow itself does
+_LINEAGE_FILES = (
+    "src",
+    "stages",
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+)  # beside mlflow.db, as MLflow itself does
 DB_FILE = "mlflow.db"
 
 # MLflow metric keys are "<section>/<name>": the run page groups its charts by section, beside
@@ -69,9 +83,12 @@ DB_FILE = "mlflow.db"
 # tag "catdog.<name>" instead (``Run.log_facts``): nothing to chart.
 METRIC_SECTIONS = ("train", "val", "test", "export", "schedule")
 EPOCH_METRIC_KEYS = {  # a row of train's history (history.csv columns) -> its MLflow key
-    "train_loss": "train/loss", "train_accuracy": "train/accuracy",
-    "val_loss": "val/loss", "val_accuracy": "val/accuracy",
-    "lr": "schedule/lr", "lr_backbone": "schedule/lr_backbone",
+    "train_loss": "train/loss",
+    "train_accuracy": "train/accuracy",
+    "val_loss": "val/loss",
+    "val_accuracy": "val/accuracy",
+    "lr": "schedule/lr",
+    "lr_backbone": "schedule/lr_backbone",
 }
 STEP_LOSS_KEY = "train/step_loss"
 
@@ -115,8 +132,9 @@ class Run:
         self.run_id = run_id
         self.progress: dict[str, str] = {}  # tags set only if the stage is stopped (how far it got)
 
-    def log_pyfunc_model(self, model: dict, name: str | None, test_accuracy: float,
-                         promote: bool) -> Registration | None:
+    def log_pyfunc_model(
+        self, model: dict, name: str | None, test_accuracy: float, promote: bool
+    ) -> Registration | None:
         """Log ``model`` (``mlflow.pyfunc.log_model`` arguments, e.g. from
         :func:`catdog.serving.pyfunc_model`) as the run's ``classifier``. With ``name``, register it
         as a new version; ``candidate`` always moves to it, ``champion`` only if ``promote`` and it
@@ -140,8 +158,11 @@ class Run:
 
     def log_epoch(self, row: dict[str, float]) -> None:
         """One row of train's history, at step ``row["epoch"]``."""
-        mlflow.log_metrics({key: float(row[column]) for column, key in EPOCH_METRIC_KEYS.items() if column in row},
-                           step=row["epoch"], synchronous=False)  # off the training's critical path
+        mlflow.log_metrics(
+            {key: float(row[column]) for column, key in EPOCH_METRIC_KEYS.items() if column in row},
+            step=row["epoch"],
+            synchronous=False,
+        )  # off the training's critical path
 
     def log_step_loss(self, loss: float, step: int) -> None:
         mlflow.log_metric(STEP_LOSS_KEY, loss, step=step, synchronous=False)
@@ -250,9 +271,11 @@ def stage_run(params: Params, paths: Paths, stage: str) -> Iterator[Run]:
     _close_orphans(client, experiment_id)
     found = _pipeline_run(client, experiment_id, md5)
     if found is None:
-        raise CatdogError(f"no MLflow run of {paths.checkpoint.name} (md5 {md5}) in experiment "
-                          f"{params.tracking.experiment_name!r} at {client.tracking_uri}: rerun train "
-                          "(dvc repro -f -s train) to log one")
+        raise CatdogError(
+            f"no MLflow run of {paths.checkpoint.name} (md5 {md5}) in experiment "
+            f"{params.tracking.experiment_name!r} at {client.tracking_uri}: rerun train "
+            "(dvc repro -f -s train) to log one"
+        )
     values = {k: _param_value(v) for k, v in params.flat(stage).items()}
     conflict = any(found.data.params.get(k, v) != v for k, v in values.items())
     run_id = found.info.run_id
@@ -275,8 +298,12 @@ def file_md5(path: Path) -> str:
 
 def _pipeline_run(client: MlflowClient, experiment_id: str, checkpoint_md5: str):
     """The most recent live run tagged with this checkpoint md5, or None."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{CHECKPOINT_TAG}` = '{checkpoint_md5}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{CHECKPOINT_TAG}` = '{checkpoint_md5}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0] if runs else None
 
 
@@ -284,22 +311,32 @@ def _copy_missing(client: MlflowClient, source, target_id: str, skip_params: set
     """Params (less ``skip_params``), metric histories and tags of ``source`` that run ``target_id``
     lacks; the stage results copied are marked ``copied``."""
     target = client.get_run(target_id).data
-    tags = {k: ("copied" if k.startswith(RESULTS_TAG) else v) for k, v in source.data.tags.items()
-            if k not in target.tags and k not in _RUN_OWN_TAGS and k not in _DVC_EXP_TAGS.values()}
+    tags = {
+        k: ("copied" if k.startswith(RESULTS_TAG) else v)
+        for k, v in source.data.tags.items()
+        if k not in target.tags and k not in _RUN_OWN_TAGS and k not in _DVC_EXP_TAGS.values()
+    }
     tags[REUSED_TAG] = source.info.run_id
     params = {k: v for k, v in source.data.params.items() if k not in target.params and k not in skip_params}
-    history = [m for key in source.data.metrics if key not in target.metrics
-               for m in client.get_metric_history(source.info.run_id, key)]
+    history = [
+        m
+        for key in source.data.metrics
+        if key not in target.metrics
+        for m in client.get_metric_history(source.info.run_id, key)
+    ]
     _log_batches(client, target_id, history, params, tags)
 
 
-def _log_batches(client: MlflowClient, run_id: str, history: list, params: dict[str, str],
-                 tags: dict[str, str]) -> None:
+def _log_batches(
+    client: MlflowClient, run_id: str, history: list, params: dict[str, str], tags: dict[str, str]
+) -> None:
     for start in range(0, max(len(history), 1), 900):  # log_batch takes at most 1000 metrics
-        client.log_batch(run_id, metrics=[Metric(m.key, m.value, m.timestamp, m.step)
-                                          for m in history[start:start + 900]],
-                         params=[Param(k, v) for k, v in params.items()] if start == 0 else [],
-                         tags=[RunTag(k, v) for k, v in tags.items()] if start == 0 else [])
+        client.log_batch(
+            run_id,
+            metrics=[Metric(m.key, m.value, m.timestamp, m.step) for m in history[start : start + 900]],
+            params=[Param(k, v) for k, v in params.items()] if start == 0 else [],
+            tags=[RunTag(k, v) for k, v in tags.items()] if start == 0 else [],
+        )
 
 
 @contextlib.contextmanager
@@ -323,9 +360,11 @@ def _opened(run_id: str, stage: str, **start_kwargs) -> Iterator[Run]:
             client.set_tag(run_id, FAILED_STAGE_TAG, stage)
         uri = mlflow.get_tracking_uri()
         if uri.startswith(("http://", "https://")) and (problem := _server_problem(uri)):
-            raise CatdogError(f"lost the MLflow tracking server {uri} during {stage} ({problem}; "
-                              f"{type(exc).__name__}): the files written so far stay; rerun the stage "
-                              "(dvc repro) once the server is back") from None
+            raise CatdogError(
+                f"lost the MLflow tracking server {uri} during {stage} ({problem}; "
+                f"{type(exc).__name__}): the files written so far stay; rerun the stage "
+                "(dvc repro) once the server is back"
+            ) from None
         raise
 
 
@@ -339,8 +378,9 @@ def _close_orphans(client: MlflowClient, experiment_id: str) -> None:
         client.set_terminated(run.info.run_id, "KILLED")
     if orphans:
         names = ", ".join(f"{run.info.run_name} ({run.info.run_id[:8]})" for run in orphans)
-        print(f"catdog: marked {len(orphans)} MLflow run(s) KILLED whose stage process is gone: {names}",
-              file=sys.stderr)
+        print(
+            f"catdog: marked {len(orphans)} MLflow run(s) KILLED whose stage process is gone: {names}", file=sys.stderr
+        )
 
 
 def download_registered_model(uri: str, project_root: Path) -> Path:
@@ -348,8 +388,9 @@ def download_registered_model(uri: str, project_root: Path) -> Path:
     import logging
 
     if not os.environ.get("MLFLOW_TRACKING_URI") and not (project_root / DB_FILE).is_file():
-        raise CatdogError(f"no MLflow store for {uri}: run from the project root (where {DB_FILE} is) "
-                          "or set MLFLOW_TRACKING_URI")
+        raise CatdogError(
+            f"no MLflow store for {uri}: run from the project root (where {DB_FILE} is) or set MLFLOW_TRACKING_URI"
+        )
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # keep stderr to our one line
     mlflow.set_tracking_uri(tracking_uri(project_root))
     try:
@@ -374,8 +415,9 @@ def promote_champion(client: MlflowClient, name: str, version: str, test_accurac
     return _set_until_it_holds(client, name, version, test_accuracy)
 
 
-def _set_until_it_holds(client: MlflowClient, name: str, version: str, test_accuracy: float,
-                        settle_seconds: float = 1.0, attempts: int = 20) -> bool:
+def _set_until_it_holds(
+    client: MlflowClient, name: str, version: str, test_accuracy: float, settle_seconds: float = 1.0, attempts: int = 20
+) -> bool:
     """True once ``version`` is still champion a settle period after it was set: longer than any
     competitor's gap between reading the champion and setting it, so no stale set can follow."""
     for _ in range(attempts):
@@ -407,13 +449,17 @@ def _beats_champion(client: MlflowClient, name: str, test_accuracy: float) -> bo
 def _derive_run(client: MlflowClient, source_id: str, drop: set[str], params_digest: str | None = None) -> str:
     """A new run with ``source_id``'s params (less ``drop``), metrics and tags, tagged ``catdog.reused_from``."""
     source = client.get_run(source_id)
-    tags = {k: v for k, v in source.data.tags.items()
-            if k not in _RUN_OWN_TAGS and k not in _DVC_EXP_TAGS.values() and not k.startswith(RESULTS_TAG)}
+    tags = {
+        k: v
+        for k, v in source.data.tags.items()
+        if k not in _RUN_OWN_TAGS and k not in _DVC_EXP_TAGS.values() and not k.startswith(RESULTS_TAG)
+    }
     tags.update(_dvc_exp_tags())  # this run's experiment, not the source's
     if params_digest:
         tags["catdog.params_hash"] = params_digest
-    run = client.create_run(source.info.experiment_id,
-                            run_name=os.environ.get("DVC_EXP_NAME") or f"{source.info.run_name}-re", tags=tags)
+    run = client.create_run(
+        source.info.experiment_id, run_name=os.environ.get("DVC_EXP_NAME") or f"{source.info.run_name}-re", tags=tags
+    )
     _copy_missing(client, source, run.info.run_id, skip_params=drop)  # the stage logs those anew
     if source.inputs and source.inputs.dataset_inputs:  # the same data, still shown in the runs table
         client.log_inputs(run.info.run_id, datasets=source.inputs.dataset_inputs)
@@ -444,8 +490,12 @@ def prepared_dataset(params: Params, paths: Paths) -> _PreparedImages:
     with paths.manifest.open(newline="") as handle:
         splits = Counter(row["split"] for row in csv.DictReader(handle))
     source = Path(params.data.source)
-    return _PreparedImages(str(source if source.is_absolute() else paths.root / source), source.name,
-                           prepared_digest(paths), {"images": sum(splits.values()), **splits})
+    return _PreparedImages(
+        str(source if source.is_absolute() else paths.root / source),
+        source.name,
+        prepared_digest(paths),
+        {"images": sum(splits.values()), **splits},
+    )
 
 
 def prepared_digest(paths: Paths) -> str:
@@ -459,9 +509,14 @@ def prepared_digest(paths: Paths) -> str:
             if out.get("path") == paths.prepared.relative_to(paths.root).as_posix() and "md5" in out:
                 return out["md5"]
     recorded = json.loads(paths.prepared_content.read_text()) if paths.prepared_content.is_file() else {}
-    entries = [{"md5": recorded.get(f.name, {}).get("md5") or _file_md5(f),
-                "relpath": f.relative_to(paths.prepared).as_posix()}
-               for f in sorted(paths.prepared.rglob("*")) if f.is_file()]
+    entries = [
+        {
+            "md5": recorded.get(f.name, {}).get("md5") or _file_md5(f),
+            "relpath": f.relative_to(paths.prepared).as_posix(),
+        }
+        for f in sorted(paths.prepared.rglob("*"))
+        if f.is_file()
+    ]
     listing = json.dumps(sorted(entries, key=lambda e: e["relpath"]), sort_keys=True)
     return hashlib.md5(listing.encode()).hexdigest() + ".dir"
 
@@ -496,8 +551,7 @@ def _dvc_exp_tags() -> dict[str, str]:
 
 def run_name(params: Params) -> str:
     """The DVC experiment name when there is one, else arch/mode and a short params hash."""
-    return os.environ.get("DVC_EXP_NAME") or (
-        f"{params.train.arch}-{params.train.mode}-{params_hash(params)[:6]}")
+    return os.environ.get("DVC_EXP_NAME") or (f"{params.train.arch}-{params.train.mode}-{params_hash(params)[:6]}")
 
 
 def params_hash(params: Params) -> str:
@@ -517,8 +571,11 @@ def _client(project_root: Path) -> MlflowClient:
 SERVER_CHECK_SECONDS = 10
 # MLflow's own defaults retry a dead server for minutes (7 retries, backoff factor 2, 120 s timeout);
 # these bound every request to well under a minute. A value the user exported wins.
-_HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+_HTTP_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 _reachable_servers: set[str] = set()
 
 
@@ -532,8 +589,10 @@ def check_server(project_root: Path) -> None:
         os.environ.setdefault(name, value)
     problem = _server_problem(uri)
     if problem:
-        raise CatdogError(f"MLflow tracking server {uri} is unreachable ({problem}): "
-                          f"start it, or unset MLFLOW_TRACKING_URI to log to the project's {DB_FILE}")
+        raise CatdogError(
+            f"MLflow tracking server {uri} is unreachable ({problem}): "
+            f"start it, or unset MLFLOW_TRACKING_URI to log to the project's {DB_FILE}"
+        )
     _reachable_servers.add(uri)
 
 
@@ -600,7 +659,6 @@ def _param_value(value: object) -> str:
 
 def _git(cwd: Path, *args: str) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""

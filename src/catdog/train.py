@@ -22,8 +22,8 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -89,8 +89,7 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
     if world.distributed and p.mode == "features":
         raise CatdogError("train.mode 'features' trains in one process: run it without torchrun")
     train_split, val_split = load_split(paths, "train"), load_split(paths, "val")
-    model = runtime.prepare_model(
-        create_model(p.arch, p.pretrained, len(CLASSES), p.weights, p.image_size, p.dropout))
+    model = runtime.prepare_model(create_model(p.arch, p.pretrained, len(CLASSES), p.weights, p.image_size, p.dropout))
     frozen, rest = split_for_training(model, p.arch, p.image_size, p.mode, p.unfreeze_blocks, runtime)
     fingerprint = train_state.fingerprint(params, paths, world.world_size) if world.is_main else None
     state = world.broadcast(_resumable_state(paths, fingerprint) if world.is_main else None)
@@ -99,8 +98,9 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
         fit = _set_up(model, frozen, rest, paths, (train_split, val_split), p, runtime, world, generator)
         progress = train_state.Progress()
         if state is not None:
-            progress = train_state.restore(state, fit.trained_part, fit.optimizer, fit.scheduler, fit.scaler,
-                                           generator, world.rank)
+            progress = train_state.restore(
+                state, fit.trained_part, fit.optimizer, fit.scheduler, fit.scaler, generator, world.rank
+            )
             _note(world, f"train: resuming after epoch {state['epoch']} of {p.epochs} ({paths.train_state.name})")
         if mlflow_run is not None:
             mlflow_run.set_tags({"catdog.runtime": runtime.describe(), "catdog.processes": str(world.world_size)})
@@ -110,38 +110,67 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
         return _finish(fit, progress, paths, mlflow_run, started, params.tracking.log_pytorch_model)
 
 
-def _set_up(model: Classifier, frozen: FrozenPart | None, rest: nn.Module, paths: Paths, splits: tuple[Split, Split],
-            p: TrainParams, runtime: Runtime, world: World, generator: torch.Generator) -> _Fit:
+def _set_up(
+    model: Classifier,
+    frozen: FrozenPart | None,
+    rest: nn.Module,
+    paths: Paths,
+    splits: tuple[Split, Split],
+    p: TrainParams,
+    runtime: Runtime,
+    world: World,
+    generator: torch.Generator,
+) -> _Fit:
     """``frozen`` (the part that never trains, None in full mode) and ``rest`` split the model."""
     train_split, val_split = splits
-    _note(world, f"train: {p.arch}, mode {p.mode}, {runtime.describe()}, {world.world_size} process(es), "
-                 f"{len(train_split.rows)} train / {len(val_split.rows)} val images")
+    _note(
+        world,
+        f"train: {p.arch}, mode {p.mode}, {runtime.describe()}, {world.world_size} process(es), "
+        f"{len(train_split.rows)} train / {len(val_split.rows)} val images",
+    )
     if p.compile and runtime.device.type != "cuda":
         _note(world, "train: compile skipped: torch.compile is used on CUDA only")
     val_images = CachedImages(paths, val_split, eval_preset(p.image_size))
     # the frozen part runs once over the images (its activations cached) unless augmentation or DDP
     cached = frozen is not None and not p.augment and not world.distributed
     train_loader, val_loader, sampler, batch_transform = _loaders(
-        frozen if cached else None, paths, train_split, val_images, p, runtime, world, generator)
+        frozen if cached else None, paths, train_split, val_images, p, runtime, world, generator
+    )
     optimizer = _optimizer(model, p)
     return _Fit(
-        p, runtime, world, generator, model,
+        p,
+        runtime,
+        world,
+        generator,
+        model,
         loop_model=rest if cached or frozen is None else nn.Sequential(frozen, rest),
         trained_part=model.head if p.mode in ("features", "head") else model,
-        val_images=val_images, train_loader=train_loader, val_loader=val_loader, sampler=sampler,
-        batch_transform=batch_transform, optimizer=optimizer,
+        val_images=val_images,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        sampler=sampler,
+        batch_transform=batch_transform,
+        optimizer=optimizer,
         scheduler=_scheduler(optimizer, p, len(train_loader)),
         scaler=torch.amp.GradScaler() if runtime.needs_grad_scaler else None,
-        criterion=nn.CrossEntropyLoss(label_smoothing=p.label_smoothing))
+        criterion=nn.CrossEntropyLoss(label_smoothing=p.label_smoothing),
+    )
 
 
-def _fit_epochs(fit: _Fit, progress: train_state.Progress, paths: Paths, mlflow_run: tracking.Run | None,
-                fingerprint: str | None, started: float) -> None:
+def _fit_epochs(
+    fit: _Fit,
+    progress: train_state.Progress,
+    paths: Paths,
+    mlflow_run: tracking.Run | None,
+    fingerprint: str | None,
+    started: float,
+) -> None:
     """The remaining epochs; after each, the resumable state (rank 0 writes it) and the epoch's metrics."""
     p, world = fit.p, fit.world
     train_model = None
-    epochs = tqdm(range(len(progress.history) + 1, p.epochs + 1), desc="epochs", unit="epoch",
-                  disable=not world.is_main)
+    epochs = tqdm(
+        range(len(progress.history) + 1, p.epochs + 1), desc="epochs", unit="epoch", disable=not world.is_main
+    )
     for epoch in epochs:
         if _patience_ran_out(p, progress.history, progress.best_row):
             _note(world, f"train: early stop: {p.monitor} has not improved for {p.early_stopping_patience} epochs")
@@ -157,9 +186,18 @@ def _fit_epochs(fit: _Fit, progress: train_state.Progress, paths: Paths, mlflow_
             progress.best_row, progress.best_weights = row, copy.deepcopy(fit.trained_part.state_dict())
         rng = world.gather(rng_state(fit.generator))
         if world.is_main:
-            train_state.save_epoch(paths.train_state, fingerprint, mlflow_run.run_id, progress, fit.trained_part,
-                                   fit.optimizer, fit.scheduler, fit.scaler, rng,
-                                   seconds=progress.seconds + time.perf_counter() - started)
+            train_state.save_epoch(
+                paths.train_state,
+                fingerprint,
+                mlflow_run.run_id,
+                progress,
+                fit.trained_part,
+                fit.optimizer,
+                fit.scheduler,
+                fit.scaler,
+                rng,
+                seconds=progress.seconds + time.perf_counter() - started,
+            )
             mlflow_run.progress["catdog.epoch_reached"] = str(epoch)  # tagged if the stage is stopped
             mlflow_run.log_epoch(row)
         epochs.set_postfix(val_acc=f"{row['val_accuracy']:.4f}", val_loss=f"{row['val_loss']:.4f}", refresh=False)
@@ -173,20 +211,42 @@ def _run_epoch(fit: _Fit, train_model: nn.Module, epoch: int) -> dict:
     if fit.p.head == "logistic":
         trained = fit_logistic_head(fit.model.head, *fit.train_loader.dataset.tensors, fit.p.logistic_c)
     else:
-        trained = train_one_epoch(train_model, fit.train_loader, fit.optimizer, fit.scheduler, fit.runtime, fit.scaler,
-                                  desc=f"epoch {epoch}", criterion=fit.criterion, grad_clip_norm=fit.p.grad_clip_norm,
-                                  batch_transform=fit.batch_transform, on_step=fit.on_step)
+        trained = train_one_epoch(
+            train_model,
+            fit.train_loader,
+            fit.optimizer,
+            fit.scheduler,
+            fit.runtime,
+            fit.scaler,
+            desc=f"epoch {epoch}",
+            criterion=fit.criterion,
+            grad_clip_norm=fit.p.grad_clip_norm,
+            batch_transform=fit.batch_transform,
+            on_step=fit.on_step,
+        )
     world = fit.world
     val = world.broadcast(validate(fit.loop_model, fit.val_loader, fit.runtime, desc="val") if world.is_main else None)
-    row = {"epoch": epoch, "train_loss": trained.loss, "train_accuracy": trained.accuracy,
-           "val_loss": val.loss, "val_accuracy": val.accuracy, "lr": lrs[0]}
+    row = {
+        "epoch": epoch,
+        "train_loss": trained.loss,
+        "train_accuracy": trained.accuracy,
+        "val_loss": val.loss,
+        "val_accuracy": val.accuracy,
+        "lr": lrs[0],
+    }
     if len(lrs) > 1:
         row["lr_backbone"] = lrs[1]
     return row
 
 
-def _finish(fit: _Fit, progress: train_state.Progress, paths: Paths, mlflow_run: tracking.Run | None,
-            started: float, log_pytorch_model: bool) -> dict:
+def _finish(
+    fit: _Fit,
+    progress: train_state.Progress,
+    paths: Paths,
+    mlflow_run: tracking.Run | None,
+    started: float,
+    log_pytorch_model: bool,
+) -> dict:
     """Keep the best epoch's weights; rank 0 writes the outputs, logs them and marks the state complete."""
     fit.world.check_replicas_agree(fit.trained_part)
     fit.trained_part.load_state_dict(progress.best_weights)
@@ -218,7 +278,7 @@ def _resumable_state(paths: Paths, fingerprint: str) -> dict | None:
     return state
 
 
-def _step_logger(mlflow_run: tracking.Run, state: dict | None, p: TrainParams, steps_done: int) -> "_StepLogger":
+def _step_logger(mlflow_run: tracking.Run, state: dict | None, p: TrainParams, steps_done: int) -> _StepLogger:
     """After a resume, logs the event and what the killed run saved without logging; the killed run
     may also have logged steps after its last saved epoch, which this run repeats and skips."""
     logged_through = 0
@@ -299,8 +359,9 @@ def _optimizer(model: Classifier, p: TrainParams) -> torch.optim.Optimizer:
     groups = [{"params": list(model.head.parameters()), "lr": p.lr}]
     if p.mode in ("top", "full"):
         blocks = model.last_blocks(p.unfreeze_blocks) if p.mode == "top" else [model.backbone]
-        groups.append({"params": [w for block in blocks for w in block.parameters()],
-                       "lr": p.lr * p.backbone_lr_factor})
+        groups.append(
+            {"params": [w for block in blocks for w in block.parameters()], "lr": p.lr * p.backbone_lr_factor}
+        )
     if p.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
     return torch.optim.AdamW(groups, lr=p.lr, weight_decay=p.weight_decay)
@@ -311,7 +372,8 @@ def _scheduler(optimizer: torch.optim.Optimizer, p: TrainParams, steps_per_epoch
     total = p.epochs * steps_per_epoch
     if p.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=total, pct_start=0.1)
+            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=total, pct_start=0.1
+        )
     warmup = p.warmup_epochs * steps_per_epoch
 
     def factor(step: int) -> float:
@@ -322,8 +384,16 @@ def _scheduler(optimizer: torch.optim.Optimizer, p: TrainParams, steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _loaders(frozen: FrozenPart | None, paths: Paths, train_split, val_images: CachedImages, p: TrainParams,
-             runtime: Runtime, world: World, generator: torch.Generator):
+def _loaders(
+    frozen: FrozenPart | None,
+    paths: Paths,
+    train_split,
+    val_images: CachedImages,
+    p: TrainParams,
+    runtime: Runtime,
+    world: World,
+    generator: torch.Generator,
+):
     """(train loader, val loader, DDP sampler or None, augmentation to run on the device or None);
     given ``frozen``, the loaders hold its cached activations instead of the images."""
     on_cuda = runtime.device.type == "cuda"
@@ -331,12 +401,23 @@ def _loaders(frozen: FrozenPart | None, paths: Paths, train_split, val_images: C
     train_images = CachedImages(paths, train_split, loader_transform)
     if frozen is not None:
         return (*_activation_loaders(frozen, train_images, val_images, p, generator), None, None)
-    sampler = (DistributedSampler(train_images, world.world_size, world.rank, shuffle=True, seed=p.seed)
-               if world.distributed else None)
+    sampler = (
+        DistributedSampler(train_images, world.world_size, world.rank, shuffle=True, seed=p.seed)
+        if world.distributed
+        else None
+    )
     # Fresh workers every epoch, seeded from the shuffling generator that the state saves:
     # a resumed run then augments exactly like an uninterrupted one.
-    train_loader = make_loader(train_images, p.batch_size, p.workers, shuffle=sampler is None, generator=generator,
-                               pin_memory=on_cuda, sampler=sampler, persistent_workers=False)
+    train_loader = make_loader(
+        train_images,
+        p.batch_size,
+        p.workers,
+        shuffle=sampler is None,
+        generator=generator,
+        pin_memory=on_cuda,
+        sampler=sampler,
+        persistent_workers=False,
+    )
     val_loader = make_loader(val_images, p.batch_size, p.workers, pin_memory=on_cuda)
     return train_loader, val_loader, sampler, batch_transform
 
@@ -348,17 +429,25 @@ def _activation_loaders(frozen: FrozenPart, train_images, val_images, p: TrainPa
     for name, images in (("train", train_images), ("val", val_images)):
         loader = make_loader(images, p.batch_size, p.workers)
         features, labels = cached_activations(frozen, loader, desc=f"frozen activations ({name})")
-        loaders.append(make_loader(TensorDataset(features, labels), p.batch_size, 0,
-                                   shuffle=name == "train", generator=generator))
+        loaders.append(
+            make_loader(TensorDataset(features, labels), p.batch_size, 0, shuffle=name == "train", generator=generator)
+        )
     return loaders
 
 
 def _write_outputs(paths: Paths, model: Classifier, p: TrainParams, history: list[dict], metrics: dict) -> None:
     cache_size = int(np.load(paths.images, mmap_mode="r").shape[1])
-    save_checkpoint(paths.checkpoint, model, {
-        "arch": p.arch, "image_size": p.image_size, "cache_size": cache_size,
-        "classes": list(CLASSES), "dropout": p.dropout,
-    })
+    save_checkpoint(
+        paths.checkpoint,
+        model,
+        {
+            "arch": p.arch,
+            "image_size": p.image_size,
+            "cache_size": cache_size,
+            "classes": list(CLASSES),
+            "dropout": p.dropout,
+        },
+    )
     tqdm.write(f"train: wrote {paths.checkpoint.relative_to(paths.root)} (best epoch {metrics['best_epoch']})")
     reports.write_csv(paths.train_history, list(history[0]), [list(row.values()) for row in history])
     plots.training_curves(history, metrics["best_epoch"], paths.train_curves)

@@ -74,20 +74,42 @@ def save(path: Path, state: dict) -> None:
         os.fsync(handle.fileno())
 
 
-def save_epoch(path: Path, fingerprint: str, run_id: str, progress: Progress, trained_part: torch.nn.Module,
-               optimizer, scheduler, scaler, rng: list, seconds: float) -> None:
+def save_epoch(
+    path: Path,
+    fingerprint: str,
+    run_id: str,
+    progress: Progress,
+    trained_part: torch.nn.Module,
+    optimizer,
+    scheduler,
+    scaler,
+    rng: list,
+    seconds: float,
+) -> None:
     """The state after the last epoch of ``progress``; ``rng`` holds every rank's RNG states."""
-    save(path, {
-        "version": VERSION, "fingerprint": fingerprint, "complete": False,
-        "epoch": progress.history[-1]["epoch"], "run_id": run_id, "model": trained_part.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler else None, "history": progress.history,
-        "best": {"row": progress.best_row, "weights": progress.best_weights}, "rng": rng, "seconds": seconds,
-    })
+    save(
+        path,
+        {
+            "version": VERSION,
+            "fingerprint": fingerprint,
+            "complete": False,
+            "epoch": progress.history[-1]["epoch"],
+            "run_id": run_id,
+            "model": trained_part.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None,
+            "history": progress.history,
+            "best": {"row": progress.best_row, "weights": progress.best_weights},
+            "rng": rng,
+            "seconds": seconds,
+        },
+    )
 
 
-def restore(state: dict, trained_part: torch.nn.Module, optimizer, scheduler, scaler, generator: torch.Generator,
-            rank: int) -> Progress:
+def restore(
+    state: dict, trained_part: torch.nn.Module, optimizer, scheduler, scaler, generator: torch.Generator, rank: int
+) -> Progress:
     """Puts the saved epoch back into the objects that train, and returns the progress so far."""
     trained_part.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
