@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from catdog import serving, tracking
+from catdog import integrity, serving, tracking
 from catdog.errors import CatdogError
 from catdog.paths import Paths
 
@@ -58,6 +58,8 @@ def test_start_run_creates_run_with_params_and_tags(mlflow_store, mlflow_client,
     paths = Paths.under(tmp_path)
     paths.manifest.parent.mkdir(parents=True)
     paths.manifest.write_text("path,label,split,pixel_md5\ntrain/cat.1.jpg,cat,train,abc\n")
+    paths.images.write_bytes(b"pixels")
+    integrity.record(paths)
     with tracking.start_run(params, paths) as run:
         run.log_metrics("val", {"accuracy": 0.5}, step=1)
         run.log_metrics("val", {"accuracy": 0.75}, step=2)
@@ -79,7 +81,7 @@ def test_start_run_creates_run_with_params_and_tags(mlflow_store, mlflow_client,
     assert set(p) == set(params.flat("data", "train", "tracking"))  # evaluate/export belong to later stages
 
     tags = logged.data.tags
-    assert tags["data.hash"] == hashlib.md5(paths.manifest.read_bytes()).hexdigest()
+    assert tags["data.hash"] == hashlib.md5(paths.prepared_content.read_bytes()).hexdigest()
     assert tags["catdog.params_hash"] == tracking.params_hash(params)
     assert len(tags["catdog.params_hash"]) == 32
     assert "dvc.exp_name" not in tags
