@@ -7,11 +7,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT
 
 COMPARISONS = {"features", "extraction", "top_epoch", "predict", "predict_naive", "epoch", "prepare"}
 
 
+@pytest.mark.slow  # real processes: run by make test, not make check
 def test_benchmark_measures_every_comparison_and_writes_json(dataset, tmp_path):
     out = tmp_path / "benchmark.json"
     run = subprocess.run(

@@ -50,6 +50,7 @@ def ddp_project(tmp_path, mlflow_template):
     return tmp_path
 
 
+@pytest.mark.slow  # real processes: run by make test, not make check
 def test_two_processes_train_one_model_into_one_mlflow_run(ddp_project):
     root = ddp_project
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}

@@ -106,6 +106,7 @@ def _small_filesystem(folder: Path, size: str, read_only: bool = False):
         subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
+@pytest.mark.slow  # real processes: run by make test, not make check
 @pytest.mark.parametrize("problem", ["disk_full", "read_only"])
 def test_an_unwritable_report_folder_fails_in_one_line_and_leaves_the_old_outputs(project, problem):
     paths, params = project
@@ -130,6 +131,7 @@ def test_an_unwritable_report_folder_fails_in_one_line_and_leaves_the_old_output
     assert "accuracy" in (reports / "metrics.json").read_text()
 
 
+@pytest.mark.slow  # real processes: run by make test, not make check
 def test_an_unreachable_tracking_server_fails_the_stage_in_one_line_within_30_seconds(project):
     paths, _ = project
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there

@@ -88,6 +88,7 @@ def _runs(root: Path):
     )
 
 
+@pytest.mark.slow  # real processes: run by make test, not make check
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signalled_stage_marks_its_run_killed_in_one_line_and_the_rerun_resumes(project, signum):
     proc = _start(project)
@@ -109,6 +110,7 @@ def test_a_signalled_stage_marks_its_run_killed_in_one_line_and_the_rerun_resume
     assert run.info.status == "FINISHED"
 
 
+@pytest.mark.slow  # real processes: run by make test, not make check
 def test_a_sigkilled_stages_run_is_closed_by_the_next_stage_whatever_its_params(project):
     proc = _start(project)
     _wait_for_first_epoch(project, proc)
