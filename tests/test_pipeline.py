@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from dvc_project import COLOURS, PER_CLASS, REPO, STAGES, Project, cached_outputs, copy_project, stage_runs
+from dvc_project import TINY_PARAMS as SHARED_TINY_PARAMS
 from dvc_project import describe as _describe
 from dvc_project import tool as _tool
 
@@ -42,16 +43,9 @@ EXPERIMENT = "catdog"
 EPOCHS = 3
 FIRST_LR, SECOND_LR = 0.001, 0.003
 FIRST_EVAL_BATCH, SECOND_EVAL_BATCH = 16, 8
-TINY_PARAMS = {
-    "data": {
-        "source": "data/tiny.zip",
-        "cache_size": 64,
-        "min_per_class": 4,
-        "min_image_size": 32,
-        "limit_per_class": None,
-        "workers": 2,
-    },
-    "train": {"image_size": 64, "epochs": EPOCHS, "batch_size": 8, "lr": FIRST_LR, "workers": 0},
+TINY_PARAMS = {  # the shared tiny project's params, with this module's epochs, lr and eval batch
+    "data": {**SHARED_TINY_PARAMS["data"], "workers": 2},
+    "train": {**SHARED_TINY_PARAMS["train"], "epochs": EPOCHS, "lr": FIRST_LR},
     "evaluate": {"batch_size": FIRST_EVAL_BATCH},
 }
 
