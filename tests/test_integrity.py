@@ -53,6 +53,7 @@ def test_a_changed_or_truncated_cache_is_refused_before_training(project, damage
     assert not paths.checkpoint.exists()
 
 
+@pytest.mark.slow  # real processes: run by make test, not make check
 def test_the_stage_cli_says_so_in_one_line(project):
     paths, _ = project
     with paths.images.open("r+b") as handle:
