@@ -188,12 +188,12 @@ def read_csv(path) -> list[dict[str, str]]:
 
 def run_id(paths: Paths) -> str:
     """The pipeline's MLflow run: the most recent one tagged with its checkpoint's md5."""
-    from catdog import tracking
+    from catdog import integrity
 
     client = client_for(paths.root)
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
-        f"tags.`catdog.checkpoint_md5` = '{tracking.file_md5(paths.checkpoint)}'",
+        f"tags.`catdog.checkpoint_md5` = '{integrity.file_md5(paths.checkpoint)}'",
         order_by=["attributes.start_time DESC"],
     )
     return runs[0].info.run_id

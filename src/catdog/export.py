@@ -180,7 +180,7 @@ Export parity over {parity["parity_images"]} test images: ONNX max |logit diff| 
 torch.export max |logit diff| {parity["pt2_max_abs_diff"]:.2e}; accuracy identical to the eager model.
 
 ## Lineage
-- Checkpoint md5: `{tracking.file_md5(paths.checkpoint)}`, as in the `dvc.lock` of the commit that produced
+- Checkpoint md5: `{integrity.file_md5(paths.checkpoint)}`, as in the `dvc.lock` of the commit that produced
   this model (its code and params). Its MLflow runs carry the tag `{tracking.CHECKPOINT_TAG}` with this value
   (UI search: `tags."{tracking.CHECKPOINT_TAG}" = '...'`).
 

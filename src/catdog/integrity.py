@@ -41,7 +41,7 @@ def verify(paths: Paths) -> None:
                 f"{path} has {size} bytes, prepare wrote {expected and expected['bytes']} "
                 f"(truncated or replaced): {_RESTORE}"
             )
-        if _md5(path) != expected["md5"]:
+        if file_md5(path) != expected["md5"]:
             raise CatdogError(f"{path} differs from what prepare wrote (md5 mismatch): {_RESTORE}")
 
 
@@ -51,9 +51,10 @@ def data_hash(paths: Paths) -> str:
 
 
 def _describe(path) -> dict:
-    return {"bytes": path.stat().st_size, "md5": _md5(path)}
+    return {"bytes": path.stat().st_size, "md5": file_md5(path)}
 
 
-def _md5(path) -> str:
+def file_md5(path) -> str:
+    """md5 of a file, read in blocks (the checkpoint, the image cache: any size)."""
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, "md5").hexdigest()

@@ -252,7 +252,7 @@ def record_checkpoint(run: Run, checkpoint: Path) -> None:
     """Tag train's run with the checkpoint's md5. When an earlier run produced the same checkpoint,
     copy its downstream results (evaluate, export): DVC will not rerun those stages for it."""
     client = MlflowClient()
-    md5 = file_md5(checkpoint)
+    md5 = integrity.file_md5(checkpoint)
     experiment_id = client.get_run(run.run_id).info.experiment_id
     earlier = _pipeline_run(client, experiment_id, md5)
     client.set_tag(run.run_id, RESULTS_TAG + "train", "logged")
@@ -266,7 +266,7 @@ def stage_run(params: Params, paths: Paths, stage: str) -> Iterator[Run]:
     """The run of ``stage`` (evaluate, export): the most recent run of this checkpoint, or a new run
     copied from it when that one already holds this stage's results or other ``stage`` params."""
     client = _client(paths.root)
-    md5 = file_md5(paths.checkpoint)
+    md5 = integrity.file_md5(paths.checkpoint)
     experiment_id = _experiment_id(client, params.tracking.experiment_name, paths.root)
     _close_orphans(client, experiment_id)
     found = _pipeline_run(client, experiment_id, md5)
@@ -286,14 +286,6 @@ def stage_run(params: Params, paths: Paths, stage: str) -> Iterator[Run]:
         active.log_params({k: v for k, v in values.items() if k not in logged})
         yield active
         active.set_tags({RESULTS_TAG + stage: "logged"})
-
-
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _pipeline_run(client: MlflowClient, experiment_id: str, checkpoint_md5: str):
@@ -511,7 +503,7 @@ def prepared_digest(paths: Paths) -> str:
     recorded = json.loads(paths.prepared_content.read_text()) if paths.prepared_content.is_file() else {}
     entries = [
         {
-            "md5": recorded.get(f.name, {}).get("md5") or _file_md5(f),
+            "md5": recorded.get(f.name, {}).get("md5") or integrity.file_md5(f),
             "relpath": f.relative_to(paths.prepared).as_posix(),
         }
         for f in sorted(paths.prepared.rglob("*"))
@@ -519,11 +511,6 @@ def prepared_digest(paths: Paths) -> str:
     ]
     listing = json.dumps(sorted(entries, key=lambda e: e["relpath"]), sort_keys=True)
     return hashlib.md5(listing.encode()).hexdigest() + ".dir"
-
-
-def _file_md5(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 def lineage_tags(params: Params, paths: Paths) -> dict[str, str]:
