@@ -303,15 +303,19 @@ def timed(work) -> float:
     return time.perf_counter() - started
 
 
+def _significant(seconds: float) -> float:
+    return float(f"{seconds:.4g}")  # a tiny run's sub-millisecond times stay non-zero
+
+
 def comparison(name, project_label, project_s, baseline_label, baseline_s, count, target=None) -> dict:
     return {
         "benchmark": name,
         "count": count,
         "project": project_label,
-        "project_s": round(project_s, 3),
+        "project_s": _significant(project_s),
         "project_per_s": round(count / project_s, 1),
         "baseline": baseline_label,
-        "baseline_s": round(baseline_s, 3),
+        "baseline_s": _significant(baseline_s),
         "baseline_per_s": round(count / baseline_s, 1),
         "ratio": round(baseline_s / project_s, 2),
         "target": target,

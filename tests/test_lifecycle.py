@@ -151,8 +151,10 @@ def test_killing_dvc_repro_stops_the_stage_and_the_rerun_resumes_into_one_finish
     try:
         _wait_for_first_epoch(proj.root, dvc, timeout=400)
         (stage,) = [p for p in psutil.Process(dvc.pid).children(recursive=True) if "stages/train.py" in p.cmdline()]
+        stage.suspend()  # so that a fast machine cannot finish training while dvc dies
         os.kill(dvc.pid, signal.SIGTERM)  # dvc alone, as a scheduler or `kill` would
         dvc.wait(30)
+        stage.resume()  # the kernel's parent-death SIGTERM is pending: it is the first thing the stage sees
         gone_in = _seconds_until_gone(stage, limit=10)
         output = dvc.communicate(timeout=30)[0]  # the stage writes into dvc's stdout until it ends
     finally:

@@ -167,6 +167,10 @@ class Run:
     def log_step_loss(self, loss: float, step: int) -> None:
         mlflow.log_metric(STEP_LOSS_KEY, loss, step=step, synchronous=False)
 
+    def flush(self) -> None:
+        """Waits until every asynchronously logged value is stored."""
+        mlflow.flush_async_logging()
+
     def logged_epochs(self) -> set[int]:
         """The epochs already logged (a resumed run skips those)."""
         return self._steps(EPOCH_METRIC_KEYS["val_loss"])

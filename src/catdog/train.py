@@ -186,6 +186,7 @@ def _fit_epochs(
             progress.best_row, progress.best_weights = row, copy.deepcopy(fit.trained_part.state_dict())
         rng = world.gather(rng_state(fit.generator))
         if world.is_main:
+            mlflow_run.flush()  # a resumed run does not redo the steps the state says are done
             train_state.save_epoch(
                 paths.train_state,
                 fingerprint,
