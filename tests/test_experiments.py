@@ -141,7 +141,7 @@ def test_derived_run_belongs_to_the_current_experiment(mlflow_store, tmp_path, m
     monkeypatch.setenv("DVC_EXP_NAME", "first-exp")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "a" * 40)
     with tracking.start_run(first, paths) as source:
-        tracking.record_checkpoint(source, paths.checkpoint)
+        source.record_checkpoint(paths.checkpoint)
     with tracking.stage_run(first, paths, "evaluate"):  # the first experiment's evaluate stage
         pass
     second = build_params({"data.source": "data/raw/train.zip", "evaluate.batch_size": 8})

@@ -102,7 +102,7 @@ def test_every_run_logs_the_prepared_data_as_an_mlflow_dataset(mlflow_store, tmp
     paths.checkpoint.write_bytes(b"weights")
     with tracking.start_run(params, paths) as run:
         run.log_params({"evaluate.batch_size": 99})
-        tracking.record_checkpoint(run, paths.checkpoint)
+        run.record_checkpoint(paths.checkpoint)
     with tracking.stage_run(params, paths, "evaluate") as derived:  # evaluate.batch_size 16: a new run
         pass
     assert derived.run_id != run.run_id
@@ -279,7 +279,7 @@ def train_run(mlflow_store, tmp_path, params):
         for epoch in (1, 2, 3):
             run.log_metrics("val", {"accuracy": 0.5 + epoch / 10, "loss": 1.0 / epoch}, step=epoch)
         run.set_tags({"custom.note": "from train"})
-        tracking.record_checkpoint(run, paths.checkpoint)
+        run.record_checkpoint(paths.checkpoint)
     return paths, run.run_id
 
 
@@ -346,7 +346,7 @@ def test_an_identical_checkpoint_copies_the_downstream_results(train_run, mlflow
             run.log_metrics("test", {"accuracy": 0.9})
     with tracking.start_run(params, paths) as run:
         run.log_metrics("val", {"accuracy": 0.7}, step=1)
-        tracking.record_checkpoint(run, paths.checkpoint)
+        run.record_checkpoint(paths.checkpoint)
     client = client_for(mlflow_store)
     again = client.get_run(run.run_id).data
     assert run.run_id != first_id

@@ -48,8 +48,9 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from catdog import integrity, lifecycle
+from catdog import integrity, lifecycle, outbox
 from catdog.errors import CatdogError
+from catdog.outbox import Outbox
 from catdog.params import Params
 from catdog.paths import Paths
 
@@ -126,11 +127,85 @@ class Registration:
 
 
 class Run:
-    """The active run of one stage."""
+    """The active run of one stage. Its writes go to the store, or, while an http(s) tracking
+    server is unreachable, to the run's :class:`~catdog.outbox.Outbox`: the stage goes on and the
+    writes are sent when the server is back (by this stage, the next one, or ``catdog sync``)."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, store: Path):
         self.run_id = run_id
         self.progress: dict[str, str] = {}  # tags set only if the stage is stopped (how far it got)
+        self.outbox = Outbox(store, run_id, mlflow.get_tracking_uri())
+        self.holding = False  # the server is lost: writes go to the outbox
+        self._unconfirmed: list[tuple[dict, object]] = []  # asynchronous writes and their RunOperations
+
+    def _write(self, op: str, payload: dict) -> None:
+        if not self.holding:
+            try:
+                _apply(MlflowClient(), self.run_id, op, payload)
+                return
+            except Exception as exc:
+                self._hold(exc)
+        self.outbox.add(op, payload)
+
+    def _write_metrics_async(self, values: dict[str, float], step: int) -> None:
+        timestamp = int(time.time() * 1000)
+        payload = {"metrics": [{"key": k, "value": v, "timestamp": timestamp, "step": step} for k, v in values.items()]}
+        if self.holding:
+            self.outbox.add("metrics", payload)
+            return
+        metrics = [Metric(**m) for m in payload["metrics"]]
+        self._unconfirmed.append((payload, MlflowClient().log_batch(self.run_id, metrics=metrics, synchronous=False)))
+
+    def _hold(self, exc: Exception) -> None:
+        """Re-raises ``exc`` unless the tracking server is unreachable; then holds the writes."""
+        uri = mlflow.get_tracking_uri()
+        problem = _server_problem(uri) if uri.startswith(("http://", "https://")) else None
+        if problem is None:
+            raise exc
+        if not self.holding:
+            print(
+                f"catdog: lost the MLflow tracking server {uri} ({problem}): the stage goes on, "
+                f"its tracking writes wait in {self.outbox.journal} until the server is back",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.holding = True
+
+    def confirm(self) -> None:
+        """Waits for the asynchronous writes so far (what the server did not take goes to the
+        outbox); while holding, sends the outbox if the server is back. Train calls it after each
+        epoch, before saving its state: a resumed run does not redo the steps the state says are done."""
+        unconfirmed, self._unconfirmed = self._unconfirmed, []
+        for payload, operations in unconfirmed:
+            try:
+                operations.wait()
+            except Exception as exc:
+                self._hold(exc)
+                self.outbox.add("metrics", payload)
+        if self.holding and _server_problem(self.outbox.uri, timeout=2) is None:
+            self.holding = not _send(MlflowClient(), self.outbox)
+
+    def end(self, status: str) -> None:
+        """Mark the run terminated, or hold that for the outbox (MLflow's own end_run marks it otherwise)."""
+        self._write("end", {"status": status})
+
+    def finish(self, stage: str) -> None:
+        """At the end of the stage: a lost server gets ``CATDOG_TRACKING_GRACE_SECONDS`` (default
+        30) to come back; after that the stage ends anyway, with its writes kept in the outbox."""
+        self.confirm()
+        deadline = time.monotonic() + float(os.environ.get("CATDOG_TRACKING_GRACE_SECONDS", "30"))
+        while self.holding and time.monotonic() < deadline:
+            time.sleep(1)
+            self.confirm()
+        if self.holding:
+            self.end("FINISHED")
+            print(
+                f"{stage}: warning: the MLflow tracking server {self.outbox.uri} is still unreachable: "
+                f"{self.outbox.summary()} of run {self.run_id} wait in {self.outbox.journal}; "
+                "the next stage that reaches the server sends them, or run `catdog sync`",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def log_pyfunc_model(
         self, model: dict, name: str | None, test_accuracy: float, promote: bool
@@ -150,26 +225,24 @@ class Run:
         client.set_registered_model_alias(name, "candidate", version)
         return Registration(version, promote and promote_champion(client, name, version, test_accuracy))
 
-    def log_metrics(self, section: str, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, section: str, metrics: dict[str, float], step: int = 0) -> None:
         """``{name: value}`` logged as ``<section>/<name>``."""
         if section not in METRIC_SECTIONS:
             raise ValueError(f"metric section {section!r} is none of {METRIC_SECTIONS}")
-        mlflow.log_metrics({f"{section}/{k}": float(v) for k, v in metrics.items()}, step=step)
+        timestamp = int(time.time() * 1000)
+        values = [
+            {"key": f"{section}/{k}", "value": float(v), "timestamp": timestamp, "step": step}
+            for k, v in metrics.items()
+        ]
+        self._write("metrics", {"metrics": values})
 
     def log_epoch(self, row: dict[str, float]) -> None:
-        """One row of train's history, at step ``row["epoch"]``."""
-        mlflow.log_metrics(
-            {key: float(row[column]) for column, key in EPOCH_METRIC_KEYS.items() if column in row},
-            step=row["epoch"],
-            synchronous=False,
-        )  # off the training's critical path
+        """One row of train's history, at step ``row["epoch"]``; asynchronous, off the training's path."""
+        values = {key: float(row[column]) for column, key in EPOCH_METRIC_KEYS.items() if column in row}
+        self._write_metrics_async(values, step=row["epoch"])
 
     def log_step_loss(self, loss: float, step: int) -> None:
-        mlflow.log_metric(STEP_LOSS_KEY, loss, step=step, synchronous=False)
-
-    def flush(self) -> None:
-        """Waits until every asynchronously logged value is stored."""
-        mlflow.flush_async_logging()
+        self._write_metrics_async({STEP_LOSS_KEY: loss}, step=step)
 
     def logged_epochs(self) -> set[int]:
         """The epochs already logged (a resumed run skips those)."""
@@ -184,18 +257,22 @@ class Run:
 
     def log_facts(self, facts: dict[str, object]) -> None:
         """Figures that are no measurement, as tags ``catdog.<name>``."""
-        mlflow.set_tags({f"catdog.{k}": _param_value(v) for k, v in facts.items()})
+        self.set_tags({f"catdog.{k}": _param_value(v) for k, v in facts.items()})
 
     def log_params(self, params: dict[str, object]) -> None:
-        mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+        self._write("params", {k: _param_value(v) for k, v in params.items()})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if not path.is_file():
             raise CatdogError(f"cannot log {path} to MLflow: the file is not there (the stage should have written it)")
-        mlflow.log_artifact(str(path), artifact_path)
+        self._write("artifact", {"path": str(path), "artifact_path": artifact_path})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        mlflow.set_tags(tags)
+        self._write("tags", dict(tags))
+
+    def record_checkpoint(self, checkpoint: Path) -> None:
+        """Tag the run with the checkpoint's md5 (see :func:`_record_checkpoint`)."""
+        self._write("checkpoint", {"md5": integrity.file_md5(checkpoint)})
 
     def log_pytorch_model(self, model, example_input) -> None:
         """The model with signature and input example, loadable with ``mlflow.pytorch.load_model``
@@ -228,7 +305,7 @@ def start_run(params: Params, paths: Paths) -> Iterator[Run]:
     tags = lineage_tags(params, paths)
     _close_orphans(client, experiment_id)
     run = client.create_run(experiment_id, run_name=run_name(params), tags=tags)
-    with _opened(run.info.run_id, "train", log_system_metrics=True) as active:
+    with _opened(run.info.run_id, "train", store_root(paths.root), log_system_metrics=True) as active:
         active.log_params(params.flat("data", "train", "tracking"))
         if paths.manifest.is_file():
             mlflow.log_input(prepared_dataset(params, paths), context="training")
@@ -240,7 +317,7 @@ def reopen_train_run(paths: Paths, run_id: str) -> Iterator[Run]:
     """Reopen the train run ``run_id`` after a killed train stage: the same run, params already logged."""
     client = _client(paths.root)
     _close_orphans(client, client.get_run(run_id).info.experiment_id)
-    with _opened(run_id, "train", log_system_metrics=True) as active:
+    with _opened(run_id, "train", store_root(paths.root), log_system_metrics=True) as active:
         yield active
 
 
@@ -252,17 +329,63 @@ def run_exists(project_root: Path, run_id: str) -> bool:
         return False
 
 
-def record_checkpoint(run: Run, checkpoint: Path) -> None:
-    """Tag train's run with the checkpoint's md5. When an earlier run produced the same checkpoint,
+def _record_checkpoint(client: MlflowClient, run_id: str, md5: str) -> None:
+    """Tag run ``run_id`` with its checkpoint's md5. When an earlier run produced the same checkpoint,
     copy its downstream results (evaluate, export): DVC will not rerun those stages for it."""
-    client = MlflowClient()
-    md5 = integrity.file_md5(checkpoint)
-    experiment_id = client.get_run(run.run_id).info.experiment_id
+    experiment_id = client.get_run(run_id).info.experiment_id
     earlier = _pipeline_run(client, experiment_id, md5)
-    client.set_tag(run.run_id, RESULTS_TAG + "train", "logged")
-    if earlier is not None and earlier.info.run_id != run.run_id:
-        _copy_missing(client, earlier, run.run_id)
-    client.set_tag(run.run_id, CHECKPOINT_TAG, md5)  # last: from now on evaluate and export find this run
+    client.set_tag(run_id, RESULTS_TAG + "train", "logged")
+    if earlier is not None and earlier.info.run_id != run_id:
+        _copy_missing(client, earlier, run_id)
+    client.set_tag(run_id, CHECKPOINT_TAG, md5)  # last: from now on evaluate and export find this run
+
+
+def _apply(client: MlflowClient, run_id: str, op: str, payload: dict) -> None:
+    """One write of a run (see :class:`~catdog.outbox.Outbox` for the ops), live or replayed."""
+    if op == "metrics":
+        client.log_batch(run_id, metrics=[Metric(**m) for m in payload["metrics"]])
+    elif op == "params":
+        client.log_batch(run_id, params=[Param(k, v) for k, v in payload.items()])
+    elif op == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in payload.items()])
+    elif op == "artifact":
+        client.log_artifact(run_id, payload["path"], payload["artifact_path"])
+    elif op == "checkpoint":
+        _record_checkpoint(client, run_id, payload["md5"])
+    elif op == "end":
+        client.set_terminated(run_id, payload["status"])
+    else:
+        raise ValueError(f"unknown tracking write {op!r}")
+
+
+def _send(client: MlflowClient, box: Outbox) -> bool:
+    """Replays an outbox in order; True when all of it is sent. What failed and what follows stay."""
+    with box.locked():
+        ops = box.ops()
+        for done, (op, payload) in enumerate(ops):
+            try:
+                _apply(client, box.run_id, op, payload)
+            except Exception:
+                box.keep_only(ops[done:])
+                return False
+        box.keep_only([])
+    return True
+
+
+def send_held_back(project_root: Path) -> list[str]:
+    """Sends what outages held back for this project's tracking URI (``catdog sync``); the run ids."""
+    return _send_outboxes(_client(project_root, send_outboxes=False), store_root(project_root))
+
+
+def _send_outboxes(client: MlflowClient, store: Path) -> list[str]:
+    sent = []
+    for box in outbox.pending(store, client.tracking_uri):
+        summary = box.summary()
+        if not _send(client, box):
+            raise CatdogError(f"could not send {box.journal} to {client.tracking_uri}: {box.summary()} left")
+        print(f"catdog: sent the tracking writes an outage held back ({summary}) to run {box.run_id}", file=sys.stderr)
+        sent.append(box.run_id)
+    return sent
 
 
 @contextlib.contextmanager
@@ -286,7 +409,7 @@ def stage_run(params: Params, paths: Paths, stage: str) -> Iterator[Run]:
     if conflict or found.data.tags.get(RESULTS_TAG + stage) == "logged":
         run_id = _derive_run(client, run_id, drop=set(values), params_digest=params_hash(params))
     logged = client.get_run(run_id).data.params
-    with _opened(run_id, stage) as active:
+    with _opened(run_id, stage, store_root(paths.root)) as active:
         active.log_params({k: v for k, v in values.items() if k not in logged})
         yield active
         active.set_tags({RESULTS_TAG + stage: "logged"})
@@ -336,22 +459,25 @@ def _log_batches(
 
 
 @contextlib.contextmanager
-def _opened(run_id: str, stage: str, **start_kwargs) -> Iterator[Run]:
+def _opened(run_id: str, stage: str, store: Path, **start_kwargs) -> Iterator[Run]:
     """The run made active for ``stage``, tagged with this process; a stop signal ends it KILLED
     (tagged with the stage and ``Run.progress``) instead of FAILED."""
-    active, client = Run(run_id), MlflowClient()
+    active, client, ended = Run(run_id, store), MlflowClient(), False
     if FAILED_STAGE_TAG in client.get_run(run_id).data.tags:  # this attempt may well succeed
         client.delete_tag(run_id, FAILED_STAGE_TAG)
     try:
         with mlflow.start_run(run_id=run_id, **start_kwargs):
             mlflow.set_tags({**lifecycle.process_tags(), "catdog.stage": stage})
             yield active
+            active.finish(stage)
+            ended = True
     except lifecycle.StageStopped as stop:  # also when it interrupts MLflow's own end_run
-        for key, value in {"catdog.stopped": f"{stop.signal_name} during {stage}", **active.progress}.items():
-            client.set_tag(run_id, key, value)
-        client.set_terminated(run_id, "KILLED")
+        active.set_tags({"catdog.stopped": f"{stop.signal_name} during {stage}", **active.progress})
+        active.end("KILLED")
         raise
     except Exception as exc:  # MLflow marked the run FAILED; say which stage (unless the store is the problem)
+        if ended and active.holding:
+            return  # MLflow could not mark the run FINISHED: the outbox's "end" will
         with contextlib.suppress(Exception):
             client.set_tag(run_id, FAILED_STAGE_TAG, stage)
         uri = mlflow.get_tracking_uri()
@@ -549,14 +675,21 @@ def params_hash(params: Params) -> str:
     return hashlib.md5(json.dumps(params.flat(), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _client(project_root: Path) -> MlflowClient:
+def _client(project_root: Path, send_outboxes: bool = True) -> MlflowClient:
+    """The client of the project's store; the first time, it sends what an outage held back."""
     uri = tracking_uri(project_root)
     if uri == default_tracking_uri(project_root):
         _defaults_in_use.add(uri)
     mlflow.set_tracking_uri(uri)
     check_server(project_root)
     _prepare_sqlite_store(uri)
+    if send_outboxes and uri not in _outboxes_sent:
+        _send_outboxes(MlflowClient(), store_root(project_root))
+        _outboxes_sent.add(uri)
     return MlflowClient()
+
+
+_outboxes_sent: set[str] = set()
 
 
 SERVER_CHECK_SECONDS = 10
@@ -587,10 +720,10 @@ def check_server(project_root: Path) -> None:
     _reachable_servers.add(uri)
 
 
-def _server_problem(uri: str) -> str | None:
-    """Why an http(s) server does not answer its /health within SERVER_CHECK_SECONDS, or None."""
+def _server_problem(uri: str, timeout: float = SERVER_CHECK_SECONDS) -> str | None:
+    """Why an http(s) server does not answer its /health within ``timeout`` seconds, or None."""
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_CHECK_SECONDS):
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
             return None
     except urllib.error.HTTPError:
         return None  # it answered: whatever /health says, the API calls will tell

@@ -186,7 +186,7 @@ def _fit_epochs(
             progress.best_row, progress.best_weights = row, copy.deepcopy(fit.trained_part.state_dict())
         rng = world.gather(rng_state(fit.generator))
         if world.is_main:
-            mlflow_run.flush()  # a resumed run does not redo the steps the state says are done
+            mlflow_run.confirm()  # the state saved next says these steps are logged
             train_state.save_epoch(
                 paths.train_state,
                 fingerprint,
@@ -266,7 +266,7 @@ def _finish(
             # a batch of 2 keeps the batch dimension dynamic
             example = torch.stack([fit.val_images[i][0] for i in range(2)]).numpy()
             mlflow_run.log_pytorch_model(fit.model, example)
-        tracking.record_checkpoint(mlflow_run, paths.checkpoint)  # after train's own results
+        mlflow_run.record_checkpoint(paths.checkpoint)  # after train's own results
         train_state.mark_complete(paths.train_state)  # last: the outputs are all there
     return metrics
 
