@@ -50,3 +50,14 @@ def test_benchmark_measures_every_comparison_and_writes_json(dataset, tmp_path):
     assert results["predict"]["peak_rss_mb"] > 0 and report["peak_rss_mb"] > 0
     assert report["machine"]["usable_cores"] >= 1 and report["date"]
     assert "ratio" in run.stdout and "peak RSS" in run.stdout  # the printed table
+
+    table = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "benchmark.py"), "--markdown", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert table.returncode == 0, table.stderr
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert {row.split(":")[0].removeprefix("| ") for row in rows} == COMPARISONS, table.stdout
+    assert report["date"][:10] in table.stdout and report["machine"]["cpu"] in table.stdout

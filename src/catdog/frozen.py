@@ -8,6 +8,9 @@ is the whole model for evaluate, with the backbone on ONNX Runtime on a CPU.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -57,11 +60,22 @@ def cached_activations(frozen: FrozenPart, loader, desc: str) -> tuple[torch.Ten
     """The frozen part's outputs for every image of ``loader`` (on the CPU, float32) and the labels."""
     outputs, labels = [], []
     with tqdm(total=len(loader.dataset), desc=desc, unit="img", mininterval=1.0) as progress:
-        for inputs, targets in loader:
+        for inputs, targets in _read_ahead(loader):
             outputs.append(frozen(frozen.runtime.to_device(inputs)).float().cpu())
             labels.append(targets)
             progress.update(len(targets))
     return torch.cat(outputs), torch.cat(labels)
+
+
+def _read_ahead(loader) -> Iterator:
+    """The loader's batches, the next one read in a thread while the caller runs this one:
+    ONNX Runtime and torch's kernels release the GIL, so reading hides behind inference."""
+    batches = iter(loader)
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(next, batches, None)
+        while (batch := ahead.result()) is not None:
+            ahead = pool.submit(next, batches, None)
+            yield batch
 
 
 def inference_module(model: Classifier, arch: str, image_size: int, runtime: Runtime) -> nn.Module:
