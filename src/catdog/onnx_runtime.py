@@ -53,7 +53,12 @@ def create_session(model: str | Path | bytes) -> ort.InferenceSession:
     return ort.InferenceSession(source, session_options(), providers=["CPUExecutionProvider"])
 
 
-def export_onnx(module, example, path: Path, opset: int = 18, names: tuple[str, str] = ("input", "output")) -> None:
+CACHE_OPSET = 18  # of the cached frozen graphs
+
+
+def export_onnx(
+    module, example, path: Path, opset: int = CACHE_OPSET, names: tuple[str, str] = ("input", "output")
+) -> None:
     """``module`` (in eval mode) to ONNX at ``path`` with a dynamic batch dimension and the given
     (input, output) names; written to a temporary file first, so a reader never sees half a model."""
     import inspect
@@ -79,6 +84,30 @@ def export_onnx(module, example, path: Path, opset: int = 18, names: tuple[str, 
         node.metadata_props.clear()  # the same weights then give the same bytes anywhere
     with atomic.replacing(path) as temporary:
         program.save(str(temporary))
+
+
+def append_linear(graph: Path, weight: np.ndarray, bias: np.ndarray, path: Path, names: tuple[str, str]) -> None:
+    """``graph`` (one input, one ``[batch, features]`` output) followed by ``x @ weight.T + bias``,
+    saved at ``path`` with the given (input, output) names."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(graph))
+    body = model.graph
+    old_input, old_output = body.input[0].name, body.output[0].name
+    for node in body.node:
+        node.input[:] = [names[0] if name == old_input else name for name in node.input]
+    body.input[0].name = names[0]
+    body.initializer.extend(
+        numpy_helper.from_array(array, name) for array, name in ((weight, "head.weight"), (bias, "head.bias"))
+    )
+    body.node.append(helper.make_node("Gemm", [old_output, "head.weight", "head.bias"], [names[1]], transB=1))
+    batch = body.output[0].type.tensor_type.shape.dim[0].dim_param or "batch"
+    del body.output[:]
+    body.output.append(helper.make_tensor_value_info(names[1], onnx.TensorProto.FLOAT, [batch, weight.shape[0]]))
+    onnx.checker.check_model(model)
+    with atomic.replacing(path) as temporary:
+        onnx.save(model, str(temporary))
 
 
 def content_hash(module, *identity) -> str:
