@@ -17,6 +17,8 @@ import time
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from sklearn.metrics import log_loss
+
 SAMPLE = Path("data/sample/dogs-vs-cats-sample.zip")
 
 
@@ -42,12 +44,16 @@ def main() -> None:
         ).stdout
         seconds = time.perf_counter() - started
     results = [json.loads(line) for line in output.splitlines()]
-    correct = sum(r["label"] == Path(r["path"]).name.split(".")[0] for r in results if "label" in r)
+    predicted = [r for r in results if "label" in r]
+    truth = [Path(r["path"]).name.split(".")[0] for r in predicted]
+    correct = sum(r["label"] == label for r, label in zip(predicted, truth))
+    p_dog = [r["confidence"] if r["label"] == "dog" else 1 - r["confidence"] for r in predicted]
     print(
         json.dumps(
             {
                 "images": len(results),
                 "accuracy": round(correct / len(results), 4),
+                "log_loss": round(log_loss([label == "dog" for label in truth], p_dog, labels=[False, True]), 4),
                 "errors": sum("error" in r for r in results),
                 "seconds": round(seconds, 1),
                 "images_per_second": round(len(results) / seconds, 1),
