@@ -25,7 +25,7 @@ import onnxruntime as ort
 from catdog import atomic
 
 CACHE_ENV = "CATDOG_CACHE"
-GRAPH_VERSION = "1"  # bump when the exported graph changes for the same weights
+GRAPH_VERSION = "2"  # bump when the exported graph changes for the same weights (model.onnx is built from it)
 
 
 def cache_root() -> Path:
