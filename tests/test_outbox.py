@@ -115,7 +115,10 @@ def _train_through_an_outage(paths: Paths, server: Server, grace_seconds: int, r
         server.stop()
         killed = time.monotonic()
         proc.send_signal(signal.SIGCONT)
-        if restart:
+        if restart:  # once the stage holds writes back: a quick restart is bridged by MLflow's own retries
+            while not list((paths.root / DIRECTORY).glob("*.jsonl")):
+                assert proc.poll() is None and time.monotonic() < deadline, "the stage never held a write back"
+                time.sleep(0.1)
             server.start()
         stdout, stderr = proc.communicate(timeout=300)
     finally:
