@@ -94,5 +94,5 @@ _NAMES = {
 def pending(store_root: Path, uri: str) -> list[Outbox]:
     """The outboxes with writes still to send to ``uri``, oldest first."""
     journals = sorted((store_root / DIRECTORY).glob("*.jsonl"), key=lambda path: path.stat().st_mtime)
-    outboxes = [Outbox(store_root, journal.stem, uri) for journal in journals]
-    return [box for box in outboxes if box._lines() and json.loads(box._lines()[0])["uri"] == uri]
+    outboxes = (Outbox(store_root, journal.stem, uri) for journal in journals)
+    return [box for box in outboxes if (lines := box._lines()) and json.loads(lines[0])["uri"] == uri]

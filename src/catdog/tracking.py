@@ -148,8 +148,7 @@ class Run:
         self.outbox.add(op, payload)
 
     def _write_metrics_async(self, values: dict[str, float], step: int) -> None:
-        timestamp = int(time.time() * 1000)
-        payload = {"metrics": [{"key": k, "value": v, "timestamp": timestamp, "step": step} for k, v in values.items()]}
+        payload = _metrics_payload(values, step)
         if self.holding:
             self.outbox.add("metrics", payload)
             return
@@ -159,7 +158,7 @@ class Run:
     def _hold(self, exc: Exception) -> None:
         """Re-raises ``exc`` unless the tracking server is unreachable; then holds the writes."""
         uri = mlflow.get_tracking_uri()
-        problem = _server_problem(uri) if uri.startswith(("http://", "https://")) else None
+        problem = _lost_server(uri)
         if problem is None:
             raise exc
         if not self.holding:
@@ -229,12 +228,7 @@ class Run:
         """``{name: value}`` logged as ``<section>/<name>``."""
         if section not in METRIC_SECTIONS:
             raise ValueError(f"metric section {section!r} is none of {METRIC_SECTIONS}")
-        timestamp = int(time.time() * 1000)
-        values = [
-            {"key": f"{section}/{k}", "value": float(v), "timestamp": timestamp, "step": step}
-            for k, v in metrics.items()
-        ]
-        self._write("metrics", {"metrics": values})
+        self._write("metrics", _metrics_payload({f"{section}/{k}": float(v) for k, v in metrics.items()}, step))
 
     def log_epoch(self, row: dict[str, float]) -> None:
         """One row of train's history, at step ``row["epoch"]``; asynchronous, off the training's path."""
@@ -338,6 +332,12 @@ def _record_checkpoint(client: MlflowClient, run_id: str, md5: str) -> None:
     if earlier is not None and earlier.info.run_id != run_id:
         _copy_missing(client, earlier, run_id)
     client.set_tag(run_id, CHECKPOINT_TAG, md5)  # last: from now on evaluate and export find this run
+
+
+def _metrics_payload(values: dict[str, float], step: int) -> dict:
+    """A "metrics" write (see :func:`_apply`), stamped now: a replay keeps when they were measured."""
+    timestamp = int(time.time() * 1000)
+    return {"metrics": [{"key": k, "value": v, "timestamp": timestamp, "step": step} for k, v in values.items()]}
 
 
 def _apply(client: MlflowClient, run_id: str, op: str, payload: dict) -> None:
@@ -481,7 +481,7 @@ def _opened(run_id: str, stage: str, store: Path, **start_kwargs) -> Iterator[Ru
         with contextlib.suppress(Exception):
             client.set_tag(run_id, FAILED_STAGE_TAG, stage)
         uri = mlflow.get_tracking_uri()
-        if uri.startswith(("http://", "https://")) and (problem := _server_problem(uri)):
+        if problem := _lost_server(uri):
             raise CatdogError(
                 f"lost the MLflow tracking server {uri} during {stage} ({problem}; "
                 f"{type(exc).__name__}): the files written so far stay; rerun the stage "
@@ -718,6 +718,11 @@ def check_server(project_root: Path) -> None:
             f"start it, or unset MLFLOW_TRACKING_URI to log to the project's {DB_FILE}"
         )
     _reachable_servers.add(uri)
+
+
+def _lost_server(uri: str) -> str | None:
+    """Why the tracking server at ``uri`` does not answer, or None (also for a local store)."""
+    return _server_problem(uri) if uri.startswith(("http://", "https://")) else None
 
 
 def _server_problem(uri: str, timeout: float = SERVER_CHECK_SECONDS) -> str | None:
