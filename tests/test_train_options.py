@@ -94,21 +94,20 @@ def _one_batch_loader(seed: int = 0):
     return [(torch.randn(8, 4, generator=generator), torch.tensor([0, 1] * 4))]
 
 
+def _sgd_epoch(module: nn.Module, lr: float, **options):
+    """One train_one_epoch over ``_one_batch_loader`` with plain SGD at a constant ``lr``, fp32."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return train_one_epoch(
+        module, _one_batch_loader(), optimizer, scheduler, resolve_runtime("fp32"), None, "t", **options
+    )
+
+
 def test_grad_clip_norm_bounds_the_step():
     module = nn.Linear(4, 2)
     before = [w.detach().clone() for w in module.parameters()]
-    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    train_one_epoch(
-        module,
-        _one_batch_loader(),
-        optimizer,
-        scheduler,
-        resolve_runtime("fp32"),
-        None,
-        "t",
-        criterion=lambda logits, targets: 100 * F.cross_entropy(logits, targets),
-        grad_clip_norm=0.01,
+    _sgd_epoch(
+        module, 1.0, criterion=lambda logits, targets: 100 * F.cross_entropy(logits, targets), grad_clip_norm=0.01
     )
     step = torch.cat([(w.detach() - b).flatten() for w, b in zip(module.parameters(), before)])
     assert step.norm().item() == pytest.approx(0.01, rel=1e-4)  # lr 1 x the clipped gradient norm
@@ -119,20 +118,8 @@ def test_label_smoothing_is_in_the_train_loss():
     inputs, targets = _one_batch_loader()[0]
     with torch.no_grad():
         expected = F.cross_entropy(module(inputs), targets, label_smoothing=0.2).item()
-    optimizer = torch.optim.SGD(module.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     steps = []
-    stats = train_one_epoch(
-        module,
-        _one_batch_loader(),
-        optimizer,
-        scheduler,
-        resolve_runtime("fp32"),
-        None,
-        "t",
-        criterion=nn.CrossEntropyLoss(label_smoothing=0.2),
-        on_step=steps.append,
-    )
+    stats = _sgd_epoch(module, 1e-3, criterion=nn.CrossEntropyLoss(label_smoothing=0.2), on_step=steps.append)
     assert stats.loss == pytest.approx(expected, rel=1e-6) and steps == [pytest.approx(expected, rel=1e-6)]
     with torch.no_grad():
         plain = F.cross_entropy(module(inputs), targets).item()
