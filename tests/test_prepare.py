@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 from catdog import prepare
+from catdog.data import load_split, split_digest
 from catdog.errors import CatdogError
 from catdog.paths import Paths
 
@@ -344,6 +345,17 @@ def test_seed_changes_the_split(dataset, tmp_path):
     assert splits42.keys() == splits7.keys()
     assert splits42 != splits7
     assert Counter(splits42.values()) == Counter(splits7.values())  # same stratified counts
+
+
+def test_the_test_splits_digest_names_its_images_whatever_their_cached_size(dataset, tmp_path):
+    """Export compares test accuracies only between versions scored on the same test images."""
+    _, small = run_prepare(dataset.zip, tmp_path / "a", **{"data.seed": 42, "data.cache_size": 64})
+    _, large = run_prepare(dataset.zip, tmp_path / "b", **{"data.seed": 42, "data.cache_size": 96})
+    _, reseeded = run_prepare(dataset.zip, tmp_path / "c", **{"data.seed": 7, "data.cache_size": 64})
+    small_test, large_test, reseeded_test = (load_split(paths, "test") for paths in (small, large, reseeded))
+    assert split_digest(small_test) == split_digest(large_test)
+    assert split_digest(reseeded_test) != split_digest(small_test)
+    assert split_digest(load_split(small, "val")) != split_digest(small_test)
 
 
 def test_limit_per_class_is_seeded(make_dataset, tmp_path):

@@ -14,13 +14,14 @@ from catdog import tracking
 from dvc_project import free_port, start_mlflow, stop
 
 MODEL = "catdog-race"
+TEST_SET = "the-same-test-images"
 CONTENDERS, ROUNDS = 5, 3
 
 
 def _promote(uri: str, version: str, accuracy: float, barrier, results) -> None:
     client = MlflowClient(uri)
     barrier.wait()
-    results.put((version, tracking.promote_champion(client, MODEL, version, accuracy)))
+    results.put((version, tracking.promote_champion(client, MODEL, version, tracking.Score(accuracy, TEST_SET))))
 
 
 def _race(uri: str, versions: dict[str, float]) -> dict[str, bool]:
@@ -42,7 +43,7 @@ def _race(uri: str, versions: dict[str, float]) -> dict[str, bool]:
 def _versions(client: MlflowClient, run_id: str, accuracies) -> dict[str, float]:
     return {
         client.create_model_version(
-            MODEL, f"runs:/{run_id}/model", run_id, tags={"test_accuracy": str(a)}
+            MODEL, f"runs:/{run_id}/model", run_id, tags=tracking.Score(float(a), TEST_SET).tags()
         ).version: float(a)
         for a in accuracies
     }

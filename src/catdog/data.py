@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,12 @@ def load_split(paths: Paths, name: str) -> Split:
     if not rows:
         raise CatdogError(f"the {name} split is empty: add images or change data.*_fraction")
     return Split(name, np.asarray(rows), np.asarray(labels), files)
+
+
+def split_digest(split: Split) -> str:
+    """Which images (source paths and labels) make up ``split``: equal digests, comparable scores."""
+    members = sorted(f"{path}\t{CLASSES[label]}" for path, label in zip(split.paths, split.labels))
+    return hashlib.md5("\n".join(members).encode()).hexdigest()
 
 
 class CachedImages(Dataset):

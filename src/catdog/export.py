@@ -6,13 +6,14 @@ more than ``export.tolerance``, or its test accuracy differs: a model that deplo
 differently from how it was evaluated is worse than no model. The ONNX model, wrapped in the
 pyfunc of :mod:`catdog.serving` (encoded images in, labels out), is then logged to MLflow and
 registered (alias ``candidate``; ``champion`` moves only when the test accuracy beats the
-current champion's).
+current champion's on the same test images).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 
 from catdog import atomic, integrity, reports, serving, tracking
-from catdog.data import CachedImages, Split, load_split
+from catdog.data import CachedImages, Split, load_split, split_digest
 from catdog.errors import CatdogError
 from catdog.frozen import export_whole_model
 from catdog.models import load_checkpoint
@@ -100,9 +101,15 @@ def run(params: Params, paths: Paths) -> dict:
             config["classes"],
             example_jpeg(paths, test),
         )
-        registration = mlflow_run.log_pyfunc_model(
-            classifier, p.registered_model_name, test_accuracy=test_metrics["accuracy"], promote=p.promote_champion
-        )
+        score = tracking.Score(test_metrics["accuracy"], split_digest(test))
+        registration = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name, score, p.promote_champion)
+        if registration and registration.incomparable_champion:
+            print(
+                f"export: champion stays version {registration.incomparable_champion} of {p.registered_model_name}: "
+                f"its test accuracy is not from these test images; to promote version {registration.version}, set its "
+                "'champion' alias in the MLflow UI",
+                file=sys.stderr,
+            )
         registry = (
             {"registered_version": registration.version, "promoted_champion": registration.promoted}
             if registration

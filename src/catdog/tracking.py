@@ -121,9 +121,22 @@ def default_tracking_uri(project_root: Path) -> str:
 
 
 @dataclass(frozen=True)
+class Score:
+    """A model version's test accuracy and which test images gave it (``data.split_digest``):
+    accuracies on other test images are not compared."""
+
+    accuracy: float
+    test_set: str
+
+    def tags(self) -> dict[str, str]:
+        return {"test_accuracy": str(self.accuracy), "test_set": self.test_set}
+
+
+@dataclass(frozen=True)
 class Registration:
     version: str
     promoted: bool  # the champion alias moved to this version
+    incomparable_champion: str | None = None  # the champion's version, when scored on other test images
 
 
 class Run:
@@ -206,13 +219,11 @@ class Run:
                 flush=True,
             )
 
-    def log_pyfunc_model(
-        self, model: dict, name: str | None, test_accuracy: float, promote: bool
-    ) -> Registration | None:
+    def log_pyfunc_model(self, model: dict, name: str | None, score: Score, promote: bool) -> Registration | None:
         """Log ``model`` (``mlflow.pyfunc.log_model`` arguments, e.g. from
         :func:`catdog.serving.pyfunc_model`) as the run's ``classifier``. With ``name``, register it
         as a new version; ``candidate`` always moves to it, ``champion`` only if ``promote`` and it
-        beats the current champion's test accuracy."""
+        beats the current champion's test accuracy on the same test images."""
         import mlflow.pyfunc
 
         info = mlflow.pyfunc.log_model(name="classifier", registered_model_name=name, **model)
@@ -220,9 +231,14 @@ class Run:
             return None
         version = str(info.registered_model_version)
         client = MlflowClient()
-        client.set_model_version_tag(name, version, "test_accuracy", str(test_accuracy))
+        for key, value in score.tags().items():
+            client.set_model_version_tag(name, version, key, value)
         client.set_registered_model_alias(name, "candidate", version)
-        return Registration(version, promote and promote_champion(client, name, version, test_accuracy))
+        if promote and promote_champion(client, name, version, score):
+            return Registration(version, True)
+        champion = _champion(client, name)
+        elsewhere = champion is not None and champion.tags.get("test_set") != score.test_set
+        return Registration(version, False, str(champion.version) if elsewhere else None)
 
     def log_metrics(self, section: str, metrics: dict[str, float], step: int = 0) -> None:
         """``{name: value}`` logged as ``<section>/<name>``."""
@@ -521,8 +537,9 @@ def download_registered_model(uri: str, project_root: Path) -> Path:
         raise CatdogError(f"cannot load {uri} from {mlflow.get_tracking_uri()}: {exc.message}") from None
 
 
-def promote_champion(client: MlflowClient, name: str, version: str, test_accuracy: float) -> bool:
-    """Move ``champion`` to ``version`` if its test accuracy beats the current champion's.
+def promote_champion(client: MlflowClient, name: str, version: str, score: Score) -> bool:
+    """Move ``champion`` to ``version`` if its test accuracy beats the current champion's on the
+    same test images (a champion scored on other images stays: the two are not comparable).
 
     Concurrent exports must not interleave the compare and the set (a worse version would win
     the last write): on a sqlite store the pair runs under the store's file lock; a server offers
@@ -530,23 +547,23 @@ def promote_champion(client: MlflowClient, name: str, version: str, test_accurac
     set meanwhile wins, a worse one is overwritten)."""
     with _sqlite_lock(client.tracking_uri) as locked:
         if locked:
-            if not _beats_champion(client, name, test_accuracy):
+            if not _beats_champion(client, name, score):
                 return False
             client.set_registered_model_alias(name, "champion", version)
             return True
-    return _set_until_it_holds(client, name, version, test_accuracy)
+    return _set_until_it_holds(client, name, version, score)
 
 
 def _set_until_it_holds(
-    client: MlflowClient, name: str, version: str, test_accuracy: float, settle_seconds: float = 1.0, attempts: int = 20
+    client: MlflowClient, name: str, version: str, score: Score, settle_seconds: float = 1.0, attempts: int = 20
 ) -> bool:
     """True once ``version`` is still champion a settle period after it was set: longer than any
     competitor's gap between reading the champion and setting it, so no stale set can follow."""
     for _ in range(attempts):
         champion = _champion(client, name)
         if champion is None or champion.version != version:
-            if not _beats_champion(client, name, test_accuracy):
-                return False  # a better (or as good) version holds it
+            if not _beats_champion(client, name, score):
+                return False  # a better (or as good, or incomparable) version holds it
             with contextlib.suppress(mlflow.exceptions.MlflowException):  # two first sets can collide
                 client.set_registered_model_alias(name, "champion", version)
         time.sleep(settle_seconds * random.uniform(0.5, 1.0))
@@ -563,9 +580,11 @@ def _champion(client: MlflowClient, name: str):
         return None
 
 
-def _beats_champion(client: MlflowClient, name: str, test_accuracy: float) -> bool:
+def _beats_champion(client: MlflowClient, name: str, score: Score) -> bool:
     champion = _champion(client, name)
-    return champion is None or test_accuracy > float(champion.tags.get("test_accuracy", "-inf"))
+    if champion is None:
+        return True
+    return champion.tags.get("test_set") == score.test_set and score.accuracy > float(champion.tags["test_accuracy"])
 
 
 def _derive_run(client: MlflowClient, source_id: str, drop: set[str], params_digest: str | None = None) -> str:
