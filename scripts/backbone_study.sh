@@ -7,7 +7,8 @@ repo=$(git rev-parse --show-toplevel)
 zip=$(realpath "${ZIP:-$repo/../shared/data/dogs-vs-cats/train.zip}")
 export PATH=$repo/.venv/bin:$PATH TQDM_DISABLE=1
 for cfg in lite0-gradient:efficientnet_lite0:224:gradient:30 lite0-logistic:efficientnet_lite0:224:logistic:1 \
-           lite1-logistic:efficientnet_lite1:240:logistic:1 lite2-logistic:efficientnet_lite2:260:logistic:1; do
+           lite1-logistic:efficientnet_lite1:240:logistic:1 lite2-logistic:efficientnet_lite2:260:logistic:1 \
+           lite2-gradient:efficientnet_lite2:260:gradient:30; do
   IFS=: read -r name arch size head epochs <<< "$cfg"
   dir=$(mktemp -d)/$name
   git clone -q "$repo" "$dir"

@@ -44,6 +44,7 @@ _CATDOG_ENV = (
 
 # Small but valid: what every test that runs a stage starts from.
 SMALL_OVERRIDES = {
+    "train.arch": "efficientnet_lite0",  # the smallest pretrained backbone: tests check mechanics
     "data.cache_size": 64,
     "data.min_per_class": 4,
     "data.workers": 1,  # in-process decode: no pool start-up cost

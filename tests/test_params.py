@@ -24,9 +24,9 @@ def test_repo_params_load_with_their_values():
     params = load_params(REPO_PARAMS)
     assert isinstance(params, Params)
     assert params.data.source == "data/sample/dogs-vs-cats-sample.zip"
-    assert params.data.cache_size == 224
+    assert params.data.cache_size == 260
     assert params.data.limit_per_class is None
-    assert params.train.arch == "efficientnet_lite0"
+    assert params.train.arch == "efficientnet_lite2"
     assert params.train.mode == "features"
     assert params.train.weights is None
     assert params.train.lr == 0.001 and isinstance(params.train.lr, float)

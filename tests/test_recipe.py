@@ -41,9 +41,10 @@ def test_recipe_holds_only_keys_that_differ_from_params_yaml(name):
 
 
 def test_the_cpu_recipe_trains_lite2_features_on_the_full_zip():
-    flat = recipe.overrides("cpu-features", REPO_ROOT)
-    assert flat["data.source"] == "../shared/data/dogs-vs-cats/train.zip"
-    assert flat["train.arch"] == "efficientnet_lite2" and flat["data.cache_size"] >= flat["train.image_size"]
+    merged = {**load_params(REPO_PARAMS).flat(), **recipe.overrides("cpu-features", REPO_ROOT)}
+    assert merged["data.source"] == "../shared/data/dogs-vs-cats/train.zip"
+    assert merged["train.arch"] == "efficientnet_lite2" and merged["train.mode"] == "features"
+    assert merged["data.cache_size"] >= merged["train.image_size"]
 
 
 def test_printed_command_sets_every_key_with_dvc_exp_run(capsys, tmp_path, monkeypatch):

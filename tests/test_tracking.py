@@ -73,7 +73,7 @@ def test_start_run_creates_run_with_params_and_tags(mlflow_store, mlflow_client,
 
     p = logged.data.params
     assert p["train.lr"] == "0.005"
-    assert p["train.arch"] == "efficientnet_lite0"
+    assert p["train.arch"] == params.train.arch
     assert p["train.weights"] == "null"
     assert p["data.source"] == "data/raw/train.zip"
     assert p["data.cache_size"] == "64"
@@ -86,7 +86,7 @@ def test_start_run_creates_run_with_params_and_tags(mlflow_store, mlflow_client,
     assert len(tags["catdog.params_hash"]) == 32
     assert "dvc.exp_name" not in tags
     assert "mlflow.source.git.commit" not in tags  # tmp_path is no git repository
-    assert logged.info.run_name == f"efficientnet_lite0-features-{tracking.params_hash(params)[:6]}"
+    assert logged.info.run_name == f"{params.train.arch}-features-{tracking.params_hash(params)[:6]}"
     assert metric_history(client, run_id, "val/accuracy") == [(1, 0.5), (2, 0.75)]
 
 
