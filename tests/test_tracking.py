@@ -426,25 +426,26 @@ def test_pyfunc_model_moves_champion_only_on_improvement_on_the_same_test_images
     model = serving.pyfunc_model(_tiny_export(tmp_path / "export"), ["cat", "dog"], jpeg_bytes("cat", 1))
     sample, full = "sample-test-set", "full-test-set"
     steps = [(0.90, sample, True), (0.80, sample, True), (0.95, sample, False), (0.95, sample, True)]
-    steps += [(0.95, sample, True), (0.99, full, True)]
+    steps += [(0.95, sample, True), (0.99, full, True), (0.99, full, False)]
     registrations = []
     with tracking.start_run(params, Paths.under(tmp_path)) as run:
         for accuracy, test_set, promote in steps:
             score = tracking.Score(accuracy, test_set)
             registrations.append(run.log_pyfunc_model(model, "catdog-test", score, promote))
         assert run.log_pyfunc_model(model, None, tracking.Score(0.99, sample), True) is None
-    assert [r.version for r in registrations] == ["1", "2", "3", "4", "5", "6"]
+    assert [r.version for r in registrations] == ["1", "2", "3", "4", "5", "6", "7"]
     # first is champion; worse is not; not asked to promote; better; a tie is no improvement;
-    # better on other test images is not comparable: the champion stays, and the registration says why
-    assert [r.promoted for r in registrations] == [True, False, False, True, False, False]
-    assert [r.incomparable_champion for r in registrations] == [None] * 5 + ["4"]
+    # better on other test images is not comparable: the champion stays, and the registration says
+    # why (unless promotion is off)
+    assert [r.promoted for r in registrations] == [True, False, False, True, False, False, False]
+    assert [r.incomparable_champion for r in registrations] == [None] * 5 + ["4", None]
     client = client_for(mlflow_store)
     assert str(client.get_model_version_by_alias("catdog-test", "champion").version) == "4"
-    assert str(client.get_model_version_by_alias("catdog-test", "candidate").version) == "6"
+    assert str(client.get_model_version_by_alias("catdog-test", "candidate").version) == "7"
     assert client.get_model_version("catdog-test", "2").tags["test_accuracy"] == "0.8"
     assert client.get_model_version("catdog-test", "6").tags["test_set"] == full
     assert client.get_model_version("catdog-test", "1").run_id == run.run_id
-    assert len(client.search_model_versions("name = 'catdog-test'")) == 6  # no name: logged, not registered
+    assert len(client.search_model_versions("name = 'catdog-test'")) == 7  # no name: logged, not registered
 
 
 # --- metric keys of the whole pipeline's run ----------------------------------------------------

@@ -136,7 +136,7 @@ class Score:
 class Registration:
     version: str
     promoted: bool  # the champion alias moved to this version
-    incomparable_champion: str | None = None  # the champion's version, when scored on other test images
+    incomparable_champion: str | None = None  # asked to promote: the champion, if scored on other test images
 
 
 class Run:
@@ -234,7 +234,9 @@ class Run:
         for key, value in score.tags().items():
             client.set_model_version_tag(name, version, key, value)
         client.set_registered_model_alias(name, "candidate", version)
-        if promote and promote_champion(client, name, version, score):
+        if not promote:
+            return Registration(version, False)
+        if promote_champion(client, name, version, score):
             return Registration(version, True)
         champion = _champion(client, name)
         elsewhere = champion is not None and champion.tags.get("test_set") != score.test_set
