@@ -239,7 +239,7 @@ class Run:
         if promote_champion(client, name, version, score):
             return Registration(version, True)
         champion = _champion(client, name)
-        elsewhere = champion is not None and champion.tags.get("test_set") != score.test_set
+        elsewhere = champion is not None and not _same_test_set(champion, score)
         return Registration(version, False, str(champion.version) if elsewhere else None)
 
     def log_metrics(self, section: str, metrics: dict[str, float], step: int = 0) -> None:
@@ -586,7 +586,12 @@ def _beats_champion(client: MlflowClient, name: str, score: Score) -> bool:
     champion = _champion(client, name)
     if champion is None:
         return True
-    return champion.tags.get("test_set") == score.test_set and score.accuracy > float(champion.tags["test_accuracy"])
+    return _same_test_set(champion, score) and score.accuracy > float(champion.tags["test_accuracy"])
+
+
+def _same_test_set(version, score: Score) -> bool:
+    """Whether model ``version`` was scored on the test images of ``score``: else not comparable."""
+    return version.tags.get("test_set") == score.test_set
 
 
 def _derive_run(client: MlflowClient, source_id: str, drop: set[str], params_digest: str | None = None) -> str:
