@@ -27,6 +27,7 @@ from catdog.device import resolve_runtime
 from catdog.frozen import split_for_training
 from catdog.images import decode_image
 from catdog.models import create_model
+from catdog.prepare import label_of
 
 ARCHS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
@@ -59,7 +60,7 @@ def _images(zip_path: str, count: int, size: int, seed: int) -> tuple[np.ndarray
         random.Random(seed).shuffle(names)
         names = names[:count]
         images = np.stack([decode_image(archive.read(name), size) for name in names])
-    labels = np.array([PurePosixPath(name).name.startswith("dog.") for name in names], dtype=np.int64)
+    labels = np.array([label_of(PurePosixPath(name)) == "dog" for name in names], dtype=np.int64)
     return images, labels
 
 

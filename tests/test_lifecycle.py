@@ -96,7 +96,8 @@ def _paused_after_first_epoch(root: Path, proc: subprocess.Popen, timeout: float
 
 def _train_stage(proc: subprocess.Popen) -> psutil.Process | None:
     try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        root = psutil.Process(proc.pid)
+        tree = [root, *root.children(recursive=True)]
         return next((p for p in tree if any(arg.endswith("stages/train.py") for arg in p.cmdline())), None)
     except psutil.NoSuchProcess:  # a short-lived process of dvc's
         return None
