@@ -3,8 +3,10 @@
 - SIGTERM or SIGINT (Ctrl-C) raise :class:`StageStopped` in the main thread: the stage unwinds,
   its MLflow run is marked KILLED (catdog.tracking) and it exits with 130. Train's resumable
   state is saved after every epoch, so a rerun continues from there.
-- On Linux the stage asks the kernel for SIGTERM when its parent (dvc) dies: a killed
-  ``dvc repro`` takes its stage with it instead of leaving it training unsupervised.
+- A watcher thread sends the stage SIGTERM when the process that started it (dvc) ends: a
+  killed ``dvc repro`` takes its stage with it instead of leaving it training unsupervised.
+  dvc starts stages through ``$SHELL -c``; dash (Debian's /bin/sh) does not exec the command, and
+  that shell outlives dvc, so the watcher looks past it (the kernel's PR_SET_PDEATHSIG would not).
 - Every run records the host, PID and process start time of the stage that has it open; a
   SIGKILLed stage cannot close its run, so the next stage of the experiment closes it
   (:func:`process_gone`).
@@ -13,17 +15,17 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
-import sys
+import threading
 from collections.abc import Iterator
 
 import psutil
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_SHELLS = {"sh", "dash", "bash", "zsh", "ksh", "fish"}
+_WATCH_SECONDS = 1.0
 HOST_TAG, PID_TAG, STARTED_TAG = "catdog.host", "catdog.pid", "catdog.pid_started"
 
 
@@ -37,13 +39,17 @@ class StageStopped(BaseException):
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """SIGTERM/SIGINT and the parent's death raise StageStopped while the block runs."""
+    """SIGTERM/SIGINT and the end of the process that started this one raise StageStopped
+    while the block runs."""
     previous = {signum: signal.signal(signum, _raise_stop) for signum in STOP_SIGNALS}
-    _parent_death_signal(signal.SIGTERM)
+    done = threading.Event()
+    starter = _starter()
+    if starter is not None:
+        threading.Thread(target=_stop_when_gone, args=(starter, done), name="catdog-starter-watch", daemon=True).start()
     try:
         yield
     finally:
-        _parent_death_signal(0)
+        done.set()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -54,11 +60,23 @@ def _raise_stop(signum: int, frame) -> None:
     raise StageStopped(signum)
 
 
-def _parent_death_signal(signum: int) -> None:
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+def _starter() -> psutil.Process | None:
+    """The process that started this one (dvc, a terminal's shell, torchrun), past any
+    non-interactive ``sh -c`` wrapper; None when it cannot be known."""
+    try:
+        process = psutil.Process().parent()
+        while process is not None and process.name() in _SHELLS and "-c" in process.cmdline()[1:]:
+            process = process.parent()
+        return process
+    except psutil.Error:
+        return None
+
+
+def _stop_when_gone(starter: psutil.Process, done: threading.Event) -> None:
+    while not done.wait(_WATCH_SECONDS):
+        if _ended(starter):
+            os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread like any SIGTERM
+            return
 
 
 def process_tags() -> dict[str, str]:
@@ -76,7 +94,14 @@ def process_gone(tags: dict[str, str]) -> bool:
         return False
     try:
         process = psutil.Process(pid)
-        reused = str(process.create_time()) != tags.get(STARTED_TAG)
-        return reused or process.status() == psutil.STATUS_ZOMBIE
+        return str(process.create_time()) != tags.get(STARTED_TAG) or _ended(process)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _ended(process: psutil.Process) -> bool:
+    """Gone, its PID reused, or a zombie nobody has reaped yet."""
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
