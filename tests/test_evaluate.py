@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from catdog import CLASSES
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import resolve_runtime
 from catdog.engine import predict_logits, predict_probabilities
@@ -27,13 +26,16 @@ def probs(prob_dog: list[float]) -> np.ndarray:
     return np.stack([1 - dog, dog], axis=1)
 
 
+CLASSES = ["cat", "dog"]  # the tiny zip's classes, sorted as prepare sorts them
+
+
 # 5 cats then 5 dogs.          cats: one false positive (0.8)   dogs: two false negatives (0.4, 0.2)
 TARGETS = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
 PROB_DOG = [0.1, 0.2, 0.3, 0.4, 0.8, 0.9, 0.7, 0.6, 0.4, 0.2]
 
 
 def test_metrics_match_hand_computation():
-    m = classification_metrics(TARGETS, probs(PROB_DOG))
+    m = classification_metrics(TARGETS, probs(PROB_DOG), CLASSES)
     # confusion (dog positive): TP 3, FP 1, TN 4, FN 2
     assert m["n"] == 10
     assert m["accuracy"] == pytest.approx(0.7)  # (3 + 4) / 10
@@ -47,7 +49,7 @@ def test_metrics_match_hand_computation():
 
 
 def test_per_class_and_ranking_metrics_match_hand_computation():
-    m = classification_metrics(TARGETS, probs(PROB_DOG))
+    m = classification_metrics(TARGETS, probs(PROB_DOG), CLASSES)
     # cat as the positive class: TP 4, FP 2 (missed dogs), FN 1
     assert m["precision_cat"] == pytest.approx(4 / 6)
     assert m["recall_cat"] == pytest.approx(0.8)
@@ -60,14 +62,14 @@ def test_per_class_and_ranking_metrics_match_hand_computation():
 
 
 def test_expected_calibration_error_matches_hand_computation():
-    m = classification_metrics(TARGETS, probs(PROB_DOG), 10)
+    m = classification_metrics(TARGETS, probs(PROB_DOG), CLASSES, 10)
     # confidence bins: .9 -> 2 right (|1 - .9| * 2/10 = .02); .8 -> 1 of 3 right (|1/3 - .8| * 3/10 = .14);
     #                  .7 -> 2 right (.06); .6 -> 2 of 3 right (|2/3 - .6| * 3/10 = .02)
     assert m["ece"] == pytest.approx(0.24)
 
 
 def test_metrics_types_are_json_ready():
-    m = classification_metrics(TARGETS, probs(PROB_DOG))
+    m = classification_metrics(TARGETS, probs(PROB_DOG), CLASSES)
     assert {"accuracy", "precision", "recall", "f1", "roc_auc", "log_loss", "n"} <= set(m)
     assert isinstance(m["n"], int)
     assert all(type(v) is float for k, v in m.items() if k != "n")
@@ -76,22 +78,22 @@ def test_metrics_types_are_json_ready():
 
 def test_dog_is_the_positive_class():
     # flipping which class is wrong moves the error from precision to recall
-    all_dogs_found = classification_metrics(np.array([0, 0, 1, 1]), probs([0.1, 0.9, 0.8, 0.7]))
+    all_dogs_found = classification_metrics(np.array([0, 0, 1, 1]), probs([0.1, 0.9, 0.8, 0.7]), CLASSES)
     assert all_dogs_found["recall"] == pytest.approx(1.0)
     assert all_dogs_found["precision"] == pytest.approx(2 / 3)
-    one_dog_missed = classification_metrics(np.array([0, 0, 1, 1]), probs([0.1, 0.2, 0.8, 0.3]))
+    one_dog_missed = classification_metrics(np.array([0, 0, 1, 1]), probs([0.1, 0.2, 0.8, 0.3]), CLASSES)
     assert one_dog_missed["recall"] == pytest.approx(0.5)
     assert one_dog_missed["precision"] == pytest.approx(1.0)
 
 
 def test_perfect_predictions():
-    m = classification_metrics(np.array([0, 1, 0, 1]), probs([0.25, 0.75, 0.25, 0.75]))
+    m = classification_metrics(np.array([0, 1, 0, 1]), probs([0.25, 0.75, 0.25, 0.75]), CLASSES)
     assert m["accuracy"] == m["precision"] == m["recall"] == m["f1"] == m["roc_auc"] == pytest.approx(1.0)
     assert m["log_loss"] == pytest.approx(-math.log(0.75))  # 0.2876821
 
 
 def test_no_predicted_dogs_gives_zero_precision_not_an_error():
-    m = classification_metrics(np.array([0, 1, 0, 1]), probs([0.1, 0.2, 0.3, 0.4]))
+    m = classification_metrics(np.array([0, 1, 0, 1]), probs([0.1, 0.2, 0.3, 0.4]), CLASSES)
     assert m["accuracy"] == pytest.approx(0.5)
     assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["f1"] == 0.0
     # log loss of p(true) .9 .2 .7 .4: (0.1053605 + 1.6094379 + 0.3566749 + 0.9162907) / 4
@@ -99,7 +101,7 @@ def test_no_predicted_dogs_gives_zero_precision_not_an_error():
 
 
 def test_single_class_test_set_has_nan_auc_but_other_metrics():
-    m = classification_metrics(np.array([0, 0, 0, 0]), probs([0.25, 0.25, 0.75, 0.25]))
+    m = classification_metrics(np.array([0, 0, 0, 0]), probs([0.25, 0.25, 0.75, 0.25]), CLASSES)
     assert math.isnan(m["roc_auc"])
     assert m["accuracy"] == pytest.approx(0.75)
     # p(true) = .75 .75 .25 .75 -> (3 * 0.2876821 + 1.3862944) / 4
@@ -107,7 +109,7 @@ def test_single_class_test_set_has_nan_auc_but_other_metrics():
 
 
 def test_tie_goes_to_cat():
-    m = classification_metrics(np.array([1, 0]), probs([0.5, 0.5]))
+    m = classification_metrics(np.array([1, 0]), probs([0.5, 0.5]), CLASSES)
     assert m["accuracy"] == pytest.approx(0.5)  # argmax of [0.5, 0.5] is class 0 (cat)
     assert m["recall"] == 0.0
 
@@ -115,7 +117,11 @@ def test_tie_goes_to_cat():
 def test_write_predictions(tmp_path):
     file = tmp_path / "predictions.csv"
     write_predictions(
-        file, ["train/cat.1.jpg", "train/dog.2.jpg", "train/dog.3.jpg"], np.array([0, 1, 1]), probs([0.125, 0.875, 0.3])
+        file,
+        CLASSES,
+        ["train/cat.1.jpg", "train/dog.2.jpg", "train/dog.3.jpg"],
+        np.array([0, 1, 1]),
+        probs([0.125, 0.875, 0.3]),
     )
     with file.open(newline="") as handle:
         rows = list(csv.reader(handle))

@@ -80,5 +80,5 @@ def test_the_data_hash_follows_the_cache_not_only_the_manifest(project):
     paths, _ = project
     before = integrity.data_hash(paths)
     _noise_every_second_image(paths.images)
-    integrity.record(paths)
+    integrity.record(paths, ["cat", "dog"])
     assert integrity.data_hash(paths) != before

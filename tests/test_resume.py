@@ -269,5 +269,5 @@ def test_fingerprint_follows_train_and_tracking_params_and_the_data(project):
     assert train_state.fingerprint(_params({"data.source": "a.zip", "tracking.experiment_name": "x"}), paths, 1) != base
     assert train_state.fingerprint(params, paths, world_size=2) != base
     paths.manifest.write_text(paths.manifest.read_text().replace(",train,", ",val,", 1))
-    integrity.record(paths)  # what prepare does after writing the manifest
+    integrity.record(paths, ["cat", "dog"])  # what prepare does after writing the manifest
     assert train_state.fingerprint(params, paths, 1) != base

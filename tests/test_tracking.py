@@ -59,7 +59,7 @@ def test_start_run_creates_run_with_params_and_tags(mlflow_store, mlflow_client,
     paths.manifest.parent.mkdir(parents=True)
     paths.manifest.write_text("path,label,split,pixel_md5\ntrain/cat.1.jpg,cat,train,abc\n")
     paths.images.write_bytes(b"pixels")
-    integrity.record(paths)
+    integrity.record(paths, ["cat", "dog"])
     with tracking.start_run(params, paths) as run:
         run.log_metrics("val", {"accuracy": 0.5}, step=1)
         run.log_metrics("val", {"accuracy": 0.75}, step=2)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from catdog import CLASSES, train
+from catdog import train
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import resolve_runtime
 from catdog.engine import validate
@@ -68,7 +68,7 @@ def test_checkpoint_holds_the_best_epoch_weights(pipeline):
         "arch": "efficientnet_lite0",
         "image_size": 64,
         "cache_size": 64,
-        "classes": list(CLASSES),
+        "classes": ["cat", "dog"],  # the tiny zip's, sorted
         "dropout": pipeline.params.train.dropout,
     }
     val = load_split(paths, "val")

@@ -1,3 +1,1 @@
-"""catdog: reproducible dogs-vs-cats classification with DVC, MLflow and PyTorch."""
-
-CLASSES = ("cat", "dog")  # index order of the model's outputs
+"""catdog: reproducible image classification (dogs vs cats by default) with DVC, MLflow and PyTorch."""

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from catdog import CLASSES
 from catdog.errors import CatdogError
+from catdog.integrity import recorded_classes
 from catdog.paths import Paths
 from catdog.seeding import seed_worker
 
@@ -20,28 +20,30 @@ from catdog.seeding import seed_worker
 class Split:
     name: str
     rows: np.ndarray  # row numbers into images.npy
-    labels: np.ndarray  # class indices
+    labels: np.ndarray  # class indices into ``classes``
     paths: list[str]
+    classes: list[str]  # prepare's class names, in model output order
 
 
 def load_split(paths: Paths, name: str) -> Split:
     if not paths.manifest.is_file():
         raise CatdogError(f"{paths.manifest} not found: run the prepare stage first (dvc repro prepare)")
+    classes = recorded_classes(paths)
     rows, labels, files = [], [], []
     with paths.manifest.open(newline="") as handle:
         for row_number, row in enumerate(csv.DictReader(handle)):
             if row["split"] == name:
                 rows.append(row_number)
-                labels.append(CLASSES.index(row["label"]))
+                labels.append(classes.index(row["label"]))
                 files.append(row["path"])
     if not rows:
         raise CatdogError(f"the {name} split is empty: add images or change data.*_fraction")
-    return Split(name, np.asarray(rows), np.asarray(labels), files)
+    return Split(name, np.asarray(rows), np.asarray(labels), files, classes)
 
 
 def split_digest(split: Split) -> str:
     """Which images (source paths and labels) make up ``split``: equal digests, comparable scores."""
-    members = sorted(f"{path}\t{CLASSES[label]}" for path, label in zip(split.paths, split.labels))
+    members = sorted(f"{path}\t{split.classes[label]}" for path, label in zip(split.paths, split.labels))
     return hashlib.md5("\n".join(members).encode()).hexdigest()
 
 

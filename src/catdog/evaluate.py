@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
-from catdog import CLASSES, integrity, plots, reports, tracking
+from catdog import integrity, plots, reports, tracking
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import resolve_runtime
 from catdog.engine import predict_probabilities
@@ -32,6 +32,7 @@ def run(params: Params, paths: Paths) -> dict:
     integrity.verify(paths)
     runtime = resolve_runtime("fp32")  # the deployed model's precision: the champion is chosen on these numbers
     model, config = load_checkpoint(paths.checkpoint)
+    integrity.check_classes(config["classes"], paths, str(paths.checkpoint.relative_to(paths.root)))
     model = inference_module(runtime.prepare_model(model), config["arch"], config["image_size"], runtime)
     test = load_split(paths, "test")
     loader = make_loader(CachedImages(paths, test, eval_preset(config["image_size"])), p.batch_size, 0)
@@ -39,8 +40,18 @@ def run(params: Params, paths: Paths) -> dict:
     with tracking.stage_run(params, paths, "evaluate") as mlflow_run:
         probabilities, targets = predict_probabilities(model, loader, runtime, tta=p.tta, desc="test")
         probabilities, targets = probabilities.numpy(), targets.numpy()
-        results = classification_metrics(targets, probabilities, p.calibration_bins)
-        write_reports(paths, test.paths, test.rows, targets, probabilities, results, p.calibration_bins, p.gallery_size)
+        results = classification_metrics(targets, probabilities, test.classes, p.calibration_bins)
+        write_reports(
+            paths,
+            test.classes,
+            test.paths,
+            test.rows,
+            targets,
+            probabilities,
+            results,
+            p.calibration_bins,
+            p.gallery_size,
+        )
         mlflow_run.log_metrics("test", {k: v for k, v in results.items() if k != "n"})
         mlflow_run.log_facts({"test_images": results["n"]})
         for plot in (
@@ -55,12 +66,14 @@ def run(params: Params, paths: Paths) -> dict:
     return results
 
 
-def classification_metrics(targets: np.ndarray, probabilities: np.ndarray, calibration_bins: int = 10) -> dict:
+def classification_metrics(
+    targets: np.ndarray, probabilities: np.ndarray, classes: list[str], calibration_bins: int = 10
+) -> dict:
     """'dog' (class 1) is the positive class for precision/recall/F1/ROC/PR; per-class figures too."""
     predicted = probabilities.argmax(1)
     both_classes = len(np.unique(targets)) > 1
     precision, recall, f1, _ = skm.precision_recall_fscore_support(
-        targets, predicted, labels=range(len(CLASSES)), zero_division=0
+        targets, predicted, labels=range(len(classes)), zero_division=0
     )
     results = {
         "accuracy": skm.accuracy_score(targets, predicted),
@@ -69,7 +82,7 @@ def classification_metrics(targets: np.ndarray, probabilities: np.ndarray, calib
         "recall": float(recall[1]),
         "f1": float(f1[1]),
     }
-    for index, name in enumerate(CLASSES):
+    for index, name in enumerate(classes):
         results.update(
             {
                 f"precision_{name}": float(precision[index]),
@@ -81,7 +94,7 @@ def classification_metrics(targets: np.ndarray, probabilities: np.ndarray, calib
         {
             "roc_auc": skm.roc_auc_score(targets, probabilities[:, 1]) if both_classes else float("nan"),
             "pr_auc": skm.average_precision_score(targets, probabilities[:, 1]) if both_classes else float("nan"),
-            "log_loss": skm.log_loss(targets, probabilities, labels=list(range(len(CLASSES)))),
+            "log_loss": skm.log_loss(targets, probabilities, labels=list(range(len(classes)))),
             "ece": expected_calibration_error(targets, probabilities, calibration_bins),
             "n": len(targets),
         }
@@ -104,6 +117,7 @@ def expected_calibration_error(targets: np.ndarray, probabilities: np.ndarray, b
 
 def write_reports(
     paths: Paths,
+    classes: list[str],
     files: list[str],
     rows: np.ndarray,
     targets: np.ndarray,
@@ -112,12 +126,12 @@ def write_reports(
     calibration_bins: int,
     gallery_size: int,
 ) -> None:
-    write_predictions(paths.predictions, files, targets, probabilities)
+    write_predictions(paths.predictions, classes, files, targets, probabilities)
 
-    matrix = skm.confusion_matrix(targets, probabilities.argmax(1), labels=range(len(CLASSES)))
+    matrix = skm.confusion_matrix(targets, probabilities.argmax(1), labels=range(len(classes)))
     plots.confusion_matrix(
         matrix,
-        CLASSES,
+        classes,
         paths.confusion_matrix_plot,
         title=f"Test split: accuracy {results['accuracy']:.2%} (n={len(targets)})",
     )
@@ -126,9 +140,9 @@ def write_reports(
     precision, recall, _ = skm.precision_recall_curve(targets, probabilities[:, 1])
     _write_columns(paths.roc_points, {"fpr": fpr, "tpr": tpr})
     _write_columns(paths.pr_points, {"recall": recall, "precision": precision})
-    plots.roc_pr_curves(targets, probabilities[:, 1], paths.roc_pr_plot, positive=CLASSES[1])
+    plots.roc_pr_curves(targets, probabilities[:, 1], paths.roc_pr_plot, positive=classes[1])
     plots.reliability_diagram(
-        targets, probabilities[:, 1], paths.reliability_plot, calibration_bins, ece=results["ece"], positive=CLASSES[1]
+        targets, probabilities[:, 1], paths.reliability_plot, calibration_bins, ece=results["ece"], positive=classes[1]
     )
 
     predicted = probabilities.argmax(1)
@@ -138,7 +152,7 @@ def write_reports(
     plots.gallery(
         [images[rows[i]] for i in worst],
         [
-            f"{Path(files[i]).name}\ntrue {CLASSES[targets[i]]}, said {CLASSES[predicted[i]]} "
+            f"{Path(files[i]).name}\ntrue {classes[targets[i]]}, said {classes[predicted[i]]} "
             f"({probabilities[i].max():.0%})"
             for i in worst
         ],
@@ -149,13 +163,15 @@ def write_reports(
     reports.write_json(paths.evaluate_metrics, {key: results[key] for key in HEADLINE})  # last: all else is there
 
 
-def write_predictions(path: Path, files: list[str], targets: np.ndarray, probabilities: np.ndarray) -> None:
+def write_predictions(
+    path: Path, classes: list[str], files: list[str], targets: np.ndarray, probabilities: np.ndarray
+) -> None:
     """One row per test image; ``actual``/``predicted`` feed DVC's confusion template."""
     reports.write_csv(
         path,
-        ["path", "actual", "predicted", "confidence", "prob_dog"],
+        ["path", "actual", "predicted", "confidence", f"prob_{classes[1]}"],
         (
-            [file, CLASSES[target], CLASSES[probs.argmax()], probs.max(), probs[1]]
+            [file, classes[target], classes[probs.argmax()], probs.max(), probs[1]]
             for file, target, probs in zip(files, targets, probabilities)
         ),
     )

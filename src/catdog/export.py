@@ -36,6 +36,7 @@ def run(params: Params, paths: Paths) -> dict:
     tracking.check_server(paths.root)
     integrity.verify(paths)
     model, config = load_checkpoint(paths.checkpoint)
+    integrity.check_classes(config["classes"], paths, str(paths.checkpoint.relative_to(paths.root)))
     paths.exported.mkdir(parents=True, exist_ok=True)
     size = config["image_size"]
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # saved in model.pt2

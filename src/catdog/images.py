@@ -6,7 +6,10 @@ Kept free of torch so the predict CLI starts fast.
 from __future__ import annotations
 
 import io
+import os
 import warnings
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -21,6 +24,26 @@ class BadImage(ValueError):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+def check_size(size: int, max_bytes: int) -> None:
+    """BadImage ``too_large`` for an image of more than ``max_bytes`` (``data.max_image_bytes``)."""
+    if size > max_bytes:
+        raise BadImage("too_large", f"{size} bytes > {max_bytes} (data.max_image_bytes)")
+
+
+def read_bounded(stream: BinaryIO, declared_size: int, max_bytes: int) -> bytes:
+    """The bytes of ``stream``, refused before reading when its declared size is over the cap,
+    and stopped at the cap when it holds more than it declared (a zip member that lies)."""
+    check_size(declared_size, max_bytes)
+    data = stream.read(max_bytes + 1)
+    check_size(len(data), max_bytes)
+    return data
+
+
+def read_file(path: str | Path, max_bytes: int) -> bytes:
+    with open(path, "rb") as handle:
+        return read_bounded(handle, os.fstat(handle.fileno()).st_size, max_bytes)
 
 
 def decode_image(data: bytes, size: int, min_size: int = 1) -> np.ndarray:

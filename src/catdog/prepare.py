@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from catdog import CLASSES, integrity, reports
+from catdog import integrity, reports
 from catdog.errors import CatdogError
 from catdog.images import BadImage, decode_image
 from catdog.params import DataParams, Params
@@ -44,7 +44,8 @@ def run(params: Params, paths: Paths) -> dict:
     data = params.data
     source = resolve_source(data.source, paths.root)
     candidates, rejected, unlabelled = list_candidates(source)
-    candidates = limit_per_class(candidates, data.limit_per_class, data.seed)
+    classes = sorted({candidate.label for candidate in candidates})
+    candidates = limit_per_class(candidates, classes, data.limit_per_class, data.seed)
 
     out = paths.prepared
     if out.exists():
@@ -52,14 +53,14 @@ def run(params: Params, paths: Paths) -> dict:
     out.mkdir(parents=True)
     images, kept, decode_rejects = decode_all(source, candidates, data, paths.images)
     rejected += decode_rejects
-    check_class_counts(kept, data.min_per_class)
+    check_class_counts(kept, classes, data.min_per_class)
 
-    splits, merged_groups = split(kept, data)
+    splits, merged_groups = split(kept, classes, data)
     write_manifest(paths.manifest, kept, splits)
     write_rejected(paths.rejected, rejected)
-    integrity.record(paths)
+    integrity.record(paths, classes)
 
-    summary = summarize(kept, splits, rejected, unlabelled, merged_groups, images.shape[1])
+    summary = summarize(kept, classes, splits, rejected, unlabelled, merged_groups, images.shape[1])
     reports.write_json(paths.prepare_summary, summary)
     reports.write_json(
         paths.prepare_metrics, {f"{name}_images": sum(counts.values()) for name, counts in summary["splits"].items()}
@@ -104,18 +105,18 @@ def list_candidates(source: Path) -> tuple[list[Candidate], list[tuple[str, str]
 def label_of(path: PurePosixPath) -> str | None:
     """Kaggle naming (``cat.12.jpg``) first, then a class folder (``Cat/12.jpg``)."""
     prefix = path.name.split(".", 1)[0].lower()
-    if prefix in CLASSES and "." in path.name:
+    if prefix in _FOLDER_LABELS.values() and "." in path.name:
         return prefix
     if len(path.parts) > 1:
         return _FOLDER_LABELS.get(path.parts[-2].lower())
     return None
 
 
-def limit_per_class(candidates: list[Candidate], limit: int | None, seed: int) -> list[Candidate]:
+def limit_per_class(candidates: list[Candidate], classes: list[str], limit: int | None, seed: int) -> list[Candidate]:
     if limit is None:
         return candidates
     chosen = []
-    for label in CLASSES:
+    for label in classes:
         of_label = [c for c in candidates if c.label == label]
         random.Random(f"{seed}-{label}").shuffle(of_label)
         chosen += of_label[:limit]
@@ -193,9 +194,9 @@ def decode_all(source: Path, candidates: list[Candidate], data: DataParams, cach
     return np.load(cache_file, mmap_mode="r"), kept, rejected
 
 
-def check_class_counts(kept: list[tuple[Candidate, str]], minimum: int) -> None:
+def check_class_counts(kept: list[tuple[Candidate, str]], classes: list[str], minimum: int) -> None:
     counts = Counter(candidate.label for candidate, _ in kept)
-    for label in CLASSES:
+    for label in classes:
         if counts[label] < minimum:
             raise CatdogError(
                 f"only {counts[label]} usable '{label}' image(s), need data.min_per_class={minimum}: "
@@ -203,7 +204,7 @@ def check_class_counts(kept: list[tuple[Candidate, str]], minimum: int) -> None:
             )
 
 
-def split(kept: list[tuple[Candidate, str]], data: DataParams) -> tuple[list[str], int]:
+def split(kept: list[tuple[Candidate, str]], classes: list[str], data: DataParams) -> tuple[list[str], int]:
     """Stratified, seeded split of duplicate groups; returns (split per kept image, merged groups).
 
     Images with identical pixels form one group and land in one split, so the same photo can
@@ -218,7 +219,7 @@ def split(kept: list[tuple[Candidate, str]], data: DataParams) -> tuple[list[str
         by_label[kept[members[0]][0].label].append(members)
 
     assignment = [""] * len(kept)
-    for label in CLASSES:
+    for label in classes:
         label_groups = sorted(by_label[label], key=lambda members: kept[members[0]][0].path)
         random.Random(f"{data.seed}-{label}").shuffle(label_groups)
         # at least one of each class in val and test (min_per_class >= 3 leaves one for train)
@@ -247,12 +248,13 @@ def write_rejected(path: Path, rejected: list[tuple[str, str]]) -> None:
         writer.writerows(sorted(rejected))
 
 
-def summarize(kept, splits, rejected, unlabelled, merged_groups, cache_size) -> dict:
+def summarize(kept, classes, splits, rejected, unlabelled, merged_groups, cache_size) -> dict:
     counts = Counter(zip(splits, (candidate.label for candidate, _ in kept)))
     return {
         "images": len(kept),
         "cache_size": cache_size,
-        "splits": {s: {label: counts[(s, label)] for label in CLASSES} for s in SPLITS},
+        "classes": classes,
+        "splits": {s: {label: counts[(s, label)] for label in classes} for s in SPLITS},
         "rejected": dict(sorted(Counter(reason for _, reason in rejected).items())),
         "rejected_total": len(rejected),
         "unlabelled_ignored": unlabelled,

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from catdog import CLASSES, distributed, integrity, plots, reports, tracking, train_state
+from catdog import distributed, integrity, plots, reports, tracking, train_state
 from catdog.data import CachedImages, Split, load_split, make_loader
 from catdog.device import Runtime, resolve_runtime
 from catdog.distributed import World
@@ -89,7 +89,9 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
     if world.distributed and p.mode == "features":
         raise CatdogError("train.mode 'features' trains in one process: run it without torchrun")
     train_split, val_split = load_split(paths, "train"), load_split(paths, "val")
-    model = runtime.prepare_model(create_model(p.arch, p.pretrained, len(CLASSES), p.weights, p.image_size, p.dropout))
+    model = runtime.prepare_model(
+        create_model(p.arch, p.pretrained, len(train_split.classes), p.weights, p.image_size, p.dropout)
+    )
     frozen, rest = split_for_training(model, p.arch, p.image_size, p.mode, p.unfreeze_blocks, runtime)
     fingerprint = train_state.fingerprint(params, paths, world.world_size) if world.is_main else None
     state = world.broadcast(_resumable_state(paths, fingerprint) if world.is_main else None)
@@ -256,7 +258,7 @@ def _finish(
     metrics = {"val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"], "best_epoch": best["epoch"]}
     seconds = round(progress.seconds + time.perf_counter() - started, 1)
     if fit.world.is_main:
-        _write_outputs(paths, fit.model, fit.p, progress.history, metrics)
+        _write_outputs(paths, fit.model, fit.p, fit.val_images.split.classes, progress.history, metrics)
         mlflow_run.log_metrics("val", {"best_accuracy": metrics["val_accuracy"], "best_loss": metrics["val_loss"]})
         mlflow_run.log_metrics("train", {"seconds": seconds})
         mlflow_run.log_facts({"best_epoch": metrics["best_epoch"], "epochs_trained": len(progress.history)})
@@ -436,7 +438,9 @@ def _activation_loaders(frozen: FrozenPart, train_images, val_images, p: TrainPa
     return loaders
 
 
-def _write_outputs(paths: Paths, model: Classifier, p: TrainParams, history: list[dict], metrics: dict) -> None:
+def _write_outputs(
+    paths: Paths, model: Classifier, p: TrainParams, classes: list[str], history: list[dict], metrics: dict
+) -> None:
     cache_size = int(np.load(paths.images, mmap_mode="r").shape[1])
     save_checkpoint(
         paths.checkpoint,
@@ -445,7 +449,7 @@ def _write_outputs(paths: Paths, model: Classifier, p: TrainParams, history: lis
             "arch": p.arch,
             "image_size": p.image_size,
             "cache_size": cache_size,
-            "classes": list(CLASSES),
+            "classes": classes,
             "dropout": p.dropout,
         },
     )
