@@ -3,16 +3,29 @@ models, their parity with PyTorch, the model card, the MLflow run and the regist
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
+import os
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import yaml
+from PIL import Image
 
+from catdog import reports
+from catdog.images import decode_image
 from catdog.models import load_checkpoint
+from catdog.paths import Paths
 
-from conftest import client_for, run_id
+from conftest import build_params, client_for, encode, run_id, seed_store
 
 # --- export ------------------------------------------------------------------------------------
 
@@ -25,7 +38,13 @@ def test_export_writes_models_labels_preprocess_and_card(pipeline):
     preprocess = json.loads((out / "preprocess.json").read_text())
     assert preprocess["cache_size"] == 64 and preprocess["image_size"] == 64
     assert preprocess["layout"] == "NCHW" and preprocess["dtype"] == "float32"
+    assert preprocess["max_image_bytes"] == pipeline.params.data.max_image_bytes
+    metadata = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert json.loads(metadata["catdog.classes"]) == ["cat", "dog"]
     card = (out / "MODEL_CARD.md").read_text()
+    details = json.loads(pipeline.paths.evaluate_details.read_text())
+    figures = " | ".join(f"{details[f'{kind}_dog']:.4f}" for kind in ("precision", "recall", "f1"))
+    assert "Image classifier over 2 classes (`cat`, `dog`)" in card and f"| `dog` | 10 | 5 | 5 | {figures} |" in card
     tags = client_for(pipeline.root).get_run(run_id(pipeline.paths)).data.tags
     assert tags["data.hash"] in card and tags["catdog.checkpoint_md5"] in card
     assert run_id(pipeline.paths) not in card  # a DVC output: nothing that differs per run
@@ -78,3 +97,132 @@ def test_export_logs_into_the_same_run_and_registers_the_model(pipeline):
     assert str(version.version) == "1" and version.run_id == train_id
     assert str(client.get_model_version_by_alias(name, "candidate").version) == "1"
     assert float(version.tags["test_accuracy"]) == pytest.approx(pipeline.evaluate["accuracy"])
+
+
+# --- any number of classes: a 3-class model, exported end to end ---------------------------------
+
+THREE_CLASSES = ["Golden Retriever", "Maine Coon", "chat tigré"]  # sorted; a space, capitals, non-ASCII
+THREE_CLASS_CAP = 30_000  # data.max_image_bytes: a 400x300 noisy JPEG is over it, a 72x60 one far under
+
+
+def class_jpeg(index: int, seed: int, size: tuple[int, int] = (72, 60)) -> bytes:
+    """A seeded noisy JPEG whose colour tells its class (the index into THREE_CLASSES)."""
+    colour = np.array([(200, 160, 60), (120, 120, 120), (60, 170, 80)][index], dtype=np.float32)
+    noise = np.random.default_rng([index, seed]).normal(0, 20, size=(size[1], size[0], 3))
+    return encode(Image.fromarray(np.clip(colour + noise, 0, 255).astype(np.uint8)), "JPEG", quality=90)
+
+
+def export_three_classes(root: Path, template: Path, onnx_cache: Path) -> SimpleNamespace:
+    """Prepared data (4 images a class per split) written as prepare writes it, an untrained 3-class
+    Lite0 checkpoint with its MLflow run, evaluate's figures as files, then the real export stage."""
+    from catdog import export, tracking
+    from catdog.models import create_model, save_checkpoint
+
+    paths = Paths.under(root)
+    seed_store(template, root)
+    params = build_params(
+        {"data.source": "raw/pets.zip", "data.max_image_bytes": THREE_CLASS_CAP, "tracking.experiment_name": "pets"}
+    )
+    _write_prepared(paths, size=64)
+    model = create_model("efficientnet_lite0", pretrained=True, num_classes=3, image_size=64)
+    config = {"arch": "efficientnet_lite0", "image_size": 64, "cache_size": 64, "classes": THREE_CLASSES}
+    config["dropout"] = 0.2
+    paths.checkpoint.parent.mkdir(parents=True)
+    save_checkpoint(paths.checkpoint, model, config)
+    figures = {f"{kind}_{name}": 0.5 + i / 10 for i, name in enumerate(THREE_CLASSES) for kind in ("precision", "f1")}
+    figures.update({"accuracy": 0.5, "n": 12})  # no recall_<class>: the card shows "-" for a figure evaluate lacks
+    reports.write_json(paths.evaluate_details, figures)
+    reports.write_json(paths.evaluate_metrics, {"accuracy": 0.5, "log_loss": 1.0})
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.setenv("CATDOG_CACHE", str(onnx_cache))
+        patch.chdir(root)
+        try:
+            with tracking.start_run(params, paths) as run:
+                run.record_checkpoint(paths.checkpoint)
+            results = export.run(params, paths)
+        finally:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return SimpleNamespace(root=root, paths=paths, params=params, run_id=run.run_id, results=results)
+
+
+def _write_prepared(paths: Paths, size: int) -> None:
+    from catdog import integrity, prepare
+
+    rows, pixels = [], []
+    for split in ("train", "val", "test"):
+        for index, name in enumerate(THREE_CLASSES):
+            for seed in range(4):
+                data = class_jpeg(index, 10 * prepare.SPLITS.index(split) + seed)
+                pixels.append(decode_image(data, size))
+                rows.append([f"{name}/{split}{seed}.jpg", name, split, hashlib.md5(pixels[-1]).hexdigest()])
+    paths.prepared.mkdir(parents=True)
+    np.save(paths.images, np.stack(pixels))
+    with paths.manifest.open("w", newline="") as handle:
+        csv.writer(handle, lineterminator="\n").writerows([["path", "label", "split", "pixel_md5"], *rows])
+    summary_splits = {s: dict.fromkeys(THREE_CLASSES, 4) for s in prepare.SPLITS}
+    reports.write_json(
+        paths.prepare_summary,
+        {"images": len(rows), "splits": summary_splits, "rejected_total": 0, "duplicate_groups_merged": 0},
+    )
+    integrity.record(paths, THREE_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory, mlflow_template, onnx_cache) -> SimpleNamespace:
+    return export_three_classes(tmp_path_factory.mktemp("three"), mlflow_template, onnx_cache)
+
+
+def test_three_class_export_names_its_classes_in_labels_metadata_and_card(three):
+    out = three.paths.exported
+    assert json.loads((out / "labels.json").read_text()) == {"classes": THREE_CLASSES}
+    metadata = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert json.loads(metadata["catdog.classes"]) == THREE_CLASSES
+    assert json.loads((out / "preprocess.json").read_text())["max_image_bytes"] == THREE_CLASS_CAP
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "Image classifier over 3 classes (`Golden Retriever`, `Maine Coon`, `chat tigré`)" in card
+    assert "| `Golden Retriever` | 4 | 4 | 4 | 0.5000 | - | 0.5000 |" in card
+    assert "| `chat tigré` | 4 | 4 | 4 | 0.7000 | - | 0.7000 |" in card
+    assert not re.search(r"\b(cat|dog)s?\b", card.split("## Known limits")[0], re.IGNORECASE), card
+
+
+def test_three_class_run_logs_the_classes_and_the_split_sizes_per_class(three):
+    run = client_for(three.root).get_run(three.run_id)
+    assert json.loads(run.data.params["catdog.classes"]) == THREE_CLASSES
+    (dataset_input,) = run.inputs.dataset_inputs
+    profile = json.loads(dataset_input.dataset.profile)
+    assert profile["images"] == 36 and profile["test"] == 12
+    assert profile["per_class"] == {s: dict.fromkeys(THREE_CLASSES, 4) for s in ("train", "val", "test")}
+
+
+def test_an_exported_model_whose_labels_differ_from_its_own_classes_is_refused(three, tmp_path):
+    from catdog.errors import CatdogError
+    from catdog.predict import ExportedModel
+
+    folder = tmp_path / "export"
+    shutil.copytree(three.paths.exported, folder)
+    (folder / "labels.json").write_text(json.dumps({"classes": ["cat", "dog", "bird"]}))
+    with pytest.raises(CatdogError, match=r"exported for classes \['Golden Retriever'.*lists \['cat', 'dog', 'bird'\]"):
+        ExportedModel.load(folder / "model.onnx")
+    (folder / "labels.json").write_text(json.dumps({"classes": ["cat", "dog"]}))
+    model = onnx.load(str(folder / "model.onnx"))
+    del model.metadata_props[:]  # exported before the classes were stamped: the output width still tells
+    onnx.save(model, str(folder / "model.onnx"))
+    with pytest.raises(CatdogError, match=r"has 3 outputs, its labels\.json lists 2 classes"):
+        ExportedModel.load(folder / "model.onnx")
+
+
+def test_export_refuses_a_checkpoint_of_other_classes_than_the_prepared_data(three):
+    from catdog import export, integrity
+    from catdog.errors import CatdogError
+
+    content = json.loads(three.paths.prepared_content.read_text())
+    try:
+        integrity.record(three.paths, ["cat", "dog", "fox"])
+        with pytest.raises(CatdogError, match=r"trained on classes \['Golden Retriever'.*data/prepared has \['cat'"):
+            export.run(three.params, three.paths)
+    finally:
+        three.paths.prepared_content.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")

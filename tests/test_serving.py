@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from test_export import THREE_CLASS_CAP, THREE_CLASSES, class_jpeg, export_three_classes
 
 from catdog import serving
+from catdog.images import BadImage
 from catdog.predict import ExportedModel
 
 from conftest import client_for, jpeg_bytes
@@ -36,20 +41,50 @@ def test_champion_classifies_encoded_images_with_a_per_row_error(champion, pipel
         "not base64!",
         b"%PDF-1.4 no image",
         jpeg_bytes("cat", 702, size=(16, 16)),
+        "%%%%",  # MLflow's own base64 decoding drops these and answered empty bytes
+        None,
     ]
     result = champion.predict(pd.DataFrame({"image": images}))
 
     assert list(result.columns) == ["label", "p_cat", "p_dog", "error"]
     assert result.label[0] == "dog" and result.label[2] == "cat"
     assert result.error[[0, 2]].isna().all()
-    assert result.error[1].startswith("corrupt") and result.error[3].startswith("empty")
-    assert result.error[4].startswith("not_base64") and result.error[5].startswith("not_an_image")
+    causes = [error.split(":")[0] for error in result.error[1:] if error is not None]
+    assert causes == ["corrupt", "empty", "not_base64", "not_an_image", "too_small", "not_base64", "empty"]
     assert result.error[6].startswith("too_small")  # below data.min_image_size, as prepare
-    assert result.label[[1, 3, 4, 5, 6]].isna().all() and result.p_dog[[1, 3, 4, 5, 6]].isna().all()
+    bad = [1, 3, 4, 5, 6, 7, 8]
+    # None, not NaN: the scoring server writes NaN as the invalid JSON `NaN`
+    assert all(result.loc[i, column] is None for i in bad for column in ("label", "p_cat", "p_dog"))
+    assert result.loc[0, "error"] is None and set(result.dtypes) == {np.dtype(object)}
     # the same preprocessing and numbers as `catdog predict`
     exported = ExportedModel.load(pipeline.paths.exported / "model.onnx")
     expected = exported.probabilities(exported.preprocess(dog)[None])[0]
     assert result.loc[0, ["p_cat", "p_dog"]].tolist() == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "%%%%",
+        "YWJ",  # padding missing
+        "YWJj==",  # padding past a full group
+        "YWJ=",  # not canonical: the last character carries bits that padding drops
+        "YW-_",  # the URL-safe alphabet
+        "YWJj=YWJj",  # padding in the middle
+        "YWJjé",  # not ASCII
+    ],
+)
+def test_a_string_that_is_not_strict_base64_is_refused_as_not_base64(text):
+    with pytest.raises(BadImage) as refused:
+        serving.decode_base64(text)
+    assert refused.value.reason == "not_base64"
+
+
+def test_base64_line_breaks_and_spaces_carry_no_data():
+    jpeg = jpeg_bytes("cat", 730)
+    assert serving.decode_base64(base64.encodebytes(jpeg).decode()) == jpeg  # `base64` without -w0: 76-char lines
+    assert serving.decode_base64(f"  {base64.b64encode(jpeg).decode()}\r\n") == jpeg
+    assert serving.decode_base64("") == b""  # then refused as empty, like a zero-byte file
 
 
 def test_registered_model_carries_signature_example_and_pinned_requirements(pipeline):
@@ -60,7 +95,7 @@ def test_registered_model_carries_signature_example_and_pinned_requirements(pipe
     )
     mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
     inputs = json.loads(mlmodel["signature"]["inputs"])
-    assert inputs == [{"type": "binary", "name": "image", "required": True}]
+    assert inputs == [{"type": "string", "name": "image", "required": True}]  # base64; MLflow would decode binary
     assert [c["name"] for c in json.loads(mlmodel["signature"]["outputs"])] == ["label", "p_cat", "p_dog", "error"]
 
     example = json.loads((folder / "input_example.json").read_text())
@@ -81,14 +116,14 @@ def test_classify_in_process_on_the_exported_model(pipeline):
     result = serving.classify(model, images)
     assert len(result) == len(images) and result.error.isna().all()
     assert (result.label == "cat").mean() > 0.9
-    assert (result.p_cat + result.p_dog).tolist() == pytest.approx([1.0] * len(images))
+    assert (result.p_cat.astype(float) + result.p_dog.astype(float)).tolist() == pytest.approx([1.0] * len(images))
 
 
-@pytest.mark.slow
-def test_mlflow_models_serve_answers_a_posted_jpeg_with_its_label(pipeline, tmp_path):
-    """The README's commands: `mlflow models serve` as a real process on loopback, then curl's POST."""
+@contextlib.contextmanager
+def served(store: Path, log: Path) -> Iterator[str]:
+    """The README's command: `mlflow models serve` of models:/catdog@champion as a real process on
+    loopback; yields its /invocations URL."""
     port = free_port()
-    log = tmp_path / "serve.log"
     with log.open("w") as handle:
         server = subprocess.Popen(
             [
@@ -108,22 +143,103 @@ def test_mlflow_models_serve_answers_a_posted_jpeg_with_its_label(pipeline, tmp_
             ],
             stdout=handle,
             stderr=subprocess.STDOUT,
-            cwd=tmp_path,
+            cwd=log.parent,
             start_new_session=True,
-            env=clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{pipeline.root / 'mlflow.db'}"),
+            env=clean_env(MLFLOW_TRACKING_URI=f"sqlite:///{store}"),
         )
     try:
         wait_for_http(f"http://127.0.0.1:{port}/ping", server, timeout=180, log=log)
-        body = {
-            "dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(jpeg_bytes("dog", 720)).decode()]]}
-        }
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            predictions = json.loads(response.read())["predictions"]
+        yield f"http://127.0.0.1:{port}/invocations"
     finally:
         stop(server)
-    assert len(predictions) == 1 and predictions[0]["label"] == "dog", predictions
-    assert predictions[0]["p_dog"] > 0.5 and predictions[0]["error"] is None
     assert server.poll() is not None
+
+
+def post(url: str, rows: list) -> list[dict]:
+    """POST rows as curl does (dataframe_split); the reply parsed as strict JSON (NaN, Infinity refused)."""
+    body = {"dataframe_split": {"columns": ["image"], "data": [[row] for row in rows]}}
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read(), parse_constant=_refuse_constant)["predictions"]
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"not JSON: {name}")
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_strict_json_with_null_for_unreadable_rows(pipeline, tmp_path):
+    cat = jpeg_bytes("cat", 721)
+    with served(pipeline.root / "mlflow.db", tmp_path / "serve.log") as url:
+        predictions = post(url, [b64(jpeg_bytes("dog", 720)), b64(cat[: len(cat) // 2]), "%%%%"])
+    assert [p["label"] for p in predictions] == ["dog", None, None], predictions
+    assert predictions[0]["p_dog"] > 0.5 and predictions[0]["error"] is None
+    assert predictions[1]["error"].startswith("corrupt") and predictions[2]["error"].startswith("not_base64")
+    assert predictions[1]["p_cat"] is None and predictions[2]["p_dog"] is None
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# --- a 3-class model: the class names come from the model ----------------------------------------
+
+COLUMNS = ["label", "p_Golden Retriever", "p_Maine Coon", "p_chat tigré", "error"]
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory, mlflow_template, onnx_cache):
+    return export_three_classes(tmp_path_factory.mktemp("three-serving"), mlflow_template, onnx_cache)
+
+
+def three_class_rows() -> tuple[list, list[str]]:
+    """Rows for the 3-class model and the cause each bad one must be refused with."""
+    large = class_jpeg(0, 1, size=(400, 300))
+    assert len(large) > THREE_CLASS_CAP
+    rows = [b64(class_jpeg(i, 900 + i)) for i in range(3)]
+    return [*rows, b64(large), "%%%%", b64(b"no image at all"), None], [
+        "too_large",
+        "not_base64",
+        "not_an_image",
+        "empty",
+    ]
+
+
+def test_three_class_signature_has_one_probability_column_per_class(three):
+    folder = Path(
+        mlflow.artifacts.download_artifacts(
+            "models:/catdog@champion", tracking_uri=f"sqlite:///{three.root / 'mlflow.db'}"
+        )
+    )
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    outputs = json.loads(mlmodel["signature"]["outputs"])
+    assert [c["name"] for c in outputs] == COLUMNS
+    assert [c["type"] for c in outputs] == ["string", "double", "double", "double", "string"]
+
+
+def test_three_class_pyfunc_answers_with_its_class_names(three):
+    mlflow.set_tracking_uri(f"sqlite:///{three.root / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/catdog@champion")
+    rows, causes = three_class_rows()
+    result = model.predict(pd.DataFrame({"image": rows}))
+    assert list(result.columns) == COLUMNS
+    good = result.iloc[:3]
+    assert set(good.label) <= set(THREE_CLASSES) and good.error.isna().all()
+    assert good[COLUMNS[1:4]].astype(float).sum(axis=1).tolist() == pytest.approx([1.0] * 3)
+    assert [error.split(":")[0] for error in result.error[3:]] == causes
+    size = len(base64.b64decode(rows[3]))
+    assert result.error[3] == f"too_large: {size} bytes > {THREE_CLASS_CAP} (data.max_image_bytes)"
+    assert all(result.loc[i, column] is None for i in range(3, 7) for column in COLUMNS[:4])
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_of_a_three_class_model_answers_strict_json(three, tmp_path):
+    rows, causes = three_class_rows()
+    with served(three.root / "mlflow.db", tmp_path / "serve.log") as url:
+        predictions = post(url, rows)
+    assert [list(p) for p in predictions] == [COLUMNS] * len(rows)  # "p_Golden Retriever", "p_chat tigré": as named
+    for prediction in predictions[:3]:
+        assert prediction["label"] in THREE_CLASSES and prediction["error"] is None
+        assert sum(prediction[c] for c in COLUMNS[1:4]) == pytest.approx(1.0)
+    assert [p["error"].split(":")[0] for p in predictions[3:]] == causes
+    assert all(p[c] is None for p in predictions[3:] for c in COLUMNS[:4])

@@ -25,9 +25,10 @@ from catdog.data import CachedImages, Split, load_split, split_digest
 from catdog.errors import CatdogError
 from catdog.frozen import export_whole_model
 from catdog.models import load_checkpoint
-from catdog.onnx_runtime import CACHE_OPSET, create_session, export_onnx
+from catdog.onnx_runtime import CACHE_OPSET, export_onnx
 from catdog.params import Params
 from catdog.paths import LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, PT2_FILE, Paths
+from catdog.predict import CLASSES_METADATA, ExportedModel
 from catdog.transforms import eval_preset
 
 
@@ -44,50 +45,14 @@ def run(params: Params, paths: Paths) -> dict:
         export_whole_model(model, config["arch"], size, paths.onnx_model, names=("image", "logits"))
     else:
         export_onnx(model, example, paths.onnx_model, p.opset, names=("image", "logits"))
+    stamp_classes(paths.onnx_model, config["classes"])
     export_pt2(model, example, paths.pt2_model)
+    write_labels_and_preprocess(params, config, paths)
+    exported = ExportedModel.load(paths.onnx_model)  # as `catdog predict` and the registered model load it
+    integrity.check_classes(exported.classes, paths, str(paths.onnx_model.relative_to(paths.root)))
 
     test = load_split(paths, "test")
-    images = CachedImages(paths, test, eval_preset(size))
-    count = min(len(images), p.parity_images)
-    batch = torch.stack([images[i][0] for i in range(count)])
-    targets = test.labels[:count]
-    with torch.inference_mode():
-        eager = model(batch).numpy()
-    results = {"parity_images": count, "eager_accuracy": _accuracy(eager, targets)}
-    for name, logits in (
-        ("onnx", onnx_logits(paths.onnx_model, batch.numpy())),
-        ("pt2", pt2_logits(paths.pt2_model, batch)),
-    ):
-        results[f"{name}_max_abs_diff"] = float(np.abs(logits - eager).max())
-        results[f"{name}_accuracy"] = _accuracy(logits, targets)
-        if results[f"{name}_max_abs_diff"] > p.tolerance or results[f"{name}_accuracy"] != results["eager_accuracy"]:
-            reports.write_json(paths.parity, results)
-            raise CatdogError(
-                f"{name} parity check failed over {count} test images: max |logit diff| "
-                f"{results[f'{name}_max_abs_diff']:.2e} (export.tolerance {p.tolerance:.0e}), accuracy "
-                f"{results[f'{name}_accuracy']:.4f} vs eager {results['eager_accuracy']:.4f}"
-            )
-    results["onnx_mb"] = round(paths.onnx_model.stat().st_size / 2**20, 2)
-    reports.write_json(paths.parity, results)
-
-    atomic.write_text(paths.labels, json.dumps({"classes": config["classes"]}, indent=2) + "\n")
-    atomic.write_text(
-        paths.preprocess,
-        json.dumps(
-            {
-                "cache_size": config["cache_size"],  # decode: EXIF-rotate, RGB, squash-resize (bilinear)
-                "min_image_size": params.data.min_image_size,  # smaller images are refused, as prepare does
-                "image_size": size,  # then resize to the model input
-                "layout": "NCHW",
-                "dtype": "float32",
-                "scale": [0.0, 1.0],
-                "normalization": "inside the model",
-            },
-            indent=2,
-        )
-        + "\n",
-    )
-
+    results = check_parity(model, exported, paths, test, p.parity_images, p.tolerance)
     with tracking.stage_run(params, paths, "export") as mlflow_run:
         test_metrics = json.loads(paths.evaluate_metrics.read_text())
         atomic.write_text(paths.model_card, model_card(params, config, test_metrics, results, paths))
@@ -116,9 +81,68 @@ def run(params: Params, paths: Paths) -> dict:
             if registration
             else {}
         )
-        mlflow_run.log_facts({"parity_images": count, **registry})
+        mlflow_run.log_facts({"parity_images": results["parity_images"], **registry})
         results.update(registry)
     return results
+
+
+def check_parity(
+    model: torch.nn.Module, exported: ExportedModel, paths: Paths, test: Split, parity_images: int, tolerance: float
+) -> dict:
+    """Logits and accuracy of the exported models vs eager PyTorch on the first test images
+    (parity.json); CatdogError when one differs by more than ``tolerance``."""
+    size = exported.image_size
+    images = CachedImages(paths, test, eval_preset(size))
+    count = min(len(images), parity_images)
+    batch = torch.stack([images[i][0] for i in range(count)])
+    targets = test.labels[:count]
+    with torch.inference_mode():
+        eager = model(batch).numpy()
+    results = {"parity_images": count, "eager_accuracy": _accuracy(eager, targets)}
+    for name, logits in (
+        ("onnx", exported.session.run(None, {exported.input_name: batch.numpy()})[0]),
+        ("pt2", pt2_logits(paths.pt2_model, batch)),
+    ):
+        results[f"{name}_max_abs_diff"] = float(np.abs(logits - eager).max())
+        results[f"{name}_accuracy"] = _accuracy(logits, targets)
+        if results[f"{name}_max_abs_diff"] > tolerance or results[f"{name}_accuracy"] != results["eager_accuracy"]:
+            reports.write_json(paths.parity, results)
+            raise CatdogError(
+                f"{name} parity check failed over {count} test images: max |logit diff| "
+                f"{results[f'{name}_max_abs_diff']:.2e} (export.tolerance {tolerance:.0e}), accuracy "
+                f"{results[f'{name}_accuracy']:.4f} vs eager {results['eager_accuracy']:.4f}"
+            )
+    results["onnx_mb"] = round(paths.onnx_model.stat().st_size / 2**20, 2)
+    reports.write_json(paths.parity, results)
+    return results
+
+
+def stamp_classes(path: Path, classes: list[str]) -> None:
+    """The class names into the ONNX model's own metadata (``metadata_props``, key
+    ``predict.CLASSES_METADATA``, JSON in output order): the file names its outputs wherever it goes,
+    and a labels.json beside it that names others is refused at load."""
+    import onnx
+
+    model = onnx.load(str(path))
+    props = {entry.key: entry.value for entry in model.metadata_props}
+    onnx.helper.set_model_props(model, {**props, CLASSES_METADATA: json.dumps(list(classes))})
+    with atomic.replacing(path) as temporary:
+        onnx.save(model, str(temporary))
+
+
+def write_labels_and_preprocess(params: Params, config: dict, paths: Paths) -> None:
+    atomic.write_text(paths.labels, json.dumps({"classes": config["classes"]}, indent=2) + "\n")
+    preprocess = {
+        "cache_size": config["cache_size"],  # decode: EXIF-rotate, RGB, squash-resize (bilinear)
+        "min_image_size": params.data.min_image_size,  # smaller images are refused, as prepare does
+        "max_image_bytes": params.data.max_image_bytes,  # bigger files are refused (too_large), as prepare does
+        "image_size": config["image_size"],  # then resize to the model input
+        "layout": "NCHW",
+        "dtype": "float32",
+        "scale": [0.0, 1.0],
+        "normalization": "inside the model",
+    }
+    atomic.write_text(paths.preprocess, json.dumps(preprocess, indent=2) + "\n")
 
 
 def example_jpeg(paths: Paths, test: Split) -> bytes:
@@ -139,11 +163,6 @@ def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Non
         torch.export.save(program, handle)
 
 
-def onnx_logits(path: Path, batch: np.ndarray) -> np.ndarray:
-    session = create_session(path)
-    return session.run(None, {session.get_inputs()[0].name: batch})[0]
-
-
 def pt2_logits(path: Path, batch: torch.Tensor) -> np.ndarray:
     with torch.inference_mode():
         return torch.export.load(str(path)).module()(batch).numpy()
@@ -153,22 +172,25 @@ def model_card(params: Params, config: dict, test: dict, parity: dict, paths: Pa
     """Only what the model's inputs determine: the same checkpoint, data and params give the same card
     (no run id, commit or date: the card is a DVC output, and those differ per run)."""
     summary = json.loads(paths.prepare_summary.read_text())
+    classes = config["classes"]
     splits = ", ".join(f"{name} {sum(counts.values())}" for name, counts in summary["splits"].items())
     metric_rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in test.items())
     train_rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in params.flat("train").items())
+    names = ", ".join(f"`{name}`" for name in classes)
     return f"""# Model card: catdog {config["arch"]}
 
-Binary image classifier: **cat** or **dog**, fine-tuned from ImageNet weights.
+Image classifier over {len(classes)} classes ({names}), fine-tuned from ImageNet weights.
 
 ## Use
 - Input: one RGB photo. Decoding as in prepare: EXIF rotation applied, converted to RGB,
   squashed to {config["cache_size"]}x{config["cache_size"]} (bilinear),
   then {config["image_size"]}x{config["image_size"]};
   float32 NCHW in [0, 1]. Normalisation is inside the model.
-- Output: logits for `{config["classes"]}`; softmax gives the confidence.
+- Output: logits for `{classes}` (in this order; also in `{ONNX_FILE}`'s metadata `{CLASSES_METADATA}`);
+  softmax gives the confidence.
 - Files: `{ONNX_FILE}` (ONNX, dynamic batch; `catdog predict` uses it), `{PT2_FILE}` (torch.export),
   `{LABELS_FILE}`, `{PREPROCESS_FILE}`.
-- Intended use: sorting pet photos into cats and dogs. Not for any decision about people,
+- Intended use: sorting photos into the classes above. Not for any decision about people,
   animal welfare or safety.
 
 ## Data
@@ -177,6 +199,11 @@ Binary image classifier: **cat** or **dog**, fine-tuned from ImageNet weights.
   duplicate groups kept within one split: {summary["duplicate_groups_merged"]}.
 - Data hash (md5 of `data/prepared/content.json`: size and md5 of the image cache and manifest):
   `{integrity.data_hash(paths)}`.
+
+## Classes (images per split; test precision, recall and F1 of each class)
+| class | train | val | test | precision | recall | F1 |
+|---|---|---|---|---|---|---|
+{class_rows(classes, summary["splits"], json.loads(paths.evaluate_details.read_text()))}
 
 ## Training params
 | param | value |
@@ -197,13 +224,31 @@ torch.export max |logit diff| {parity["pt2_max_abs_diff"]:.2e}; accuracy identic
   (UI search: `tags."{tracking.CHECKPOINT_TAG}" = '...'`).
 
 ## Known limits
-- Two classes only: every input gets "cat" or "dog", including photos of neither.
-- The Kaggle Dogs vs. Cats labels are noisy (e.g. `dog.5604` is not an animal, `cat.1450`,
-  `dog.12376`); test metrics carry that noise.
-- Trained on photos of at most ~500 px, mostly one animal, centred; drawings, several animals or
-  unusual viewpoints are less reliable. Confidence is calibrated only as far as the reliability
-  diagram of the evaluate stage shows.
+- Closed set: every input gets one of the {len(classes)} classes, including photos of none of them.
+- Labels of the source data carry their own noise (Kaggle's Dogs vs. Cats has mislabelled files and
+  some that show no animal); test metrics carry that noise.
+- Trained on the photos of the source data (Kaggle's: at most ~500 px, mostly one animal, centred);
+  drawings, several animals or unusual viewpoints are less reliable. Confidence is calibrated only
+  as far as the reliability diagram of the evaluate stage shows.
 """
+
+
+def class_rows(classes: list[str], splits: dict[str, dict[str, int]], details: dict) -> str:
+    """One table row per class: its images per split and its test figures from evaluate's details.json
+    (keys ``precision_<class>``, ``recall_<class>``, ``f1_<class>``; a figure it lacks shows as "-")."""
+
+    def figure(key: str) -> str:
+        value = details.get(key)
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+    return "\n".join(
+        f"| `{name}` | "
+        + " | ".join(str(splits.get(split, {}).get(name, 0)) for split in ("train", "val", "test"))
+        + " | "
+        + " | ".join(figure(f"{kind}_{name}") for kind in ("precision", "recall", "f1"))
+        + " |"
+        for name in classes
+    )
 
 
 def _accuracy(logits: np.ndarray, targets: np.ndarray) -> float:

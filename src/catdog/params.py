@@ -53,6 +53,7 @@ class DataParams(_Section):
     limit_per_class: int | None = Field(gt=0)
     min_image_size: int = Field(ge=1)
     min_per_class: int = Field(ge=3)  # one image per split
+    max_image_bytes: int = Field(ge=1)
     workers: int = Field(ge=0)  # 0: one process per CPU core
 
     @model_validator(mode="after")

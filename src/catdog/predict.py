@@ -14,22 +14,24 @@ from pathlib import Path
 import numpy as np
 
 from catdog.errors import CatdogError
-from catdog.images import BadImage, decode_image, resize
+from catdog.images import BadImage, check_size, decode_image, read_file, resize
 from catdog.onnx_runtime import create_session, usable_cores
 from catdog.paths import LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, Paths, find_root
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_MODEL = Paths(Path(".")).onnx_model  # relative to the project root
+CLASSES_METADATA = "catdog.classes"  # model.onnx metadata_props: the class names in output order, as JSON
 
 
 @dataclass(frozen=True)
 class ExportedModel:
     session: object
     input_name: str
-    classes: list[str]
+    classes: list[str]  # labels.json: the model's output order
     cache_size: int
     image_size: int
     min_image_size: int = 1  # prepare's data.min_image_size (exports before it was recorded: 1)
+    max_image_bytes: int | None = None  # data.max_image_bytes (exports before it was recorded: no cap)
 
     @classmethod
     def load(cls, spec: str | Path) -> ExportedModel:
@@ -49,6 +51,7 @@ class ExportedModel:
             session = create_session(path)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
             raise CatdogError(f"cannot load {path} as an ONNX model: {str(exc).splitlines()[0]}") from None
+        _check_classes(path, session, config["classes"])
         return cls(
             session,
             session.get_inputs()[0].name,
@@ -56,11 +59,18 @@ class ExportedModel:
             config["cache_size"],
             config["image_size"],
             config.get("min_image_size", 1),
+            config.get("max_image_bytes"),
         )
 
+    def read(self, path: Path) -> bytes:
+        """A file's bytes; BadImage ``too_large`` over ``max_image_bytes``, before reading it."""
+        return read_file(path, self.max_image_bytes) if self.max_image_bytes else path.read_bytes()
+
     def preprocess(self, data: bytes) -> np.ndarray:
-        """The same decode and checks as prepare (BadImage ``too_small`` below its minimum size),
-        then the model's input size; CHW float32 in [0, 1]."""
+        """The same decode and checks as prepare (BadImage ``too_large`` over its byte cap,
+        ``too_small`` below its minimum size), then the model's input size; CHW float32 in [0, 1]."""
+        if self.max_image_bytes:
+            check_size(len(data), self.max_image_bytes)
         pixels = resize(decode_image(data, self.cache_size, self.min_image_size), self.image_size)
         return pixels.transpose(2, 0, 1).astype(np.float32) / 255.0
 
@@ -70,6 +80,23 @@ class ExportedModel:
             mirrored = np.ascontiguousarray(batch[..., ::-1])
             probabilities = (probabilities + _softmax(self.session.run(None, {self.input_name: mirrored})[0])) / 2
         return probabilities
+
+
+def _check_classes(path: Path, session, listed: list[str]) -> None:
+    """Refuse a labels.json that does not name the model's outputs: other classes than the model's
+    own metadata (export stamps them, ``CLASSES_METADATA``), or another number of them."""
+    stamped = session.get_modelmeta().custom_metadata_map.get(CLASSES_METADATA)
+    if stamped is not None and json.loads(stamped) != list(listed):
+        raise CatdogError(
+            f"{path} was exported for classes {json.loads(stamped)}, its {LABELS_FILE} lists {list(listed)}: "
+            "export it again (dvc repro export)"
+        )
+    width = session.get_outputs()[0].shape[-1]
+    if isinstance(width, int) and width != len(listed):
+        raise CatdogError(
+            f"{path} has {width} outputs, its {LABELS_FILE} lists {len(listed)} classes: "
+            "export it again (dvc repro export)"
+        )
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -110,14 +137,17 @@ def expand_paths(paths: Iterable[str]) -> list[Path]:
     return files
 
 
-def predict(model: ExportedModel, files: Iterable[Path], batch_size: int = 16, tta: bool = False) -> Iterator[dict]:
-    """One result per file, in order: {path, label, confidence} or {path, error}. Files decode in
-    threads up to two batches ahead while ONNX Runtime runs the current one; at most those batches
-    are held, so memory depends on the batch size, not on the number of files."""
+def predict(
+    model: ExportedModel, files: Iterable[Path], batch_size: int = 16, tta: bool = False, top_k: int = 0
+) -> Iterator[dict]:
+    """One result per file, in order: {path, label, confidence} or {path, error}; with ``top_k``, also
+    ``top_k``: the ``top_k`` most probable classes, best first (all of them when there are fewer).
+    Files decode in threads up to two batches ahead while ONNX Runtime runs the current one; at most
+    those batches are held, so memory depends on the batch size, not on the number of files."""
 
     def load(path: Path):
         try:
-            return model.preprocess(path.read_bytes())
+            return model.preprocess(model.read(path))
         except FileNotFoundError:
             return "no such file" if not glob.has_magic(str(path)) else "no file matches this pattern"
         except IsADirectoryError:
@@ -134,14 +164,17 @@ def predict(model: ExportedModel, files: Iterable[Path], batch_size: int = 16, t
             by_index = dict(zip(good, probs))
             for i, (path, loaded) in enumerate(batch):
                 if i in by_index:
-                    p = by_index[i]
-                    yield {
-                        "path": str(path),
-                        "label": model.classes[int(p.argmax())],
-                        "confidence": round(float(p.max()), 6),
-                    }
+                    yield {"path": str(path), **_ranked(by_index[i], model.classes, top_k)}
                 else:
                     yield {"path": str(path), "error": loaded}
+
+
+def _ranked(probabilities: np.ndarray, classes: list[str], top_k: int) -> dict:
+    result = {"label": classes[int(probabilities.argmax())], "confidence": round(float(probabilities.max()), 6)}
+    if top_k:
+        best = np.argsort(-probabilities, kind="stable")[:top_k]
+        result["top_k"] = [{"label": classes[i], "probability": round(float(probabilities[i]), 6)} for i in best]
+    return result
 
 
 def _decoded_ahead(files: Iterable[Path], load, batch_size: int, pool: ThreadPoolExecutor):

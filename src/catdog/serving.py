@@ -1,11 +1,14 @@
-"""The registered model: an MLflow pyfunc that takes encoded images and answers cat or dog.
+"""The registered model: an MLflow pyfunc that takes encoded images and answers their class.
 
 It wraps the exported ONNX model with the very preprocessing of ``catdog predict``
 (:class:`catdog.predict.ExportedModel`), so ``mlflow.pyfunc.load_model("models:/catdog@champion")``
 and ``mlflow models serve`` classify photos. Input: a DataFrame whose ``image`` column (or only
-column) holds encoded images, as bytes or base64 strings. Output: one row per image with
-``label``, ``p_cat``, ``p_dog`` and ``error`` (set, with the others empty, for an image that
-cannot be used; the rest of the batch is still classified).
+column) holds encoded images, as bytes or strict base64 strings. Output: one row per image with
+``label``, ``p_<class>`` for each class (the names as in labels.json, verbatim) and ``error``
+(``<cause>: <detail>``, with the others None, for an image that cannot be used; the rest of the
+batch is still classified). Every column has object dtype, so a missing value stays None: the
+scoring server writes it as JSON ``null`` (a float column would hold NaN, which it writes as the
+invalid JSON ``NaN``).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 
 
 def classify(model: ExportedModel, images: list[bytes | str]) -> pd.DataFrame:
-    """One row per image: label and class probabilities, or an error."""
+    """One row per image: label and class probabilities, or an error (the others None)."""
+    columns = ["label", *probability_columns(model.classes), "error"]
     rows = []
     for start in range(0, len(images), BATCH_SIZE):
         loaded = [_pixels(model, image) for image in images[start : start + BATCH_SIZE]]
@@ -45,27 +49,42 @@ def classify(model: ExportedModel, images: list[bytes | str]) -> pd.DataFrame:
         probabilities = dict(zip(good, model.probabilities(np.stack([loaded[i] for i in good])) if good else []))
         for i, item in enumerate(loaded):
             p = probabilities.get(i)
-            rows.append(
-                {
-                    "label": model.classes[int(p.argmax())] if p is not None else None,
-                    **{f"p_{name}": float(p[k]) if p is not None else np.nan for k, name in enumerate(model.classes)},
-                    "error": None if p is not None else item,
-                }
-            )
-    return pd.DataFrame(rows, columns=["label", *(f"p_{name}" for name in model.classes), "error"])
+            if p is None:
+                rows.append([None] * (len(columns) - 1) + [item])
+            else:
+                rows.append([model.classes[int(p.argmax())], *(float(x) for x in p), None])
+    return pd.DataFrame(rows, columns=columns, dtype=object)
 
 
-def _pixels(model: ExportedModel, image: bytes | str) -> np.ndarray | str:
-    """The model input of one image, or why there is none."""
+def probability_columns(classes: list[str]) -> list[str]:
+    return [f"p_{name}" for name in classes]
+
+
+def _pixels(model: ExportedModel, image: bytes | str | None) -> np.ndarray | str:
+    """The model input of one image, or why there is none (``<cause>: <detail>``)."""
     try:
-        data = base64.b64decode(image, validate=True) if isinstance(image, str) else image
+        data = decode_base64(image) if isinstance(image, str) else image
+        if data is None or (isinstance(data, float) and np.isnan(data)):  # JSON null: None, or NaN in pandas
+            return "empty: no image in this row"
         if not isinstance(data, (bytes, bytearray)):
             return f"not_an_image: expected bytes or a base64 string, got {type(image).__name__}"
         return model.preprocess(bytes(data))
-    except binascii.Error:
-        return "not_base64: a string must hold the base64-encoded image"
     except BadImage as exc:
         return str(exc)
+
+
+def decode_base64(text: str) -> bytes:
+    """Strict RFC 4648 base64 (standard alphabet, canonical padding); whitespace, such as the line
+    breaks of ``base64`` without ``-w0``, carries no data and is dropped. BadImage ``not_base64`` else
+    (MLflow's own decoding of a binary column drops every stray character: ``%%%%`` gave empty bytes)."""
+    compact = "".join(text.split())
+    try:
+        data = base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):  # ValueError: a non-ASCII character
+        data = None
+    if data is None or base64.b64encode(data).decode("ascii") != compact:  # bad padding or trailing bits
+        raise BadImage("not_base64", "a string must hold the base64-encoded image (standard alphabet, padded)")
+    return data
 
 
 def pyfunc_model(artifacts: dict[str, Path], classes: list[str], example_image: bytes) -> dict:
@@ -83,16 +102,19 @@ def pyfunc_model(artifacts: dict[str, Path], classes: list[str], example_image: 
 
 
 def signature(classes: list[str]):
-    """Encoded image in; label, one probability per class and an error out (all optional)."""
+    """A base64 string (or, in process, bytes) in; label, one probability per class and an error out.
+
+    The input is a ``string`` column, not ``binary``: the scoring server would decode a binary column
+    itself, leniently (stray characters dropped), before the model could refuse it as ``not_base64``."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec(DataType.binary, IMAGE_COLUMN)]),
+        inputs=Schema([ColSpec(DataType.string, IMAGE_COLUMN)]),
         outputs=Schema(
             [
                 ColSpec(DataType.string, "label", required=False),
-                *(ColSpec(DataType.double, f"p_{name}", required=False) for name in classes),
+                *(ColSpec(DataType.double, name, required=False) for name in probability_columns(classes)),
                 ColSpec(DataType.string, "error", required=False),
             ]
         ),

@@ -68,6 +68,7 @@ _RUN_OWN_TAGS = {
     FAILED_STAGE_TAG,
 }
 CHECKPOINT_TAG = "catdog.checkpoint_md5"
+CLASSES_PARAM = "catdog.classes"  # JSON list of the class names, as the model outputs them
 REUSED_TAG = "catdog.reused_from"
 RESULTS_TAG = "catdog.results."  # + stage name: "logged" or "copied"
 _LINEAGE_FILES = (
@@ -319,6 +320,8 @@ def start_run(params: Params, paths: Paths) -> Iterator[Run]:
     run = client.create_run(experiment_id, run_name=run_name(params), tags=tags)
     with _opened(run.info.run_id, "train", store_root(paths.root), log_system_metrics=True) as active:
         active.log_params(params.flat("data", "train", "tracking"))
+        if paths.prepared_content.is_file():  # the classes prepare resolved, in model output order
+            active.log_params({CLASSES_PARAM: json.dumps(integrity.recorded_classes(paths))})
         if paths.manifest.is_file():
             mlflow.log_input(prepared_dataset(params, paths), context="training")
         yield active
@@ -634,15 +637,22 @@ class _PreparedImages(MetaDataset):
 
 def prepared_dataset(params: Params, paths: Paths) -> _PreparedImages:
     """``data/prepared`` as an MLflow dataset: named after ``data.source``, DVC's md5 as digest,
-    the image count per split as profile."""
+    the image count per split and, per split, per class as profile."""
+    per_class: dict[str, Counter] = {}
     with paths.manifest.open(newline="") as handle:
-        splits = Counter(row["split"] for row in csv.DictReader(handle))
+        for row in csv.DictReader(handle):
+            per_class.setdefault(row["split"], Counter())[row["label"]] += 1
+    splits = {split: sum(counts.values()) for split, counts in per_class.items()}
     source = Path(params.data.source)
     return _PreparedImages(
         str(source if source.is_absolute() else paths.root / source),
         source.name,
         prepared_digest(paths),
-        {"images": sum(splits.values()), **splits},
+        {
+            "images": sum(splits.values()),
+            **splits,
+            "per_class": {split: dict(sorted(counts.items())) for split, counts in per_class.items()},
+        },
     )
 
 
