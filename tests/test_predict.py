@@ -315,3 +315,46 @@ def test_registry_uri_outside_a_project_creates_nothing(inputs, tmp_path):
     assert proc.returncode == 2
     assert list(workdir.iterdir()) == []
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_predict_cli_top_k_lists_the_best_labels_and_clamps_to_the_class_count(model_file, inputs):
+    proc = catdog("predict", str(inputs["good"]), str(inputs["missing"]), "--model", model_file, "--top-k", "5")
+    assert proc.returncode == 0, proc.stderr
+    good, missing = json_lines(proc.stdout)  # strict JSON: json.loads of each line
+    assert [c["label"] for c in good["top_k"]] == ["dog", "cat"]  # 5 > 2 classes: all of them, best first
+    assert good["top_k"][0] == {"label": good["label"], "probability": good["confidence"]}
+    assert sum(c["probability"] for c in good["top_k"]) == pytest.approx(1.0, abs=1e-5)
+    assert "top_k" not in missing and missing["error"] == "no such file"
+    one = json_lines(catdog("predict", str(inputs["good"]), "--model", model_file, "--top-k", "1").stdout)[0]
+    assert one["top_k"] == good["top_k"][:1]
+    refused = catdog("predict", str(inputs["good"]), "--model", model_file, "--top-k", "0")
+    assert refused.returncode == 2 and "--top-k: must be a whole number of at least 1, got '0'" in refused.stderr
+
+
+def test_predict_cli_top_k_table(model_file, inputs):
+    args = ("predict", str(inputs["good"]), str(inputs["missing"]), "--model", model_file, "--format", "table")
+    proc = catdog(*args, "--top-k", "2")
+    assert proc.returncode == 0, proc.stderr
+    header, good, missing = proc.stdout.splitlines()
+    assert header.split() == ["label", "confidence", "top_k", "path"]
+    label, confidence, first, p_first, second, p_second, path = good.split()
+    assert (label, first, second) == ("dog", "dog", "cat") and path == str(inputs["good"])
+    assert float(p_first) == pytest.approx(float(confidence)) and float(p_first) + float(p_second) == pytest.approx(1)
+    assert header.index("path") == good.index(path) == missing.index(str(inputs["missing"]))  # aligned columns
+    assert missing.split()[0] == "error" and missing.endswith("no such file")
+
+
+def test_a_file_over_the_exported_byte_cap_is_too_large(pipeline, tmp_path):
+    folder = tmp_path / "export"
+    shutil.copytree(pipeline.paths.exported, folder)
+    preprocess = json.loads((folder / "preprocess.json").read_text())
+    (folder / "preprocess.json").write_text(json.dumps({**preprocess, "max_image_bytes": 20_000}))
+    big, small = tmp_path / "big.jpg", tmp_path / "small.jpg"
+    big.write_bytes(jpeg_bytes("cat", 610, size=(400, 300)))
+    small.write_bytes(jpeg_bytes("cat", 611))
+    assert big.stat().st_size > 20_000 > small.stat().st_size
+    proc = catdog("predict", str(big), str(small), "--model", str(folder / "model.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    too_large, fine = json_lines(proc.stdout)
+    assert too_large["error"] == f"too_large: {big.stat().st_size} bytes > 20000 (data.max_image_bytes)"
+    assert fine["label"] == "cat"

@@ -21,7 +21,7 @@ from catdog import serving
 from catdog.images import BadImage
 from catdog.predict import ExportedModel
 
-from conftest import client_for, jpeg_bytes
+from conftest import CATDOG_BIN, client_for, jpeg_bytes
 from dvc_project import clean_env, free_port, stop, tool, wait_for_http
 
 
@@ -243,3 +243,21 @@ def test_mlflow_models_serve_of_a_three_class_model_answers_strict_json(three, t
         assert sum(prediction[c] for c in COLUMNS[1:4]) == pytest.approx(1.0)
     assert [p["error"].split(":")[0] for p in predictions[3:]] == causes
     assert all(p[c] is None for p in predictions[3:] for c in COLUMNS[:4])
+
+
+def test_predict_cli_top_k_on_three_classes(three, tmp_path):
+    image = tmp_path / "golden.jpg"
+    image.write_bytes(class_jpeg(0, 950))
+    model = str(three.paths.exported / "model.onnx")
+    run = [str(CATDOG_BIN), "predict", str(image), "--model", model]
+    proc = subprocess.run([*run, "--top-k", "2"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (result,) = [json.loads(line, parse_constant=_refuse_constant) for line in proc.stdout.splitlines()]
+    ranked = [c["label"] for c in result["top_k"]]
+    assert len(ranked) == 2 and set(ranked) <= set(THREE_CLASSES) and ranked[0] == result["label"]
+    assert result["top_k"][0]["probability"] >= result["top_k"][1]["probability"]
+    table = subprocess.run([*run, "--top-k", "9", "--format", "table"], capture_output=True, text=True, timeout=120)
+    header, row = table.stdout.splitlines()
+    assert header.index("confidence") == len("Golden Retriever") + 1  # as wide as the longest class name
+    assert all(name in row for name in THREE_CLASSES) and row.endswith(f"  {image}")  # 9 > 3: all three
+    assert header.index("path") == row.index(str(image))

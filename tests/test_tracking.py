@@ -78,7 +78,8 @@ def test_start_run_creates_run_with_params_and_tags(mlflow_store, mlflow_client,
     assert p["data.source"] == "data/raw/train.zip"
     assert p["data.cache_size"] == "64"
     assert p["tracking.experiment_name"] == "catdog-tracking-test"
-    assert set(p) == set(params.flat("data", "train", "tracking"))  # evaluate/export belong to later stages
+    assert json.loads(p["catdog.classes"]) == ["cat", "dog"]  # as prepare recorded them, in output order
+    assert set(p) == {*params.flat("data", "train", "tracking"), "catdog.classes"}  # evaluate/export: later stages
 
     tags = logged.data.tags
     assert tags["data.hash"] == hashlib.md5(paths.prepared_content.read_bytes()).hexdigest()
@@ -95,7 +96,12 @@ def test_every_run_logs_the_prepared_data_as_an_mlflow_dataset(mlflow_store, tmp
     paths.manifest.parent.mkdir(parents=True)
     paths.manifest.write_text(
         "path,label,split,pixel_md5\n"
-        + "".join(f"train/cat.{i}.jpg,cat,{split},{i}\n" for i, split in enumerate(["train"] * 3 + ["val", "test"]))
+        + "".join(
+            f"train/{label}.{i}.jpg,{label},{split},{i}\n"
+            for i, (label, split) in enumerate(
+                [("cat", "train")] * 2 + [("dog", "train"), ("Golden Retriever", "val"), ("cat", "test")]
+            )
+        )
     )
     (paths.prepared / "images.npy").write_bytes(b"pixels")
     paths.checkpoint.parent.mkdir(parents=True)
@@ -112,7 +118,13 @@ def test_every_run_logs_the_prepared_data_as_an_mlflow_dataset(mlflow_store, tmp
         dataset = logged.dataset
         assert dataset.name == "train.zip" and dataset.digest == tracking.prepared_digest(paths)
         assert dataset.digest.endswith(".dir") and len(dataset.digest) == 36
-        assert json.loads(dataset.profile) == {"images": 5, "train": 3, "val": 1, "test": 1}
+        assert json.loads(dataset.profile) == {
+            "images": 5,
+            "train": 3,
+            "val": 1,
+            "test": 1,
+            "per_class": {"train": {"cat": 2, "dog": 1}, "val": {"Golden Retriever": 1}, "test": {"cat": 1}},
+        }
         assert json.loads(dataset.source)["uri"] == str(tmp_path / "data" / "raw" / "train.zip")
         assert {t.key: t.value for t in logged.tags}["mlflow.data.context"] == "training"
     # with a dvc.lock, the digest is the md5 DVC recorded for prepare's output
