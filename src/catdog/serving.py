@@ -64,11 +64,11 @@ def _pixels(model: ExportedModel, image: bytes | str | None) -> np.ndarray | str
     """The model input of one image, or why there is none (``<cause>: <detail>``)."""
     try:
         data = decode_base64(image) if isinstance(image, str) else image
-        if data is None or (isinstance(data, float) and np.isnan(data)):  # JSON null: None, or NaN in pandas
+        if isinstance(data, (bytes, bytearray)):
+            return model.preprocess(bytes(data))
+        if pd.api.types.is_scalar(data) and pd.isna(data):  # JSON null: None, or NaN/NA in a pandas column
             return "empty: no image in this row"
-        if not isinstance(data, (bytes, bytearray)):
-            return f"not_an_image: expected bytes or a base64 string, got {type(image).__name__}"
-        return model.preprocess(bytes(data))
+        return f"not_an_image: expected bytes or a base64 string, got {type(image).__name__}"
     except BadImage as exc:
         return str(exc)
 
