@@ -18,7 +18,7 @@ from catdog.evaluate import classification_metrics, write_predictions
 from catdog.models import load_checkpoint
 from catdog.transforms import eval_preset
 
-from conftest import PNG_SIGNATURE, client_for, read_csv, run_id
+from conftest import PNG_SIGNATURE, ROUNDED, client_for, read_csv, run_id
 
 
 def probs(prob_dog: list[float]) -> np.ndarray:
@@ -141,7 +141,7 @@ def test_evaluate_writes_metrics_predictions_and_confusion_matrix(pipeline):
     metrics = json.loads(reports.joinpath("metrics.json").read_text())
     assert set(metrics) == {"accuracy", "log_loss", "roc_auc", "f1", "ece"}  # the headline DVC metrics
     details = json.loads(pipeline.paths.evaluate_details.read_text())
-    assert details == pytest.approx(pipeline.evaluate, abs=1e-6)  # every figure, rounded to 6 decimals
+    assert details == pytest.approx(pipeline.evaluate, abs=ROUNDED)  # every figure, rounded
     assert details["n"] == 10  # round(20 * 0.25) test images per class
     assert reports.joinpath("confusion_matrix.png").read_bytes()[:8] == PNG_SIGNATURE
 

@@ -12,7 +12,7 @@ import torch
 
 from catdog.models import load_checkpoint
 
-from conftest import client_for, run_id
+from conftest import ROUNDED, client_for, run_id
 
 # --- export ------------------------------------------------------------------------------------
 
@@ -35,7 +35,7 @@ def test_export_writes_models_labels_preprocess_and_card(pipeline):
 def test_export_parity(pipeline):
     results = pipeline.export
     parity = json.loads(pipeline.paths.parity.read_text())
-    assert parity == pytest.approx({k: v for k, v in results.items() if k in parity}, abs=1e-6)
+    assert parity == pytest.approx({k: v for k, v in results.items() if k in parity}, abs=ROUNDED)
     assert "registered_version" not in parity  # registry details live in MLflow
     assert results["parity_images"] == 10  # all test images (fewer than export.parity_images)
     tolerance = pipeline.params.export.tolerance
