@@ -11,7 +11,10 @@ import pytest
 
 from conftest import REPO_ROOT
 
-COMPARISONS = {"features", "extraction", "top_epoch", "predict", "predict_naive", "epoch", "prepare"}
+COMPARISONS = {
+    *("features", "extraction", "top_epoch", "predict", "predict_naive", "epoch", "prepare"),
+    *("classes_prepare", "classes_extraction", "classes_predict"),
+}
 
 
 @pytest.mark.slow  # real processes: run by make test, not make check
@@ -47,6 +50,9 @@ def test_benchmark_measures_every_comparison_and_writes_json(dataset, tmp_path):
         assert r["ratio"] > 0 and r["project_per_s"] > 0 and r["baseline_per_s"] > 0
     assert results["predict"]["count"] == 24 and results["predict"]["target"] == 0.8
     assert results["extraction"]["target"] == 0.8
+    for what in ("prepare", "extraction", "predict"):  # 10 classes vs 2, same images
+        assert results[f"classes_{what}"]["target"] == 0.9
+    assert results["classes_predict"]["count"] == 24
     assert results["predict"]["peak_rss_mb"] > 0 and report["peak_rss_mb"] > 0
     assert report["machine"]["usable_cores"] >= 1 and report["date"]
     assert "ratio" in run.stdout and "peak RSS" in run.stdout  # the printed table
