@@ -294,10 +294,10 @@ def serve_model(model_uri: str, tracking_uri: str, cwd: Path, timeout: float = 1
     """``mlflow models serve -m MODEL_URI`` as a real process on loopback (the README's command);
     yields ``post(body) -> the reply's text`` for /invocations, then stops the server."""
     port, log = free_port(), cwd / "serve.log"
+    command = ["models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-w", "1"]
     with log.open("w") as handle:
         server = subprocess.Popen(
-            [tool("mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local"]
-            + ["-p", str(port), "-h", "127.0.0.1", "-w", "1"],
+            [tool("mlflow"), *command, "-p", str(port)],
             stdout=handle,
             stderr=subprocess.STDOUT,
             cwd=cwd,
