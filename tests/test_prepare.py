@@ -144,29 +144,31 @@ def test_source_file_that_is_not_a_zip_is_a_catdog_error(tmp_path):
         run_prepare(bogus, tmp_path / "out")
 
 
-def test_class_subfolders_in_any_case_are_labelled(tmp_path):
-    files = {}
-    for i, folder in enumerate(["Cat", "cats", "CAT", "PetImages/Cat"] * 2):
-        files[f"{folder}/{i}.jpg"] = jpeg_bytes("cat", i)
-    for i, folder in enumerate(["Dog", "DOGS", "dog", "PetImages/Dog"] * 2):
-        files[f"{folder}/{i}.jpeg"] = jpeg_bytes("dog", i)
-    source = write_folder(tmp_path / "src", files)
-    summary, paths = run_prepare(source, tmp_path / "out")
-    manifest = manifest_of(paths)
-    assert set(manifest) == set(files)
-    assert all(
-        row["label"] == ("cat" if name.lower().split("/")[-2].startswith("cat") else "dog")
-        for name, row in manifest.items()
-    )
-    assert summary["images"] == 16 and summary["unlabelled_ignored"] == 0
+def test_class_folder_names_are_labels_as_written(tmp_path):
+    folders = ["Cat", "cat", "CAT dogs", "Ünïcødé 猫"]  # four classes: no mapping, no case folding
+    files = {
+        f"{folder}/{i}.jpg": jpeg_bytes("cat" if n % 2 else "dog", 10 * n + i)
+        for n, folder in enumerate(folders)
+        for i in range(4)
+    }
+    summary, paths = run_prepare(write_zip(tmp_path / "pets.zip", files), tmp_path / "out")
+    assert summary["layout"] == "class_folders"
+    assert summary["classes"] == sorted(folders)
+    assert {name: row["label"] for name, row in manifest_of(paths).items()} == {
+        name: name.split("/")[0] for name in files
+    }
+    for name in ("train", "val", "test"):  # the labels survive manifest.csv and index the recorded classes
+        split = load_split(paths, name)
+        assert [split.classes[label] for label in split.labels] == [p.split("/")[0] for p in split.paths]
 
 
-def test_class_subfolders_in_a_zip_are_labelled(tmp_path):
+def test_class_subfolders_in_a_folder_are_labelled(tmp_path):
     files = {f"Cat/{i}.jpg": jpeg_bytes("cat", i) for i in range(5)}
     files.update({f"Dog/{i}.jpg": jpeg_bytes("dog", i) for i in range(5)})
-    _, paths = run_prepare(write_zip(tmp_path / "pets.zip", files), tmp_path / "out")
+    summary, paths = run_prepare(write_folder(tmp_path / "pets", files), tmp_path / "out")
+    assert summary["classes"] == ["Cat", "Dog"]
     assert {name: row["label"] for name, row in manifest_of(paths).items()} == {
-        name: name.split("/")[0].lower() for name in files
+        name: name.split("/")[0] for name in files
     }
 
 
@@ -273,13 +275,14 @@ def test_every_file_bad_stops_with_a_clear_error(tmp_path):
     files = {f"Cat/{i}.jpg": b"" for i in range(4)}
     files.update({f"Dog/{i}.jpg": b"text" for i in range(4)})
     source = write_folder(tmp_path / "src", files)
-    with pytest.raises(CatdogError, match=r"only 0 usable 'cat' image\(s\), need data\.min_per_class=4"):
+    with pytest.raises(CatdogError, match=r"only 0 usable 'Cat' image\(s\), need data\.min_per_class=4"):
         run_prepare(source, tmp_path / "out")
+    assert not (tmp_path / "out" / "data" / "prepared").exists()  # nothing half-written
 
 
 def test_no_labelled_images_is_a_catdog_error(tmp_path):
-    source = write_folder(tmp_path / "src", {"test1/1.jpg": jpeg_bytes("cat", 1)})
-    with pytest.raises(CatdogError, match=r"no labelled images"):
+    source = write_folder(tmp_path / "src", {"1.jpg": jpeg_bytes("cat", 1), "README.txt": b"no labels here"})
+    with pytest.raises(CatdogError, match=r"no labelled images in .* expected <class>\.<n>\.jpg names"):
         run_prepare(source, tmp_path / "out")
 
 
