@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import shutil
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -12,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from image_sets import LAYOUTS, build_image_set, layout_files
 from PIL import Image
 
-from catdog import prepare
+from catdog import integrity, prepare
 from catdog.data import load_split, split_digest
 from catdog.errors import CatdogError
 from catdog.paths import Paths
@@ -413,3 +415,269 @@ def test_stage_cli_reports_errors_in_one_line(tmp_path, capsys, problem):
     assert len(err) == 1 and err[0].startswith("prepare: error: ")
     assert ("unknown key data.cache_sise" if problem == "bad_param" else "does not exist") in err[0]
     assert not (tmp_path / "data" / "prepared").exists()  # nothing written before validation passed
+
+
+# --- layouts: any labelled image set (tests/image_sets.py) ---------------------------------------
+
+CLASSES = ["Golden Retriever", "cat", "Élan"]  # a space, a capital, a non-ASCII letter; sorted as given
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_gives_its_classes_labels_and_the_same_manifest_from_zip_or_folder(tmp_path, layout):
+    folder = build_image_set(tmp_path / "set", layout, CLASSES, 9)
+    zipped = build_image_set(tmp_path / "zipped", layout, CLASSES, 9, as_zip=True)
+    summaries, manifests = [], []
+    for images in (folder, zipped):
+        summary, paths = run_prepare(images.source, tmp_path / f"out-{images.source.name}", **images.params)
+        summaries.append(summary)
+        manifests.append(paths.manifest.read_bytes())
+        manifest = manifest_of(paths)
+        assert {name: row["label"] for name, row in manifest.items()} == images.labels
+        if images.splits:
+            assert {name: row["split"] for name, row in manifest.items()} == images.splits
+        split = load_split(paths, "test")
+        assert split.classes == CLASSES
+        assert [split.classes[label] for label in split.labels] == [images.labels[path] for path in split.paths]
+    assert summaries[0] == summaries[1] and manifests[0] == manifests[1]
+    summary = summaries[0]
+    assert summary["layout"] == layout and summary["classes"] == CLASSES
+    assert summary["images"] == 27 and summary["rejected_total"] == 0 and summary["unlabelled_ignored"] == 0
+    expected = {"train": 3, "val": 3, "test": 3} if layout == "split_folders" else {"train": 7, "val": 1, "test": 1}
+    assert summary["splits"] == {name: dict.fromkeys(CLASSES, n) for name, n in expected.items()}
+    assert (
+        json.loads(Path(tmp_path / "out-set" / "data" / "prepared" / "content.json").read_text())["classes"] == CLASSES
+    )
+
+
+def test_the_layout_is_printed_in_one_line(tmp_path, capsys):
+    images = build_image_set(tmp_path / "set", "split_folders", CLASSES, 6, splits=("train", "test"))
+    run_prepare(images.source, tmp_path / "out")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("layout: ")]
+    assert lines == [
+        "layout: split_folders (labels from class folders; given splits: train, test; val carved from train/); "
+        "classes: Golden Retriever, cat, Élan"
+    ]
+
+
+def test_kaggle_names_work_for_any_class_and_unlabelled_folders_beside_them_are_ignored(tmp_path):
+    files, labels, _ = layout_files("kaggle_names", ["bird", "cat", "dog"], 5)
+    files.update({f"test1/{i}.jpg": data for i, data in enumerate(list(files.values())[:3])})
+    summary, paths = run_prepare(write_zip(tmp_path / "train.zip", files), tmp_path / "out")
+    assert summary["layout"] == "kaggle_names" and summary["classes"] == ["bird", "cat", "dog"]
+    assert summary["unlabelled_ignored"] == 3
+    assert {name: row["label"] for name, row in manifest_of(paths).items()} == labels
+
+
+def test_kaggle_named_files_in_class_folders_are_labelled_by_their_folder(tmp_path):
+    # cat.N.jpg in one class folder only: not Kaggle's layout (one folder must hold every such name, of two classes)
+    files = {f"Cat/cat.{i}.jpg": jpeg_bytes("cat", i) for i in range(4)}
+    files.update({f"Dog/IMG_{i}.jpg": jpeg_bytes("dog", i) for i in range(4)})
+    summary, _ = run_prepare(write_zip(tmp_path / "pets.zip", files), tmp_path / "out")
+    assert summary["layout"] == "class_folders" and summary["classes"] == ["Cat", "Dog"]
+
+
+def test_a_folder_holding_every_image_is_descended_and_subfolders_belong_to_their_class(tmp_path):
+    files = {f"PetImages/Cat/{i}.jpg": jpeg_bytes("cat", i) for i in range(4)}
+    files.update({f"PetImages/Dog/{i}.jpg": jpeg_bytes("dog", i) for i in range(3)})
+    files["PetImages/Dog/puppies/0.jpg"] = jpeg_bytes("dog", 50)  # ImageFolder: still a Dog
+    files["PetImages/loose.jpg"] = jpeg_bytes("dog", 51)  # in no class folder: ignored
+    files["readme[1].txt"] = b"Microsoft's PetImages"
+    summary, paths = run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+    assert summary["layout"] == "class_folders" and summary["classes"] == ["Cat", "Dog"]
+    assert manifest_of(paths)["PetImages/Dog/puppies/0.jpg"]["label"] == "Dog"
+    assert summary["unlabelled_ignored"] == 2
+    assert "PetImages/loose.jpg" not in manifest_of(paths)
+
+
+def test_split_folders_carve_a_missing_split_from_train_stratified(tmp_path):
+    files, _, given = layout_files("split_folders", ["a", "b", "c"], 40, splits=("train", "train", "val"))
+    summary, paths = run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+    manifest = manifest_of(paths)
+    assert all(manifest[name]["split"] == "val" for name, split in given.items() if split == "val")
+    # 27 or 26 train images per class; round(26.x * 0.15) = 4 of each carved into test
+    assert summary["splits"]["test"] == {"a": 4, "b": 4, "c": 4}
+    assert all(given[name] == "train" for name, row in manifest.items() if row["split"] == "test")
+    assert summary["splits"]["val"] == {label: sum(1 for n in given.values() if n == "val") // 3 for label in "abc"}
+
+
+def test_only_train_is_class_folders_under_train_with_both_splits_carved(tmp_path):
+    files, _, _ = layout_files("split_folders", ["a", "b"], 10, splits=("train",))
+    summary, _ = run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+    assert summary["layout"] == "class_folders"
+    assert summary["splits"]["train"] == {"a": 6, "b": 6} and summary["splits"]["test"] == {"a": 2, "b": 2}
+
+
+def test_an_unlabelled_test_folder_is_ignored_and_test_carved_from_train(tmp_path):
+    files, _, _ = layout_files("split_folders", ["a", "b"], 10, splits=("train", "val"))
+    files.update({f"test/{i}.jpg": jpeg_bytes("cat", 200 + i) for i in range(5)})  # a competition's test set
+    summary, _ = run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+    assert summary["layout"] == "split_folders" and summary["unlabelled_ignored"] == 5
+    assert summary["splits"]["val"] == {"a": 5, "b": 5} and summary["splits"]["test"] == {"a": 1, "b": 1}
+
+
+def test_split_folders_of_kaggle_names(tmp_path):
+    files = {
+        f"{split}/{label}.{i}.jpg": jpeg_bytes(label, i)
+        for label in ("cat", "dog")
+        for i, split in enumerate(["train"] * 6 + ["val"] * 2)
+    }
+    summary, paths = run_prepare(write_zip(tmp_path / "pre.zip", files), tmp_path / "out")
+    assert summary["layout"] == "split_kaggle_names"
+    assert summary["splits"]["val"] == {"cat": 2, "dog": 2} and summary["splits"]["test"] == {"cat": 1, "dog": 1}
+    assert {row["label"] for row in manifest_of(paths).values()} == {"cat", "dog"}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"dog/9.jpg": "dog"}, r"top folders \['dog', 'test', 'train', 'val'\] mix split folders"),
+        (
+            {"val/cat.1.jpg": "cat", "val/dog.1.jpg": "dog"},
+            r"<class>\.<n>\.<ext> names in val/ and split_folders \(labels from class folders; .*\) beside them",
+        ),
+        (
+            {"val/cat.1.jpg": "cat", "val/dog.1.jpg": "dog", "test/cat.1.jpg": "cat", "test/dog.1.jpg": "dog"},
+            r"some split folders hold <class>/ folders, others <class>\.<n>\.jpg names",
+        ),
+    ],
+)
+def test_ambiguous_layouts_say_what_was_found(tmp_path, extra, message):
+    files, _, _ = layout_files("split_folders", ["cat", "dog"], 9)
+    files.update({name: jpeg_bytes(label, 300) for name, label in extra.items()})
+    with pytest.raises(CatdogError, match=r"ambiguous layout in data\.source: " + message):
+        run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+    assert not (tmp_path / "out" / "data").exists()
+
+
+def test_split_folders_without_train_are_an_error(tmp_path):
+    files, _, _ = layout_files("split_folders", ["cat", "dog"], 6, splits=("val", "test"))
+    with pytest.raises(CatdogError, match=r"top folders \['test', 'val'\] have no train/"):
+        run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+
+
+def test_a_given_split_without_a_class_is_an_error(tmp_path):
+    files, _, _ = layout_files("split_folders", ["cat", "dog"], 9)
+    for name in [n for n in files if n.startswith("val/dog/")]:
+        del files[name]
+    with pytest.raises(CatdogError, match=r"the given val/ folder has no usable 'dog' image: add some, or leave val/"):
+        run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+
+
+def test_a_copy_in_val_or_test_of_a_train_image_is_rejected_and_the_train_copy_kept(tmp_path):
+    files, _, given = layout_files("split_folders", ["cat", "dog"], 12)
+    train_image = next(name for name, split in given.items() if split == "train")
+    label = train_image.split("/")[1]
+    files[f"val/{label}/copy.jpg"] = files[f"test/{label}/copy.jpg"] = files[train_image]
+    summary, paths = run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+    assert rejected_of(paths) == {
+        f"val/{label}/copy.jpg": "duplicate_across_splits",
+        f"test/{label}/copy.jpg": "duplicate_across_splits",
+    }
+    assert manifest_of(paths)[train_image]["split"] == "train"
+    assert summary["splits"]["val"] == {"cat": 4, "dog": 4}
+
+
+# --- CSV labels ------------------------------------------------------------------------------------
+
+
+def test_csv_rows_without_their_file_are_rejected_and_the_rest_used(tmp_path):
+    files, labels, _ = layout_files("csv", ["cat", "dog", "owl"], 6)
+    extra_rows = '"images/gone.jpg",owl\n"./images/0-0.jpg",cat\n../outside.jpg,cat\n\n'
+    files["labels.csv"] += extra_rows.encode()
+    files["images/not-listed.jpg"] = jpeg_bytes("cat", 99)
+    files["notes.txt"] = b"not an image, not listed"
+    for source in (write_folder(tmp_path / "src", files), write_zip(tmp_path / "src.zip", files)):
+        summary, paths = run_prepare(source, tmp_path / f"out-{source.name}", **{"data.labels": "labels.csv"})
+        assert summary["layout"] == "csv"
+        assert rejected_of(paths) == {"images/gone.jpg": "missing_file", "../outside.jpg": "unsafe_path"}
+        assert {name: row["label"] for name, row in manifest_of(paths).items()} == labels
+        assert summary["unlabelled_ignored"] == 2  # not-listed.jpg and notes.txt (labels.csv is not counted)
+
+
+def test_a_csv_path_under_two_labels_is_conflicting(tmp_path):
+    files, labels, _ = layout_files("csv", ["cat", "dog"], 5)
+    files["labels.csv"] += b"images/0-0.jpg,dog\n"
+    _, paths = run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out", **{"data.labels": "labels.csv"})
+    assert rejected_of(paths) == {"images/0-0.jpg": "conflicting_labels"}
+    assert set(manifest_of(paths)) == set(labels) - {"images/0-0.jpg"}
+
+
+@pytest.mark.parametrize(
+    "csv_bytes, labels_param, message",
+    [
+        (None, "labels.csv", r"data\.labels 'labels\.csv' is not in data\.source"),
+        (b"path,label\n", "../labels.csv", r"must be a path inside data\.source"),
+        (b"\xff\xfe\x00bad", "labels.csv", r"cannot be read as a UTF-8 CSV"),
+        (b"path\nimages/0-0.jpg\n", "labels.csv", r"needs a header row and two columns"),
+        (b"images/0-0.jpg,cat\nimages/1-0.jpg,dog\n", "labels.csv", r"first row names a file.*must be a header"),
+        (b"path,label\nimages/0-0.jpg,\n", "labels.csv", r"line 2: expected path,label"),
+    ],
+)
+def test_an_unreadable_labels_csv_stops_prepare_in_one_line(tmp_path, csv_bytes, labels_param, message):
+    files, _, _ = layout_files("csv", ["cat", "dog"], 5)
+    del files["labels.csv"]
+    if csv_bytes is not None:
+        files["labels.csv"] = csv_bytes
+    with pytest.raises(CatdogError, match=message):
+        run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out", **{"data.labels": labels_param})
+    assert not (tmp_path / "out" / "data").exists()
+
+
+# --- classes --------------------------------------------------------------------------------------
+
+
+def test_data_classes_fixes_the_order_and_ignores_other_classes(tmp_path):
+    images = build_image_set(tmp_path / "set", "class_folders", ["bird", "cat", "dog"], 6)
+    summary, paths = run_prepare(images.source, tmp_path / "out", **{"data.classes": ["dog", "cat"]})
+    assert summary["classes"] == ["dog", "cat"] and integrity.recorded_classes(paths) == ["dog", "cat"]
+    assert summary["other_classes_ignored"] == {"bird": 6}
+    assert {row["label"] for row in manifest_of(paths).values()} == {"dog", "cat"}
+    split = load_split(paths, "train")
+    assert [split.classes[label] for label in split.labels] == [path.split("/")[0] for path in split.paths]
+    assert list(summary["splits"]["train"]) == ["dog", "cat"]
+
+
+def test_an_empty_class_folder_is_no_class_unless_data_classes_lists_it(tmp_path):
+    images = build_image_set(tmp_path / "set", "class_folders", ["cat", "dog"], 5)
+    (images.source / "bird").mkdir()
+    summary, _ = run_prepare(images.source, tmp_path / "a")
+    assert summary["classes"] == ["cat", "dog"]
+    with pytest.raises(
+        CatdogError, match=r"data\.classes lists 'bird' but .* has no image of it \(classes found: 'cat', 'dog'\)"
+    ):
+        run_prepare(images.source, tmp_path / "b", **{"data.classes": ["bird", "cat", "dog"]})
+
+
+def test_one_class_is_an_error(tmp_path):
+    images = build_image_set(tmp_path / "set", "class_folders", ["cat", "dog"], 5)
+    shutil.rmtree(images.source / "dog")
+    with pytest.raises(CatdogError, match=r"holds one class, 'cat' \(class_folders.*needs two or more"):
+        run_prepare(images.source, tmp_path / "out")
+    assert not (tmp_path / "out" / "data").exists()
+
+
+def test_the_same_image_under_two_labels_is_rejected_everywhere(tmp_path):
+    files, _, _ = layout_files("class_folders", ["cat", "dog"], 6)
+    files["dog/copy-of-cat-0.jpg"] = files["cat/0.jpg"]
+    summary, paths = run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+    assert rejected_of(paths) == {"cat/0.jpg": "conflicting_labels", "dog/copy-of-cat-0.jpg": "conflicting_labels"}
+    assert summary["images"] == 11 and summary["rejected"] == {"conflicting_labels": 2}
+
+
+def test_a_class_below_min_per_class_is_named(tmp_path):
+    files, _, _ = layout_files("class_folders", ["cat", "dog", "Snow Owl"], 6)
+    files = {name: data for name, data in files.items() if not name.startswith("Snow Owl/") or name < "Snow Owl/2"}
+    with pytest.raises(CatdogError, match=r"only 2 usable 'Snow Owl' image\(s\), need data\.min_per_class=4"):
+        run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+
+
+@pytest.mark.parametrize("smaller, warned", [(4, True), (5, False)])
+def test_imbalance_above_three_to_one_prints_one_warning(tmp_path, capsys, smaller, warned):
+    files, _, _ = layout_files("class_folders", ["cat", "dog"], 15)
+    files = {
+        name: data for name, data in files.items() if name.startswith("cat/") or int(name[4:].split(".")[0]) < smaller
+    }
+    run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "imbalanced" in line]
+    expected = f"warning: imbalanced classes: 15 'cat' vs {smaller} 'dog' images (more than 3:1)"
+    assert warnings == ([f"{expected}; accuracy flatters the largest class, see balanced accuracy"] if warned else [])

@@ -14,7 +14,8 @@ in this order:
 2. ``kaggle_names``: names ``<class>.<n>.<ext>`` (``cat.12.jpg``, n digits), when every such image
    sits in one folder (the root, or ``train/`` as in Kaggle's train.zip), that folder holds no other
    image and the names give two classes or more. Images elsewhere (Kaggle's unlabelled ``test1/``)
-   are ignored and counted. A top folder ``train/`` holding only such names is this case, not rule 3.
+   are ignored and counted, unless they form a layout of two classes or more by rules 3-4 (an
+   ambiguous layout: an error). A top folder ``train/`` holding only such names is this case, not rule 3.
 3. The layout root is the source, descended through a single folder that holds every image, some of
    them in its subfolders (a zip of a folder, ``PetImages/``). Top folders named ``train``, ``val``
    and ``test`` there make ``split_folders``: each is labelled on its own by rule 4 (or by rule 2:
@@ -222,10 +223,30 @@ def kaggle_labels(images: list[str]) -> dict[str, str] | None:
 
 def labels_from_layout(images: list[str]) -> Listing:
     named = kaggle_labels(images)
-    if named is not None:
-        folder = PurePosixPath(next(iter(named))).parent
-        where = f" in {folder}/" if folder.parts else ""
-        return _listing("kaggle_names", f"labels from file names <class>.<n>.<ext>{where}", images, named)
+    if named is None:
+        return labels_from_folders(images)
+    folder = PurePosixPath(next(iter(named))).parent
+    where = f" in {folder}/" if folder.parts else ""
+    elsewhere = _labelled_elsewhere([name for name in images if name not in named])
+    if elsewhere is not None:
+        raise CatdogError(
+            f"ambiguous layout in data.source: <class>.<n>.<ext> names{where} and {elsewhere.layout} "
+            f"({elsewhere.description}) beside them: use one layout, or a path,label CSV (data.labels)"
+        )
+    return _listing("kaggle_names", f"labels from file names <class>.<n>.<ext>{where}", images, named)
+
+
+def _labelled_elsewhere(images: list[str]) -> Listing | None:
+    """The images outside Kaggle's folder as a layout of their own (two classes or more), if they are one."""
+    try:
+        listing = labels_from_folders(images)
+    except CatdogError:
+        return None
+    return listing if len({candidate.label for candidate in listing.candidates}) > 1 else None
+
+
+def labels_from_folders(images: list[str]) -> Listing:
+    """Rules 3 and 4."""
     depth = layout_root_depth(images)
     below = {name: PurePosixPath(name).parts[depth:] for name in images}
     tops = {parts[0] for parts in below.values() if len(parts) > 1}
