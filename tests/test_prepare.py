@@ -5,7 +5,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import multiprocessing
+import os
 import shutil
+import signal
+import struct
+import subprocess
+import sys
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -681,3 +687,120 @@ def test_imbalance_above_three_to_one_prints_one_warning(tmp_path, capsys, small
     warnings = [line for line in capsys.readouterr().out.splitlines() if "imbalanced" in line]
     expected = f"warning: imbalanced classes: 15 'cat' vs {smaller} 'dog' images (more than 3:1)"
     assert warnings == ([f"{expected}; accuracy flatters the largest class, see balanced accuracy"] if warned else [])
+
+
+# --- size limits and dying workers -----------------------------------------------------------------
+
+
+def big_jpeg() -> bytes:
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    return encode(Image.fromarray(noise), "JPEG", quality=95)
+
+
+def test_an_image_over_max_image_bytes_is_rejected_as_too_large_and_the_rest_kept(make_dataset, tmp_path):
+    data = make_dataset(extra={"train/cat.900.jpg": big_jpeg()})
+    assert len(big_jpeg()) > 50_000 > max(len(image) for image in data.files.values())
+    for source in (data.zip, data.folder):
+        summary, paths = run_prepare(source, tmp_path / source.name, **{"data.max_image_bytes": 50_000})
+        assert rejected_of(paths) == {"train/cat.900.jpg": "too_large"}
+        assert set(manifest_of(paths)) == set(data.files) and summary["rejected"] == {"too_large": 1}
+    summary, _ = run_prepare(data.zip, tmp_path / "default")  # under the default cap it is an image like any
+    assert summary["images"] == 25
+
+
+def write_zero_member(archive: zipfile.ZipFile, name: str, size: int) -> None:
+    """``size`` zero bytes, deflated (a few hundred KB on disk), streamed: never all in memory here."""
+    info = zipfile.ZipInfo(name)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with archive.open(info, "w") as stream:
+        for _ in range(size >> 20):
+            stream.write(bytes(1 << 20))
+
+
+def lie_about_size(path: Path, name: str, declared: int) -> None:
+    """Rewrite the uncompressed size the member's local and central headers declare."""
+    raw = bytearray(path.read_bytes())
+    encoded = name.encode()
+    for signature, size_at, name_at in ((b"PK\x03\x04", 22, 30), (b"PK\x01\x02", 24, 46)):
+        start = raw.find(signature)
+        while raw[start + name_at : start + name_at + len(encoded)] != encoded:
+            start = raw.find(signature, start + 1)
+        struct.pack_into("<I", raw, start + size_at, declared)
+    path.write_bytes(bytes(raw))
+
+
+def peak_rss_of_prepare(source: Path, root: Path, cap: int) -> tuple[dict, int]:
+    """prepare.run in a fresh process (in-process decoding); its summary and peak RSS in KiB."""
+    script = (
+        "import json, resource, sys\n"
+        "from catdog import prepare\nfrom catdog.paths import Paths\nfrom conftest import build_params\n"
+        f"params = build_params({{'data.source': {str(source)!r}, 'data.max_image_bytes': {cap}}})\n"
+        f"summary = prepare.run(params, Paths.under({str(root)!r}))\n"
+        "print(json.dumps([summary, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))\n"
+    )
+    path = os.pathsep.join([str(Path(prepare.__file__).parents[1]), str(Path(__file__).parent)])
+    output = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    summary, peak = json.loads(output.splitlines()[-1])
+    return summary, peak
+
+
+@pytest.mark.slow
+def test_huge_zip_members_are_never_inflated_into_memory(make_dataset, tmp_path):
+    data = make_dataset()
+    huge = tmp_path / "huge.zip"
+    with zipfile.ZipFile(huge, "w") as archive:
+        for name, image in data.files.items():
+            archive.writestr(name, image)
+        write_zero_member(archive, "train/cat.900.jpg", 300 << 20)  # declares its 300 MB
+        write_zero_member(archive, "train/dog.900.jpg", 300 << 20)
+    lie_about_size(huge, "train/dog.900.jpg", 1000)  # declares 1000 bytes, inflates to 300 MB
+    with zipfile.ZipFile(huge) as archive:
+        assert archive.getinfo("train/cat.900.jpg").file_size == 300 << 20
+        assert archive.getinfo("train/dog.900.jpg").file_size == 1000
+    assert huge.stat().st_size < 5_000_000
+
+    cap = 1_000_000
+    baseline, baseline_peak = peak_rss_of_prepare(data.zip, tmp_path / "plain", cap)
+    summary, peak = peak_rss_of_prepare(huge, tmp_path / "huge", cap)
+    # the honest one is refused by its declared size; zipfile stops the liar at its declared 1000 bytes,
+    # where the CRC fails
+    assert rejected_of(Paths.under(tmp_path / "huge")) == {
+        "train/cat.900.jpg": "too_large",
+        "train/dog.900.jpg": "unreadable",
+    }
+    assert summary["images"] == baseline["images"] == 24
+    assert peak - baseline_peak < 40_000, (baseline_peak, peak)  # KiB: far below the 300 MB either inflates to
+
+
+def test_a_killed_decode_worker_stops_prepare_in_one_line_naming_its_image(dataset, tmp_path, monkeypatch, capsys):
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the decode workers inherit the patched decoder only when forked")
+    from catdog.stage import main
+
+    victim, real_decode = dataset.files["train/dog.7.jpg"], prepare.decode_image
+
+    def decode_or_be_killed(data, *args):
+        if data == victim:
+            os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
+        return real_decode(data, *args)
+
+    monkeypatch.setattr(prepare, "decode_image", decode_or_be_killed)
+    raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    raw["data"].update({"source": str(dataset.zip), "cache_size": 32, "min_per_class": 4, "workers": 2})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit) as info:
+        main("prepare", prepare.run, ["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path / "project")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.strip().splitlines() if not line.startswith("decode:")] == [
+        "prepare: error: a decode worker was killed while decoding train/dog.7.jpg (out of memory?): "
+        "remove that file, lower data.max_image_bytes or data.workers"
+    ]
+    assert not (tmp_path / "project" / "data" / "prepared").exists()
