@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from image_sets import LAYOUTS, build_image_set, layout_files
 from PIL import Image
 
 from catdog import integrity, prepare
@@ -28,6 +27,7 @@ from catdog.errors import CatdogError
 from catdog.paths import Paths
 
 from conftest import build_params, encode, jpeg_bytes
+from image_sets import LAYOUTS, build_image_set, layout_files
 
 
 def run_prepare(source: Path, root: Path, **overrides) -> tuple[dict, Paths]:
