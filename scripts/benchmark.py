@@ -15,6 +15,8 @@ project throughput / baseline throughput; ``target`` where the project promises 
   predict_naive   `catdog predict` vs PyTorch eager, one image at a time, sequential decode
   epoch           one pass over prepare's uint8 cache vs decoding every JPEG again
   prepare         prepare's parallel decode (all cores) vs one process
+  classes_*       10 classes vs 2 (target 0.9): the same images in 10 or 2 class folders, through
+                  prepare, train's extraction, and `catdog predict` with a 10- or 2-output model
 
 Peak RSS of the benchmark process and of the predict subprocess are reported too. Prints a table
 and writes every figure as JSON to ``--out`` (with the machine and the date).
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
         files = sorted(folder.iterdir())
         prepared, prepare_result = bench_prepare(folder, tmp, args.image_size)
         model = create_model(args.arch, pretrained=args.arch != "simple_cnn", image_size=args.image_size).eval()
-        export_dir = export_model(model, args.image_size, tmp / "export")
+        classes = load_split(prepared, "train").classes
+        export_dir = export_model(model, classes, args.image_size, tmp / "export")
         results = [
             bench_features(model, args, prepared),
             bench_extraction(model, args, prepared),
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
             *bench_predict(export_dir, folder, files, model, args.image_size, args.model_images),
             bench_epoch(prepared, files),
             prepare_result,
+            *bench_classes(files, args, tmp / "classes"),
         ]
     report = {
         "machine": machine(),
@@ -111,35 +115,40 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def extract_images(source: Path, count: int, folder: Path) -> Path:
-    """The first ``count`` JPEGs of the zip (cats and dogs alternating), as files in ``folder``."""
+    """The first ``count`` JPEGs of a Kaggle-named zip (``<class>.<n>.jpg``, the classes alternating),
+    as files in ``folder``."""
     folder.mkdir(parents=True)
     with zipfile.ZipFile(source) as archive:
         names = sorted(n for n in archive.namelist() if n.endswith(".jpg"))
-        by_class = [[n for n in names if PurePosixPath(n).name.startswith(c)] for c in ("cat", "dog")]
-        chosen = [n for pair in zip(*by_class) for n in pair][:count]
+        by_class: dict[str, list[str]] = {}
+        for name in names:
+            by_class.setdefault(PurePosixPath(name).name.split(".")[0], []).append(name)
+        chosen = [n for group in zip(*by_class.values()) for n in group][:count]
         for name in chosen:
             (folder / PurePosixPath(name).name).write_bytes(archive.read(name))
     return folder
 
 
-def bench_prepare(folder: Path, tmp: Path, size: int) -> tuple[Paths, dict]:
+def timed_prepare(source: Path, root: Path, size: int, workers: int = 0) -> float:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    timings = {}
-    for workers in (0, 1):
-        raw["data"].update(source=str(folder), workers=workers, cache_size=size, min_per_class=3)
-        started = time.perf_counter()
-        prepare_run(parse_params(raw), Paths.under(tmp / f"workers{workers}"))
-        timings[workers] = time.perf_counter() - started
+    raw["data"].update(source=str(source), workers=workers, cache_size=size, min_per_class=3)
+    started = time.perf_counter()
+    prepare_run(parse_params(raw), Paths.under(root))
+    return time.perf_counter() - started
+
+
+def bench_prepare(folder: Path, tmp: Path, size: int) -> tuple[Paths, dict]:
+    parallel_s, single_s = (timed_prepare(folder, tmp / f"workers{w}", size, w) for w in (0, 1))
     count = len(list(folder.iterdir()))
     return Paths.under(tmp / "workers0"), comparison(
-        "prepare", "parallel decode (all cores)", timings[0], "one process", timings[1], count
+        "prepare", "parallel decode (all cores)", parallel_s, "one process", single_s, count
     )
 
 
-def export_model(model, image_size: int, out: Path) -> Path:
+def export_model(model, classes: list[str], image_size: int, out: Path) -> Path:
     """model.onnx + labels.json + preprocess.json, as the export stage writes them."""
     export_onnx(model, torch.rand(2, 3, image_size, image_size), out / "model.onnx", names=("image", "logits"))
-    (out / "labels.json").write_text(json.dumps({"classes": ["cat", "dog"]}))
+    (out / "labels.json").write_text(json.dumps({"classes": classes}))
     (out / "preprocess.json").write_text(json.dumps({"cache_size": image_size, "image_size": image_size}))
     return out / "model.onnx"
 
@@ -148,7 +157,7 @@ def split_images(prepared: Paths, args) -> CachedImages:
     """The first ``--model-images`` train images of the prepared cache."""
     train = load_split(prepared, "train")
     count = min(len(train.rows), args.model_images)
-    first = Split(train.name, train.rows[:count], train.labels[:count], train.paths[:count])
+    first = Split(train.name, train.rows[:count], train.labels[:count], train.paths[:count], train.classes)
     return CachedImages(prepared, first, eval_preset(args.image_size))
 
 
@@ -168,6 +177,12 @@ def bench_features(model, args, prepared: Paths) -> dict:
     return comparison("features", "frozen backbone on ONNX Runtime", ort_s, "eager PyTorch fp32", eager_s, count)
 
 
+def timed_extraction(frozen, images: CachedImages, batch_size: int) -> float:
+    """train's `features` mode: a DataLoader over the cache into the frozen part on ONNX Runtime."""
+    loader = make_loader(images, batch_size, 0)
+    return timed(lambda: cached_activations(frozen, loader, desc="benchmark extraction"))
+
+
 def bench_extraction(model, args, prepared: Paths) -> dict:
     """What train's `features` mode does (DataLoader over the cache + ONNX Runtime) vs the raw
     ONNX Runtime throughput on the same, already stacked tensors."""
@@ -176,8 +191,7 @@ def bench_extraction(model, args, prepared: Paths) -> dict:
     batches = stacked_batches(images, args.batch_size)
     frozen(batches[0])  # warm-up, as above
     raw_s = timed(lambda: [frozen(b) for b in batches])
-    loader = make_loader(images, args.batch_size, 0)
-    stage_s = timed(lambda: cached_activations(frozen, loader, desc="benchmark extraction"))
+    stage_s = timed_extraction(frozen, images, args.batch_size)
     return comparison(
         "extraction",
         "train's feature extraction (loader + ONNX Runtime)",
@@ -221,9 +235,8 @@ def bench_top_epoch(model, args, prepared: Paths) -> dict:
     return {**result, "prefix_once_s": round(prefix_s, 3)}
 
 
-def bench_predict(
-    model_file: Path, folder: Path, files: list[Path], model, image_size: int, naive_images: int
-) -> list[dict]:
+def timed_predict(model_file: Path, folder: Path, expected: int) -> tuple[float, float]:
+    """Seconds of a `catdog predict` subprocess on ``folder`` (start-up and model load included), peak RSS MB."""
     started = time.perf_counter()
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "catdog"), "predict", str(folder), "--model", str(model_file)],
@@ -233,10 +246,16 @@ def bench_predict(
     predict_rss = PeakRss(process.pid)  # polled: a child's ru_maxrss starts at this big process's size
     out = process.stdout.read()
     status = process.wait()
-    project_s = time.perf_counter() - started  # includes process start and model load
-    predict_rss = predict_rss.stop()
-    if status != 0 or len(out.splitlines()) != len(files):
+    seconds = time.perf_counter() - started
+    if status != 0 or len(out.splitlines()) != expected:
         raise RuntimeError(f"catdog predict failed (status {status}): {out[-500:]}")
+    return seconds, predict_rss.stop()
+
+
+def bench_predict(
+    model_file: Path, folder: Path, files: list[Path], model, image_size: int, naive_images: int
+) -> list[dict]:
+    project_s, predict_rss = timed_predict(model_file, folder, len(files))
 
     exported = ExportedModel.load(model_file)
     batch = np.stack([exported.preprocess(files[i % len(files)].read_bytes()) for i in range(64)])
@@ -264,6 +283,41 @@ def bench_predict(
         "predict_naive", "catdog predict", project_s, "PyTorch eager, one image at a time", naive_s, len(files)
     )
     return [{**limit, "peak_rss_mb": predict_rss}, naive]
+
+
+def bench_classes(files: list[Path], args, tmp: Path) -> list[dict]:
+    """The same images as 10 or as 2 classes (file i in class folder ``i % n``): prepare, train's
+    extraction and `catdog predict` with a model of n outputs. N classes should cost nothing extra."""
+    seconds: dict[int, dict[str, float]] = {}
+    for n in (10, 2, 10):  # 10 first and last: a warm-up, then the pair that is compared
+        source = tmp / f"{n}-classes"
+        if not source.exists():
+            for i, file in enumerate(files):
+                (source / f"class {i % n}").mkdir(parents=True, exist_ok=True)
+                (source / f"class {i % n}" / file.name).symlink_to(file)
+        root = tmp / f"{n}-classes-project"
+        prepare_s = timed_prepare(source, root, args.image_size)
+        prepared = Paths.under(root)
+        classes = load_split(prepared, "train").classes
+        model = create_model(args.arch, args.arch != "simple_cnn", len(classes), image_size=args.image_size).eval()
+        frozen, _ = split_for_training(model, args.arch, args.image_size, "features", 0, resolve_runtime())
+        extraction_s = timed_extraction(frozen, split_images(prepared, args), args.batch_size)
+        model_file = export_model(model, classes, args.image_size, tmp / f"{n}-classes-export")
+        predict_s, _ = timed_predict(model_file, files[0].parent, len(files))
+        seconds[n] = {"prepare": prepare_s, "extraction": extraction_s, "predict": predict_s}
+    counts = {"prepare": len(files), "extraction": min(args.model_images, len(files)), "predict": len(files)}
+    return [
+        comparison(
+            f"classes_{what}",
+            f"{what}, 10 classes",
+            seconds[10][what],
+            "2 classes",
+            seconds[2][what],
+            counts[what],
+            target=0.9,
+        )
+        for what in ("prepare", "extraction", "predict")
+    ]
 
 
 class PeakRss:

@@ -2,7 +2,8 @@
 
     python scripts/feature_probe.py ../shared/data/dogs-vs-cats/train.zip --train 4000 --test 2500
 
-Draws ``--train`` + ``--test`` disjoint images from a Kaggle-layout zip (seeded shuffle), embeds
+Draws ``--train`` + ``--test`` disjoint images from a Kaggle-layout zip (``<class>.<n>.jpg``, any
+classes; seeded shuffle), embeds
 them with each frozen backbone as train's features mode does (ONNX Runtime on a CPU), then fits what
 ``train.head: logistic`` fits (standardised features, L2 logistic regression) on the train part
 for every combination of backbones and C, and prints test accuracy and log loss.
@@ -15,7 +16,6 @@ import itertools
 import random
 import time
 import zipfile
-from pathlib import PurePosixPath
 
 import numpy as np
 import torch
@@ -27,14 +27,14 @@ from catdog.device import resolve_runtime
 from catdog.frozen import split_for_training
 from catdog.images import decode_image
 from catdog.models import create_model
-from catdog.prepare import label_of
+from catdog.prepare import kaggle_label
 
 ARCHS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("zip", help="Kaggle-layout zip (cat.N.jpg / dog.N.jpg members)")
+    parser.add_argument("zip", help="Kaggle-layout zip (<class>.<n>.jpg members, e.g. cat.N.jpg / dog.N.jpg)")
     parser.add_argument("--train", type=int, default=4000)
     parser.add_argument("--test", type=int, default=2500)
     parser.add_argument("--size", type=int, default=260, help="one input size for every backbone")
@@ -56,12 +56,12 @@ def main() -> None:
 
 def _images(zip_path: str, count: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     with zipfile.ZipFile(zip_path) as archive:
-        names = sorted(n for n in archive.namelist() if n.endswith(".jpg"))
+        names = sorted(n for n in archive.namelist() if kaggle_label(n) is not None)
         random.Random(seed).shuffle(names)
         names = names[:count]
         images = np.stack([decode_image(archive.read(name), size) for name in names])
-    labels = np.array([label_of(PurePosixPath(name)) == "dog" for name in names], dtype=np.int64)
-    return images, labels
+    classes = sorted({kaggle_label(name) for name in names})
+    return images, np.array([classes.index(kaggle_label(name)) for name in names], dtype=np.int64)
 
 
 @torch.inference_mode()
@@ -80,8 +80,9 @@ def _embed(arch: str, images: np.ndarray, size: int) -> np.ndarray:
 def _probe(x: np.ndarray, y: np.ndarray, train: int, c: float) -> tuple[float, float]:
     scaler = StandardScaler().fit(x[:train])
     regression = LogisticRegression(C=c, max_iter=3000).fit(scaler.transform(x[:train]), y[:train])
-    p_dog = regression.predict_proba(scaler.transform(x[train:]))[:, 1]
-    return float(np.mean((p_dog > 0.5) == y[train:])), float(log_loss(y[train:], p_dog, labels=[0, 1]))
+    probabilities = regression.predict_proba(scaler.transform(x[train:]))
+    accuracy = np.mean(regression.classes_[probabilities.argmax(1)] == y[train:])
+    return float(accuracy), float(log_loss(y[train:], probabilities, labels=regression.classes_))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
     python scripts/heldout_accuracy.py ../shared/data/dogs-vs-cats/train.zip --per-class 1000
 
-Takes Kaggle-named images from a zip, skipping every name in the committed sample,
-writes them to a temp folder and runs the real `catdog predict` CLI on it.
+Takes Kaggle-named images (<class>.<n>.<ext>, any classes) from a zip, skipping every name in the
+committed sample, writes them to a temp folder and runs the real `catdog predict` CLI on it. Log loss
+needs every class's probability: with two classes it follows from predict's confidence, with more it
+is left out.
 """
 
 from __future__ import annotations
@@ -15,16 +17,19 @@ import subprocess
 import tempfile
 import time
 import zipfile
+from collections import defaultdict
 from pathlib import Path, PurePosixPath
 
 from sklearn.metrics import log_loss
+
+from catdog.prepare import kaggle_label
 
 SAMPLE = Path("data/sample/dogs-vs-cats-sample.zip")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("zip", help="Kaggle-layout zip (cat.N.jpg / dog.N.jpg members)")
+    parser.add_argument("zip", help="Kaggle-layout zip (<class>.<n>.jpg members, e.g. cat.N.jpg / dog.N.jpg)")
     parser.add_argument("--per-class", type=int, default=1000)
     parser.add_argument("--model", default="models/export/model.onnx")
     parser.add_argument("--seed", type=int, default=7)
@@ -33,9 +38,11 @@ def main() -> None:
     with zipfile.ZipFile(SAMPLE) as sample:
         seen = {PurePosixPath(n).name for n in sample.namelist()}
     with zipfile.ZipFile(args.zip) as archive, tempfile.TemporaryDirectory() as folder:
-        names = sorted(n for n in archive.namelist() if n.endswith(".jpg") and PurePosixPath(n).name not in seen)
-        for label in ("cat", "dog"):
-            of_label = [n for n in names if PurePosixPath(n).name.startswith(f"{label}.")]
+        by_class = defaultdict(list)
+        for name in sorted(archive.namelist()):
+            if kaggle_label(name) is not None and PurePosixPath(name).name not in seen:
+                by_class[kaggle_label(name)].append(name)
+        for label, of_label in sorted(by_class.items()):
             for name in random.Random(f"{args.seed}-{label}").sample(of_label, args.per_class):
                 (Path(folder) / PurePosixPath(name).name).write_bytes(archive.read(name))
         started = time.perf_counter()
@@ -45,21 +52,19 @@ def main() -> None:
         seconds = time.perf_counter() - started
     results = [json.loads(line) for line in output.splitlines()]
     predicted = [r for r in results if "label" in r]
-    truth = [Path(r["path"]).name.split(".")[0] for r in predicted]
+    truth = [kaggle_label(r["path"]) for r in predicted]
     correct = sum(r["label"] == label for r, label in zip(predicted, truth))
-    p_dog = [r["confidence"] if r["label"] == "dog" else 1 - r["confidence"] for r in predicted]
-    print(
-        json.dumps(
-            {
-                "images": len(results),
-                "accuracy": round(correct / len(results), 4),
-                "log_loss": round(log_loss([label == "dog" for label in truth], p_dog, labels=[False, True]), 4),
-                "errors": sum("error" in r for r in results),
-                "seconds": round(seconds, 1),
-                "images_per_second": round(len(results) / seconds, 1),
-            }
-        )
+    figures = {"images": len(results), "accuracy": round(correct / len(results), 4)}
+    if len(by_class) == 2:  # P(second class) follows from the confidence of the predicted one
+        second = sorted(by_class)[1]
+        p_second = [r["confidence"] if r["label"] == second else 1 - r["confidence"] for r in predicted]
+        figures["log_loss"] = round(log_loss([label == second for label in truth], p_second, labels=[False, True]), 4)
+    figures.update(
+        errors=sum("error" in r for r in results),
+        seconds=round(seconds, 1),
+        images_per_second=round(len(results) / seconds, 1),
     )
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

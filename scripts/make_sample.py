@@ -3,7 +3,8 @@
     python scripts/make_sample.py ../shared/data/dogs-vs-cats/train.zip data/sample/dogs-vs-cats-sample.zip
 
 Members keep their Kaggle names (train/cat.N.jpg) and bytes; the archive is stored
-uncompressed like the original.
+uncompressed like the original. Any Kaggle-named zip works: ``--per-class`` images of every
+class its names give (``<class>.<n>.<ext>``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import argparse
 import random
 import zipfile
+from collections import defaultdict
 from pathlib import PurePosixPath
+
+from catdog.prepare import kaggle_label
 
 
 def main() -> None:
@@ -26,9 +30,11 @@ def main() -> None:
         zipfile.ZipFile(args.source) as source,
         zipfile.ZipFile(args.output, "w", compression=zipfile.ZIP_STORED) as sample,
     ):
-        names = sorted(n for n in source.namelist() if n.endswith(".jpg"))
-        for label in ("cat", "dog"):
-            of_label = [n for n in names if PurePosixPath(n).name.startswith(f"{label}.")]
+        by_class = defaultdict(list)
+        for name in sorted(source.namelist()):
+            if kaggle_label(name) is not None:
+                by_class[kaggle_label(name)].append(name)
+        for label, of_label in sorted(by_class.items()):
             for name in sorted(random.Random(f"{args.seed}-{label}").sample(of_label, args.per_class)):
                 info = zipfile.ZipInfo(f"train/{PurePosixPath(name).name}", date_time=(2013, 9, 25, 0, 0, 0))
                 sample.writestr(info, source.read(name))

@@ -22,6 +22,10 @@ from PIL import Image
 
 from catdog.params import Params, parse_params
 from catdog.paths import Paths
+from catdog.reports import DECIMALS
+
+# A figure read back from a DVC report file is the computed one rounded to DECIMALS.
+ROUNDED = 0.5 * 10**-DECIMALS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REPO_PARAMS = REPO_ROOT / "params.yaml"

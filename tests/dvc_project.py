@@ -10,6 +10,7 @@ Nothing is mocked: the tests drive the real dvc, mlflow and catdog of the venv p
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -286,6 +287,36 @@ def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout)
+
+
+@contextlib.contextmanager
+def serve_model(model_uri: str, tracking_uri: str, cwd: Path, timeout: float = 180):
+    """``mlflow models serve -m MODEL_URI`` as a real process on loopback (the README's command);
+    yields ``post(body) -> the reply's text`` for /invocations, then stops the server."""
+    port, log = free_port(), cwd / "serve.log"
+    command = ["models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-w", "1"]
+    with log.open("w") as handle:
+        server = subprocess.Popen(
+            [tool("mlflow"), *command, "-p", str(port)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,
+            env=clean_env(MLFLOW_TRACKING_URI=tracking_uri),
+        )
+
+    def post(body: dict) -> str:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.read().decode()
+
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, timeout=timeout, log=log)
+        yield post
+    finally:
+        stop(server)
 
 
 def start_mlflow(

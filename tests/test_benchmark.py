@@ -11,11 +11,15 @@ import pytest
 
 from conftest import REPO_ROOT
 
-COMPARISONS = {"features", "extraction", "top_epoch", "predict", "predict_naive", "epoch", "prepare"}
+COMPARISONS = {
+    *("features", "extraction", "top_epoch", "predict", "predict_naive", "epoch", "prepare"),
+    *("classes_prepare", "classes_extraction", "classes_predict"),
+}
 
 
 @pytest.mark.slow  # real processes: run by make test, not make check
-def test_benchmark_measures_every_comparison_and_writes_json(dataset, tmp_path):
+def test_benchmark_measures_every_comparison_and_writes_json(make_dataset, tmp_path):
+    dataset = make_dataset(n_per_class=15)  # 30 images: 3 per class of the 10-class comparison
     out = tmp_path / "benchmark.json"
     run = subprocess.run(
         [
@@ -24,7 +28,7 @@ def test_benchmark_measures_every_comparison_and_writes_json(dataset, tmp_path):
             "--source",
             str(dataset.zip),
             "--images",
-            "24",
+            "30",
             "--arch",
             "simple_cnn",
             "--image-size",
@@ -45,8 +49,11 @@ def test_benchmark_measures_every_comparison_and_writes_json(dataset, tmp_path):
     for r in results.values():
         assert r["project_s"] > 0 and r["baseline_s"] > 0 and r["count"] > 0
         assert r["ratio"] > 0 and r["project_per_s"] > 0 and r["baseline_per_s"] > 0
-    assert results["predict"]["count"] == 24 and results["predict"]["target"] == 0.8
+    assert results["predict"]["count"] == 30 and results["predict"]["target"] == 0.8
     assert results["extraction"]["target"] == 0.8
+    for what in ("prepare", "extraction", "predict"):  # 10 classes vs 2, same images
+        assert results[f"classes_{what}"]["target"] == 0.9
+    assert results["classes_predict"]["count"] == 30
     assert results["predict"]["peak_rss_mb"] > 0 and report["peak_rss_mb"] > 0
     assert report["machine"]["usable_cores"] >= 1 and report["date"]
     assert "ratio" in run.stdout and "peak RSS" in run.stdout  # the printed table

@@ -34,7 +34,7 @@ from catdog.params import parse_params
 from catdog.paths import Paths
 
 import dvc_project as dp
-from conftest import build_params
+from conftest import ROUNDED, build_params
 from dvc_project import (
     EVAL_BACK_EXP,
     EVAL_BATCH,
@@ -331,9 +331,9 @@ def test_dvc_metrics_and_plots_diff_compare_two_experiments(exps, tmp_path):
     diff = json.loads(proj.dvc("metrics", "diff", a, b, "--all", "--json").stdout)
     evaluate = diff["reports/evaluate/metrics.json"]
     for key in ("accuracy", "log_loss"):
-        # the DVC files round to 6 decimals, MLflow keeps the full value
-        assert evaluate[key]["old"] == pytest.approx(exps.run_named(a).data.metrics[f"test/{key}"], abs=1e-6)
-        assert evaluate[key]["new"] == pytest.approx(exps.run_named(b).data.metrics[f"test/{key}"], abs=1e-6)
+        # the DVC files round to reports.DECIMALS, MLflow keeps the full value
+        assert evaluate[key]["old"] == pytest.approx(exps.run_named(a).data.metrics[f"test/{key}"], abs=ROUNDED)
+        assert evaluate[key]["new"] == pytest.approx(exps.run_named(b).data.metrics[f"test/{key}"], abs=ROUNDED)
     assert "val_loss" in diff["reports/train/metrics.json"]
 
     params = json.loads(proj.dvc("params", "diff", a, b, "--json").stdout)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catdog.images import BadImage, decode_image, resize
+from catdog.images import BadImage, check_size, decode_image, read_bounded, read_file, resize
 
 from conftest import encode, synthetic_image
 
@@ -189,3 +189,51 @@ def test_resize_changes_size_and_keeps_same_size_untouched():
     small = resize(array, 32)
     assert small.shape == (32, 32, 3) and small.dtype == np.uint8
     np.testing.assert_array_equal(small, np.asarray(Image.fromarray(array).resize((32, 32), Image.BILINEAR)))
+
+
+# --- the byte cap every reader shares (data.max_image_bytes) ---------------------------------------
+
+
+class CountingStream(io.BytesIO):
+    """A stream that remembers how many bytes were asked of it."""
+
+    requested = 0
+
+    def read(self, size=-1):
+        self.requested += size if size >= 0 else len(self.getbuffer())
+        return super().read(size)
+
+
+def test_check_size_allows_the_cap_and_refuses_a_byte_more():
+    check_size(100, 100)
+    with pytest.raises(BadImage, match=r"too_large: 101 bytes > 100 \(data\.max_image_bytes\)") as info:
+        check_size(101, 100)
+    assert info.value.reason == "too_large"
+
+
+def test_read_bounded_refuses_a_declared_size_over_the_cap_without_reading():
+    stream = CountingStream(b"x" * 10)
+    with pytest.raises(BadImage, match="too_large"):
+        read_bounded(stream, declared_size=5_000, max_bytes=1_000)
+    assert stream.requested == 0
+
+
+def test_read_bounded_stops_a_stream_that_holds_more_than_it_declared():
+    stream = CountingStream(b"x" * 5_000)
+    with pytest.raises(BadImage, match=r"too_large: 1001 bytes > 1000"):
+        read_bounded(stream, declared_size=10, max_bytes=1_000)
+    assert stream.requested == 1_001  # never more than the cap and one byte
+
+
+def test_read_bounded_returns_what_fits(make_jpeg):
+    data = make_jpeg("cat", 0)
+    assert read_bounded(io.BytesIO(data), len(data), len(data)) == data
+
+
+def test_read_file_goes_by_the_files_size(tmp_path, make_jpeg):
+    path = tmp_path / "cat.jpg"
+    path.write_bytes(make_jpeg("cat", 1))
+    assert read_file(path, path.stat().st_size) == path.read_bytes()
+    with pytest.raises(BadImage, match="too_large") as info:
+        read_file(path, path.stat().st_size - 1)
+    assert info.value.reason == "too_large"

@@ -26,6 +26,8 @@ def test_repo_params_load_with_their_values():
     assert params.data.source == "data/sample/dogs-vs-cats-sample.zip"
     assert params.data.cache_size == 260
     assert params.data.limit_per_class is None
+    assert params.data.labels is None and params.data.classes is None
+    assert params.data.max_image_bytes == 50_000_000
     assert params.train.arch == "efficientnet_lite2"
     assert params.train.mode == "features"
     assert params.train.weights is None
@@ -100,6 +102,13 @@ def test_wrong_type_is_rejected(key, value, expected):
         ("data.limit_per_class", 0, r"data\.limit_per_class must be greater than 0, got 0"),
         ("data.min_per_class", 0, r"data\.min_per_class must be greater than or equal to 3"),
         ("data.workers", -1, r"data\.workers must be greater than or equal to 0, got -1"),
+        ("data.max_image_bytes", 0, r"data\.max_image_bytes must be greater than or equal to 1, got 0"),
+        ("data.classes", ["cat"], r"data\.classes must name at least two classes, got \['cat'\]"),
+        ("data.classes", ["cat", "cat"], r"data\.classes must not repeat a name"),
+        ("data.classes", ["cat", " "], r"data\.classes must not hold empty names"),
+        ("data.classes", "cat,dog", r"data\.classes must be a valid list"),
+        ("data.classes", ["cat", 7], r"data\.classes must be a valid string, got 7"),
+        ("data.labels", 7, r"data\.labels must be a valid string, got 7"),
         ("export.opset", 16, r"export\.opset must be greater than or equal to 17"),
         ("export.tolerance", 0, r"export\.tolerance must be greater than 0"),
         ("evaluate.batch_size", 0, r"evaluate\.batch_size must be greater than or equal to 1"),
@@ -167,6 +176,12 @@ def test_int_is_accepted_for_float():
 def test_optional_values_accept_null_and_their_type():
     params = parse_params(with_value("data.limit_per_class", 100))
     assert params.data.limit_per_class == 100
+    assert parse_params(with_value("data.labels", "labels.csv")).data.labels == "labels.csv"
+    assert parse_params(with_value("data.classes", ["dog", "Snow Owl", "cat"])).data.classes == [
+        "dog",
+        "Snow Owl",
+        "cat",
+    ]
     params = parse_params(with_value("train.weights", "weights/resnet18.pth"))
     assert params.train.weights == "weights/resnet18.pth"
     with pytest.raises(ParamsError, match=r"data\.limit_per_class must be a valid integer"):

@@ -5,6 +5,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import multiprocessing
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -14,12 +21,13 @@ import pytest
 import yaml
 from PIL import Image
 
-from catdog import prepare
+from catdog import integrity, prepare
 from catdog.data import load_split, split_digest
 from catdog.errors import CatdogError
 from catdog.paths import Paths
 
 from conftest import build_params, encode, jpeg_bytes
+from image_sets import LAYOUTS, build_image_set, layout_files
 
 
 def run_prepare(source: Path, root: Path, **overrides) -> tuple[dict, Paths]:
@@ -144,29 +152,31 @@ def test_source_file_that_is_not_a_zip_is_a_catdog_error(tmp_path):
         run_prepare(bogus, tmp_path / "out")
 
 
-def test_class_subfolders_in_any_case_are_labelled(tmp_path):
-    files = {}
-    for i, folder in enumerate(["Cat", "cats", "CAT", "PetImages/Cat"] * 2):
-        files[f"{folder}/{i}.jpg"] = jpeg_bytes("cat", i)
-    for i, folder in enumerate(["Dog", "DOGS", "dog", "PetImages/Dog"] * 2):
-        files[f"{folder}/{i}.jpeg"] = jpeg_bytes("dog", i)
-    source = write_folder(tmp_path / "src", files)
-    summary, paths = run_prepare(source, tmp_path / "out")
-    manifest = manifest_of(paths)
-    assert set(manifest) == set(files)
-    assert all(
-        row["label"] == ("cat" if name.lower().split("/")[-2].startswith("cat") else "dog")
-        for name, row in manifest.items()
-    )
-    assert summary["images"] == 16 and summary["unlabelled_ignored"] == 0
+def test_class_folder_names_are_labels_as_written(tmp_path):
+    folders = ["Cat", "cat", "CAT dogs", "Ünïcødé 猫"]  # four classes: no mapping, no case folding
+    files = {
+        f"{folder}/{i}.jpg": jpeg_bytes("cat" if n % 2 else "dog", 10 * n + i)
+        for n, folder in enumerate(folders)
+        for i in range(4)
+    }
+    summary, paths = run_prepare(write_zip(tmp_path / "pets.zip", files), tmp_path / "out")
+    assert summary["layout"] == "class_folders"
+    assert summary["classes"] == sorted(folders)
+    assert {name: row["label"] for name, row in manifest_of(paths).items()} == {
+        name: name.split("/")[0] for name in files
+    }
+    for name in ("train", "val", "test"):  # the labels survive manifest.csv and index the recorded classes
+        split = load_split(paths, name)
+        assert [split.classes[label] for label in split.labels] == [p.split("/")[0] for p in split.paths]
 
 
-def test_class_subfolders_in_a_zip_are_labelled(tmp_path):
+def test_class_subfolders_in_a_folder_are_labelled(tmp_path):
     files = {f"Cat/{i}.jpg": jpeg_bytes("cat", i) for i in range(5)}
     files.update({f"Dog/{i}.jpg": jpeg_bytes("dog", i) for i in range(5)})
-    _, paths = run_prepare(write_zip(tmp_path / "pets.zip", files), tmp_path / "out")
+    summary, paths = run_prepare(write_folder(tmp_path / "pets", files), tmp_path / "out")
+    assert summary["classes"] == ["Cat", "Dog"]
     assert {name: row["label"] for name, row in manifest_of(paths).items()} == {
-        name: name.split("/")[0].lower() for name in files
+        name: name.split("/")[0] for name in files
     }
 
 
@@ -273,13 +283,14 @@ def test_every_file_bad_stops_with_a_clear_error(tmp_path):
     files = {f"Cat/{i}.jpg": b"" for i in range(4)}
     files.update({f"Dog/{i}.jpg": b"text" for i in range(4)})
     source = write_folder(tmp_path / "src", files)
-    with pytest.raises(CatdogError, match=r"only 0 usable 'cat' image\(s\), need data\.min_per_class=4"):
+    with pytest.raises(CatdogError, match=r"only 0 usable 'Cat' image\(s\), need data\.min_per_class=4"):
         run_prepare(source, tmp_path / "out")
+    assert not (tmp_path / "out" / "data" / "prepared").exists()  # nothing half-written
 
 
 def test_no_labelled_images_is_a_catdog_error(tmp_path):
-    source = write_folder(tmp_path / "src", {"test1/1.jpg": jpeg_bytes("cat", 1)})
-    with pytest.raises(CatdogError, match=r"no labelled images"):
+    source = write_folder(tmp_path / "src", {"1.jpg": jpeg_bytes("cat", 1), "README.txt": b"no labels here"})
+    with pytest.raises(CatdogError, match=r"no labelled images in .* expected <class>\.<n>\.jpg names"):
         run_prepare(source, tmp_path / "out")
 
 
@@ -410,3 +421,386 @@ def test_stage_cli_reports_errors_in_one_line(tmp_path, capsys, problem):
     assert len(err) == 1 and err[0].startswith("prepare: error: ")
     assert ("unknown key data.cache_sise" if problem == "bad_param" else "does not exist") in err[0]
     assert not (tmp_path / "data" / "prepared").exists()  # nothing written before validation passed
+
+
+# --- layouts: any labelled image set (tests/image_sets.py) ---------------------------------------
+
+CLASSES = ["Golden Retriever", "cat", "Élan"]  # a space, a capital, a non-ASCII letter; sorted as given
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_gives_its_classes_labels_and_the_same_manifest_from_zip_or_folder(tmp_path, layout):
+    folder = build_image_set(tmp_path / "set", layout, CLASSES, 9)
+    zipped = build_image_set(tmp_path / "zipped", layout, CLASSES, 9, as_zip=True)
+    summaries, manifests = [], []
+    for images in (folder, zipped):
+        summary, paths = run_prepare(images.source, tmp_path / f"out-{images.source.name}", **images.params)
+        summaries.append(summary)
+        manifests.append(paths.manifest.read_bytes())
+        manifest = manifest_of(paths)
+        assert {name: row["label"] for name, row in manifest.items()} == images.labels
+        if images.splits:
+            assert {name: row["split"] for name, row in manifest.items()} == images.splits
+        split = load_split(paths, "test")
+        assert split.classes == CLASSES
+        assert [split.classes[label] for label in split.labels] == [images.labels[path] for path in split.paths]
+    assert summaries[0] == summaries[1] and manifests[0] == manifests[1]
+    summary = summaries[0]
+    assert summary["layout"] == layout and summary["classes"] == CLASSES
+    assert summary["images"] == 27 and summary["rejected_total"] == 0 and summary["unlabelled_ignored"] == 0
+    expected = {"train": 3, "val": 3, "test": 3} if layout == "split_folders" else {"train": 7, "val": 1, "test": 1}
+    assert summary["splits"] == {name: dict.fromkeys(CLASSES, n) for name, n in expected.items()}
+    assert (
+        json.loads(Path(tmp_path / "out-set" / "data" / "prepared" / "content.json").read_text())["classes"] == CLASSES
+    )
+
+
+def test_the_layout_is_printed_in_one_line(tmp_path, capsys):
+    images = build_image_set(tmp_path / "set", "split_folders", CLASSES, 6, splits=("train", "test"))
+    run_prepare(images.source, tmp_path / "out")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("layout: ")]
+    assert lines == [
+        "layout: split_folders (labels from class folders; given splits: train, test; val carved from train/); "
+        "classes: Golden Retriever, cat, Élan"
+    ]
+
+
+def test_kaggle_names_work_for_any_class_and_unlabelled_folders_beside_them_are_ignored(tmp_path):
+    files, labels, _ = layout_files("kaggle_names", ["bird", "cat", "dog"], 5)
+    files.update({f"test1/{i}.jpg": data for i, data in enumerate(list(files.values())[:3])})
+    summary, paths = run_prepare(write_zip(tmp_path / "train.zip", files), tmp_path / "out")
+    assert summary["layout"] == "kaggle_names" and summary["classes"] == ["bird", "cat", "dog"]
+    assert summary["unlabelled_ignored"] == 3
+    assert {name: row["label"] for name, row in manifest_of(paths).items()} == labels
+
+
+def test_kaggle_named_files_in_class_folders_are_labelled_by_their_folder(tmp_path):
+    # cat.N.jpg in one class folder only: not Kaggle's layout (one folder must hold every such name, of two classes)
+    files = {f"Cat/cat.{i}.jpg": jpeg_bytes("cat", i) for i in range(4)}
+    files.update({f"Dog/IMG_{i}.jpg": jpeg_bytes("dog", i) for i in range(4)})
+    summary, _ = run_prepare(write_zip(tmp_path / "pets.zip", files), tmp_path / "out")
+    assert summary["layout"] == "class_folders" and summary["classes"] == ["Cat", "Dog"]
+
+
+def test_a_folder_holding_every_image_is_descended_and_subfolders_belong_to_their_class(tmp_path):
+    files = {f"PetImages/Cat/{i}.jpg": jpeg_bytes("cat", i) for i in range(4)}
+    files.update({f"PetImages/Dog/{i}.jpg": jpeg_bytes("dog", i) for i in range(3)})
+    files["PetImages/Dog/puppies/0.jpg"] = jpeg_bytes("dog", 50)  # ImageFolder: still a Dog
+    files["PetImages/loose.jpg"] = jpeg_bytes("dog", 51)  # in no class folder: ignored
+    files["readme[1].txt"] = b"Microsoft's PetImages"
+    summary, paths = run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+    assert summary["layout"] == "class_folders" and summary["classes"] == ["Cat", "Dog"]
+    assert manifest_of(paths)["PetImages/Dog/puppies/0.jpg"]["label"] == "Dog"
+    assert summary["unlabelled_ignored"] == 2
+    assert "PetImages/loose.jpg" not in manifest_of(paths)
+
+
+def test_split_folders_carve_a_missing_split_from_train_stratified(tmp_path):
+    files, _, given = layout_files("split_folders", ["a", "b", "c"], 40, splits=("train", "train", "val"))
+    summary, paths = run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+    manifest = manifest_of(paths)
+    assert all(manifest[name]["split"] == "val" for name, split in given.items() if split == "val")
+    # 27 or 26 train images per class; round(26.x * 0.15) = 4 of each carved into test
+    assert summary["splits"]["test"] == {"a": 4, "b": 4, "c": 4}
+    assert all(given[name] == "train" for name, row in manifest.items() if row["split"] == "test")
+    assert summary["splits"]["val"] == {label: sum(1 for n in given.values() if n == "val") // 3 for label in "abc"}
+
+
+def test_only_train_is_class_folders_under_train_with_both_splits_carved(tmp_path):
+    files, _, _ = layout_files("split_folders", ["a", "b"], 10, splits=("train",))
+    summary, _ = run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+    assert summary["layout"] == "class_folders"
+    assert summary["splits"]["train"] == {"a": 6, "b": 6} and summary["splits"]["test"] == {"a": 2, "b": 2}
+
+
+def test_an_unlabelled_test_folder_is_ignored_and_test_carved_from_train(tmp_path):
+    files, _, _ = layout_files("split_folders", ["a", "b"], 10, splits=("train", "val"))
+    files.update({f"test/{i}.jpg": jpeg_bytes("cat", 200 + i) for i in range(5)})  # a competition's test set
+    summary, _ = run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+    assert summary["layout"] == "split_folders" and summary["unlabelled_ignored"] == 5
+    assert summary["splits"]["val"] == {"a": 5, "b": 5} and summary["splits"]["test"] == {"a": 1, "b": 1}
+
+
+def test_split_folders_of_kaggle_names(tmp_path):
+    files = {
+        f"{split}/{label}.{i}.jpg": jpeg_bytes(label, i)
+        for label in ("cat", "dog")
+        for i, split in enumerate(["train"] * 6 + ["val"] * 2)
+    }
+    summary, paths = run_prepare(write_zip(tmp_path / "pre.zip", files), tmp_path / "out")
+    assert summary["layout"] == "split_kaggle_names"
+    assert summary["splits"]["val"] == {"cat": 2, "dog": 2} and summary["splits"]["test"] == {"cat": 1, "dog": 1}
+    assert {row["label"] for row in manifest_of(paths).values()} == {"cat", "dog"}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"dog/9.jpg": "dog"}, r"top folders \['dog', 'test', 'train', 'val'\] mix split folders"),
+        (
+            {"val/cat.1.jpg": "cat", "val/dog.1.jpg": "dog"},
+            r"<class>\.<n>\.<ext> names in val/ and split_folders \(labels from class folders; .*\) beside them",
+        ),
+        (
+            {"val/cat.1.jpg": "cat", "val/dog.1.jpg": "dog", "test/cat.1.jpg": "cat", "test/dog.1.jpg": "dog"},
+            r"some split folders hold <class>/ folders, others <class>\.<n>\.jpg names",
+        ),
+    ],
+)
+def test_ambiguous_layouts_say_what_was_found(tmp_path, extra, message):
+    files, _, _ = layout_files("split_folders", ["cat", "dog"], 9)
+    files.update({name: jpeg_bytes(label, 300) for name, label in extra.items()})
+    with pytest.raises(CatdogError, match=r"ambiguous layout in data\.source: " + message):
+        run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+    assert not (tmp_path / "out" / "data").exists()
+
+
+def test_split_folders_without_train_are_an_error(tmp_path):
+    files, _, _ = layout_files("split_folders", ["cat", "dog"], 6, splits=("val", "test"))
+    with pytest.raises(CatdogError, match=r"top folders \['test', 'val'\] have no train/"):
+        run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+
+
+def test_a_given_split_without_a_class_is_an_error(tmp_path):
+    files, _, _ = layout_files("split_folders", ["cat", "dog"], 9)
+    for name in [n for n in files if n.startswith("val/dog/")]:
+        del files[name]
+    with pytest.raises(CatdogError, match=r"the given val/ folder has no usable 'dog' image: add some, or leave val/"):
+        run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+
+
+def test_a_copy_in_val_or_test_of_a_train_image_is_rejected_and_the_train_copy_kept(tmp_path):
+    files, _, given = layout_files("split_folders", ["cat", "dog"], 12)
+    train_image = next(name for name, split in given.items() if split == "train")
+    label = train_image.split("/")[1]
+    files[f"val/{label}/copy.jpg"] = files[f"test/{label}/copy.jpg"] = files[train_image]
+    summary, paths = run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+    assert rejected_of(paths) == {
+        f"val/{label}/copy.jpg": "duplicate_across_splits",
+        f"test/{label}/copy.jpg": "duplicate_across_splits",
+    }
+    assert manifest_of(paths)[train_image]["split"] == "train"
+    assert summary["splits"]["val"] == {"cat": 4, "dog": 4}
+
+
+# --- CSV labels ------------------------------------------------------------------------------------
+
+
+def test_csv_rows_without_their_file_are_rejected_and_the_rest_used(tmp_path):
+    files, labels, _ = layout_files("csv", ["cat", "dog", "owl"], 6)
+    extra_rows = '"images/gone.jpg",owl\n"./images/0-0.jpg",cat\n../outside.jpg,cat\n\n'
+    files["labels.csv"] += extra_rows.encode()
+    files["images/not-listed.jpg"] = jpeg_bytes("cat", 99)
+    files["notes.txt"] = b"not an image, not listed"
+    for source in (write_folder(tmp_path / "src", files), write_zip(tmp_path / "src.zip", files)):
+        summary, paths = run_prepare(source, tmp_path / f"out-{source.name}", **{"data.labels": "labels.csv"})
+        assert summary["layout"] == "csv"
+        assert rejected_of(paths) == {"images/gone.jpg": "missing_file", "../outside.jpg": "unsafe_path"}
+        assert {name: row["label"] for name, row in manifest_of(paths).items()} == labels
+        assert summary["unlabelled_ignored"] == 2  # not-listed.jpg and notes.txt (labels.csv is not counted)
+
+
+def test_a_csv_path_under_two_labels_is_conflicting(tmp_path):
+    files, labels, _ = layout_files("csv", ["cat", "dog"], 5)
+    files["labels.csv"] += b"images/0-0.jpg,dog\n"
+    _, paths = run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out", **{"data.labels": "labels.csv"})
+    assert rejected_of(paths) == {"images/0-0.jpg": "conflicting_labels"}
+    assert set(manifest_of(paths)) == set(labels) - {"images/0-0.jpg"}
+
+
+@pytest.mark.parametrize(
+    "csv_bytes, labels_param, message",
+    [
+        (None, "labels.csv", r"data\.labels 'labels\.csv' is not in data\.source"),
+        (b"path,label\n", "../labels.csv", r"must be a path inside data\.source"),
+        (b"\xff\xfe\x00bad", "labels.csv", r"cannot be read as a UTF-8 CSV"),
+        (b"path\nimages/0-0.jpg\n", "labels.csv", r"needs a header row and two columns"),
+        (b"images/0-0.jpg,cat\nimages/1-0.jpg,dog\n", "labels.csv", r"first row names a file.*must be a header"),
+        (b"path,label\nimages/0-0.jpg,\n", "labels.csv", r"line 2: expected path,label"),
+    ],
+)
+def test_an_unreadable_labels_csv_stops_prepare_in_one_line(tmp_path, csv_bytes, labels_param, message):
+    files, _, _ = layout_files("csv", ["cat", "dog"], 5)
+    del files["labels.csv"]
+    if csv_bytes is not None:
+        files["labels.csv"] = csv_bytes
+    with pytest.raises(CatdogError, match=message):
+        run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out", **{"data.labels": labels_param})
+    assert not (tmp_path / "out" / "data").exists()
+
+
+# --- classes --------------------------------------------------------------------------------------
+
+
+def test_data_classes_fixes_the_order_and_ignores_other_classes(tmp_path):
+    images = build_image_set(tmp_path / "set", "class_folders", ["bird", "cat", "dog"], 6)
+    summary, paths = run_prepare(images.source, tmp_path / "out", **{"data.classes": ["dog", "cat"]})
+    assert summary["classes"] == ["dog", "cat"] and integrity.recorded_classes(paths) == ["dog", "cat"]
+    assert summary["other_classes_ignored"] == {"bird": 6}
+    assert {row["label"] for row in manifest_of(paths).values()} == {"dog", "cat"}
+    split = load_split(paths, "train")
+    assert [split.classes[label] for label in split.labels] == [path.split("/")[0] for path in split.paths]
+    assert list(summary["splits"]["train"]) == ["dog", "cat"]
+
+
+def test_an_empty_class_folder_is_no_class_unless_data_classes_lists_it(tmp_path):
+    images = build_image_set(tmp_path / "set", "class_folders", ["cat", "dog"], 5)
+    (images.source / "bird").mkdir()
+    summary, _ = run_prepare(images.source, tmp_path / "a")
+    assert summary["classes"] == ["cat", "dog"]
+    with pytest.raises(
+        CatdogError, match=r"data\.classes lists 'bird' but .* has no image of it \(classes found: 'cat', 'dog'\)"
+    ):
+        run_prepare(images.source, tmp_path / "b", **{"data.classes": ["bird", "cat", "dog"]})
+
+
+def test_one_class_is_an_error(tmp_path):
+    images = build_image_set(tmp_path / "set", "class_folders", ["cat", "dog"], 5)
+    shutil.rmtree(images.source / "dog")
+    with pytest.raises(CatdogError, match=r"holds one class, 'cat' \(class_folders.*needs two or more"):
+        run_prepare(images.source, tmp_path / "out")
+    assert not (tmp_path / "out" / "data").exists()
+
+
+def test_the_same_image_under_two_labels_is_rejected_everywhere(tmp_path):
+    files, _, _ = layout_files("class_folders", ["cat", "dog"], 6)
+    files["dog/copy-of-cat-0.jpg"] = files["cat/0.jpg"]
+    summary, paths = run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+    assert rejected_of(paths) == {"cat/0.jpg": "conflicting_labels", "dog/copy-of-cat-0.jpg": "conflicting_labels"}
+    assert summary["images"] == 11 and summary["rejected"] == {"conflicting_labels": 2}
+
+
+def test_a_class_below_min_per_class_is_named(tmp_path):
+    files, _, _ = layout_files("class_folders", ["cat", "dog", "Snow Owl"], 6)
+    files = {name: data for name, data in files.items() if not name.startswith("Snow Owl/") or name < "Snow Owl/2"}
+    with pytest.raises(CatdogError, match=r"only 2 usable 'Snow Owl' image\(s\), need data\.min_per_class=4"):
+        run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+
+
+@pytest.mark.parametrize("smaller, warned", [(4, True), (5, False)])
+def test_imbalance_above_three_to_one_prints_one_warning(tmp_path, capsys, smaller, warned):
+    files, _, _ = layout_files("class_folders", ["cat", "dog"], 15)
+    files = {
+        name: data for name, data in files.items() if name.startswith("cat/") or int(name[4:].split(".")[0]) < smaller
+    }
+    run_prepare(write_folder(tmp_path / "src", files), tmp_path / "out")
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "imbalanced" in line]
+    expected = f"warning: imbalanced classes: 15 'cat' vs {smaller} 'dog' images (more than 3:1)"
+    assert warnings == ([f"{expected}; accuracy flatters the largest class, see balanced accuracy"] if warned else [])
+
+
+# --- size limits and dying workers -----------------------------------------------------------------
+
+
+def big_jpeg() -> bytes:
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    return encode(Image.fromarray(noise), "JPEG", quality=95)
+
+
+def test_an_image_over_max_image_bytes_is_rejected_as_too_large_and_the_rest_kept(make_dataset, tmp_path):
+    data = make_dataset(extra={"train/cat.900.jpg": big_jpeg()})
+    assert len(big_jpeg()) > 50_000 > max(len(image) for image in data.files.values())
+    for source in (data.zip, data.folder):
+        summary, paths = run_prepare(source, tmp_path / source.name, **{"data.max_image_bytes": 50_000})
+        assert rejected_of(paths) == {"train/cat.900.jpg": "too_large"}
+        assert set(manifest_of(paths)) == set(data.files) and summary["rejected"] == {"too_large": 1}
+    summary, _ = run_prepare(data.zip, tmp_path / "default")  # under the default cap it is an image like any
+    assert summary["images"] == 25
+
+
+def write_zero_member(archive: zipfile.ZipFile, name: str, size: int) -> None:
+    """``size`` zero bytes, deflated (a few hundred KB on disk), streamed: never all in memory here."""
+    info = zipfile.ZipInfo(name)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with archive.open(info, "w") as stream:
+        for _ in range(size >> 20):
+            stream.write(bytes(1 << 20))
+
+
+def lie_about_size(path: Path, name: str, declared: int) -> None:
+    """Rewrite the uncompressed size the member's local and central headers declare."""
+    raw = bytearray(path.read_bytes())
+    encoded = name.encode()
+    for signature, size_at, name_at in ((b"PK\x03\x04", 22, 30), (b"PK\x01\x02", 24, 46)):
+        start = raw.find(signature)
+        while raw[start + name_at : start + name_at + len(encoded)] != encoded:
+            start = raw.find(signature, start + 1)
+        struct.pack_into("<I", raw, start + size_at, declared)
+    path.write_bytes(bytes(raw))
+
+
+def peak_rss_of_prepare(source: Path, root: Path, cap: int) -> tuple[dict, int]:
+    """prepare.run in a fresh process (in-process decoding); its summary and peak RSS in KiB."""
+    script = (
+        "import json, resource, sys\n"
+        "from catdog import prepare\nfrom catdog.paths import Paths\nfrom conftest import build_params\n"
+        f"params = build_params({{'data.source': {str(source)!r}, 'data.max_image_bytes': {cap}}})\n"
+        f"summary = prepare.run(params, Paths.under({str(root)!r}))\n"
+        "print(json.dumps([summary, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))\n"
+    )
+    path = os.pathsep.join([str(Path(prepare.__file__).parents[1]), str(Path(__file__).parent)])
+    output = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    summary, peak = json.loads(output.splitlines()[-1])
+    return summary, peak
+
+
+@pytest.mark.slow
+def test_huge_zip_members_are_never_inflated_into_memory(make_dataset, tmp_path):
+    data = make_dataset()
+    huge = tmp_path / "huge.zip"
+    with zipfile.ZipFile(huge, "w") as archive:
+        for name, image in data.files.items():
+            archive.writestr(name, image)
+        write_zero_member(archive, "train/cat.900.jpg", 300 << 20)  # declares its 300 MB
+        write_zero_member(archive, "train/dog.900.jpg", 300 << 20)
+    lie_about_size(huge, "train/dog.900.jpg", 1000)  # declares 1000 bytes, inflates to 300 MB
+    with zipfile.ZipFile(huge) as archive:
+        assert archive.getinfo("train/cat.900.jpg").file_size == 300 << 20
+        assert archive.getinfo("train/dog.900.jpg").file_size == 1000
+    assert huge.stat().st_size < 5_000_000
+
+    cap = 1_000_000
+    baseline, baseline_peak = peak_rss_of_prepare(data.zip, tmp_path / "plain", cap)
+    summary, peak = peak_rss_of_prepare(huge, tmp_path / "huge", cap)
+    # the honest one is refused by its declared size; zipfile stops the liar at its declared 1000 bytes,
+    # where the CRC fails
+    assert rejected_of(Paths.under(tmp_path / "huge")) == {
+        "train/cat.900.jpg": "too_large",
+        "train/dog.900.jpg": "unreadable",
+    }
+    assert summary["images"] == baseline["images"] == 24
+    assert peak - baseline_peak < 40_000, (baseline_peak, peak)  # KiB: far below the 300 MB either inflates to
+
+
+def test_a_killed_decode_worker_stops_prepare_in_one_line_naming_its_image(dataset, tmp_path, monkeypatch, capsys):
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the decode workers inherit the patched decoder only when forked")
+    from catdog.stage import main
+
+    victim, real_decode = dataset.files["train/dog.7.jpg"], prepare.decode_image
+
+    def decode_or_be_killed(data, *args):
+        if data == victim:
+            os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
+        return real_decode(data, *args)
+
+    monkeypatch.setattr(prepare, "decode_image", decode_or_be_killed)
+    raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
+    raw["data"].update({"source": str(dataset.zip), "cache_size": 32, "min_per_class": 4, "workers": 2})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit) as info:
+        main("prepare", prepare.run, ["--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path / "project")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.strip().splitlines() if not line.startswith("decode:")] == [
+        "prepare: error: a decode worker was killed while decoding train/dog.7.jpg (out of memory?): "
+        "remove that file, lower data.max_image_bytes or data.workers"
+    ]
+    assert not (tmp_path / "project" / "data" / "prepared").exists()

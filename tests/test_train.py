@@ -17,7 +17,7 @@ from catdog.errors import CatdogError
 from catdog.models import create_model, load_checkpoint
 from catdog.transforms import eval_preset
 
-from conftest import PIPELINE_OVERRIDES, PNG_SIGNATURE, client_for, prepared_project, read_csv, run_id
+from conftest import PIPELINE_OVERRIDES, PNG_SIGNATURE, ROUNDED, client_for, prepared_project, read_csv, run_id
 
 # --- train -------------------------------------------------------------------------------------
 
@@ -39,7 +39,7 @@ def test_train_writes_checkpoint_history_metrics_and_curves(pipeline):
     assert float(history[1]["lr"]) > float(history[0]["lr"])
 
     metrics = json.loads(paths.train_metrics.read_text())
-    assert metrics == pytest.approx(pipeline.train, abs=1e-6)  # rounded to 6 decimals
+    assert metrics == pytest.approx(pipeline.train, abs=ROUNDED)
     assert set(metrics) == {"best_epoch", "val_accuracy", "val_loss"}  # the headline; timings go to MLflow
 
 
@@ -106,7 +106,7 @@ def test_train_mlflow_run_has_params_epoch_history_and_model(pipeline):
     ):
         points = sorted((m.step, m.value) for m in client.get_metric_history(train_id, key))
         assert [step for step, _ in points] == [1, 2, 3], key
-        assert [value for _, value in points] == pytest.approx([float(row[column]) for row in history], abs=1e-6)
+        assert [value for _, value in points] == pytest.approx([float(row[column]) for row in history], abs=ROUNDED)
     assert run.data.tags["catdog.best_epoch"] == str(pipeline.train["best_epoch"])
     assert run.data.tags["catdog.epochs_trained"] == "3"
     assert run.data.metrics["val/best_accuracy"] == pytest.approx(pipeline.train["val_accuracy"])

@@ -1,9 +1,22 @@
-"""evaluate: the best checkpoint on the held-out test split, metrics from scikit-learn.
+"""evaluate: the best checkpoint on the held-out test split, metrics from scikit-learn, for any number of classes.
 
-Writes (``paths.evaluate_reports``): metrics.json (the headline figures, ``HEADLINE``: DVC metrics),
-details.json (every figure: per class, balanced accuracy, PR-AUC, ...); predictions.csv (DVC confusion plot);
-roc.csv and pr.csv (DVC curve plots); PNGs of the confusion matrix, ROC/PR curves,
-reliability diagram and the most confidently wrong test images.
+Writes (``paths.evaluate_reports``): metrics.json (the headline figures: DVC metrics, at most 7 for any N, no class
+name in a key), details.json (every figure), per_class.csv (precision, recall, F1 and support of every class: a DVC
+plot and an MLflow artifact), predictions.csv (DVC confusion plot), roc.csv and pr.csv (DVC curve plots), PNGs of the
+confusion matrix (counts and row-normalised), ROC/PR curves, reliability diagram and the most confidently wrong images.
+
+Two classes (dogs vs cats) keep the keys of the first runs, so old and new runs compare in DVC and MLflow: the
+second class (``classes[1]``) is the positive one of ``precision``, ``recall``, ``f1``, ``roc_auc``, ``pr_auc``;
+details hold ``precision_<class>``, ``recall_<class>``, ``f1_<class>``; the headline is ``HEADLINE``; roc.csv and
+pr.csv are the positive class's curves; the reliability diagram shows P(positive).
+
+More classes: ``precision_macro``/``recall_macro``/``f1_macro`` and the ``_weighted`` ones, ``roc_auc`` (one-vs-rest,
+macro average), ``pr_auc`` (one-vs-rest average precision, macro), ``top5_accuracy`` when there are more than 5
+classes; the per-class figures sit in details.json under ``per_class`` (and in per_class.csv), not among the metrics
+(MLflow gets the CSV, not a metric per class). The headline is ``MULTICLASS_HEADLINE`` (+ ``top5_accuracy``); roc.csv
+and pr.csv hold the micro-average curve (every class's one-vs-rest scores pooled), with the binary columns, so
+dvc.yaml's plots draw one curve for any N; the PNG draws every class's curve. The reliability diagram and ECE use
+the top-class confidence.
 """
 
 from __future__ import annotations
@@ -23,7 +36,11 @@ from catdog.params import Params
 from catdog.paths import Paths
 from catdog.transforms import eval_preset
 
-HEADLINE = ("accuracy", "log_loss", "roc_auc", "f1", "ece")
+HEADLINE = ("accuracy", "log_loss", "roc_auc", "f1", "ece")  # two classes
+MULTICLASS_HEADLINE = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss", "ece")
+TOP_K = 5  # top-k accuracy once there are more than k classes
+TOP_K_KEY = f"top{TOP_K}_accuracy"
+PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support")
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -52,7 +69,8 @@ def run(params: Params, paths: Paths) -> dict:
             p.calibration_bins,
             p.gallery_size,
         )
-        mlflow_run.log_metrics("test", {k: v for k, v in results.items() if k != "n"})
+        # per class: the CSV (a class name is no metric key once there are more than two)
+        mlflow_run.log_metrics("test", {k: v for k, v in results.items() if k not in ("n", "per_class")})
         mlflow_run.log_facts({"test_images": results["n"]})
         for plot in (
             paths.confusion_matrix_plot,
@@ -61,7 +79,7 @@ def run(params: Params, paths: Paths) -> dict:
             paths.confidently_wrong_plot,
         ):
             mlflow_run.log_artifact(plot, "plots")
-        for report in (paths.predictions, paths.roc_points, paths.pr_points):
+        for report in (paths.predictions, paths.per_class_report, paths.roc_points, paths.pr_points):
             mlflow_run.log_artifact(report, "reports")
     return results
 
@@ -69,41 +87,71 @@ def run(params: Params, paths: Paths) -> dict:
 def classification_metrics(
     targets: np.ndarray, probabilities: np.ndarray, classes: list[str], calibration_bins: int = 10
 ) -> dict:
-    """'dog' (class 1) is the positive class for precision/recall/F1/ROC/PR; per-class figures too."""
+    """Every test figure (see the module docstring for the keys of two and of more classes)."""
     predicted = probabilities.argmax(1)
-    both_classes = len(np.unique(targets)) > 1
-    precision, recall, f1, _ = skm.precision_recall_fscore_support(
-        targets, predicted, labels=range(len(classes)), zero_division=0
-    )
+    table = per_class(targets, predicted, classes)
     results = {
         "accuracy": skm.accuracy_score(targets, predicted),
-        "balanced_accuracy": skm.balanced_accuracy_score(targets, predicted) if both_classes else float("nan"),
-        "precision": float(precision[1]),
-        "recall": float(recall[1]),
-        "f1": float(f1[1]),
+        "balanced_accuracy": (
+            skm.balanced_accuracy_score(targets, predicted) if len(np.unique(targets)) > 1 else float("nan")
+        ),
+        **(_binary_scores if len(classes) == 2 else _multiclass_scores)(targets, probabilities, table),
+        "log_loss": skm.log_loss(targets, probabilities, labels=list(range(len(classes)))),
+        "ece": expected_calibration_error(targets, probabilities, calibration_bins),
     }
-    for index, name in enumerate(classes):
-        results.update(
-            {
-                f"precision_{name}": float(precision[index]),
-                f"recall_{name}": float(recall[index]),
-                f"f1_{name}": float(f1[index]),
-            }
+    return {**{k: v if k == "per_class" else float(v) for k, v in results.items()}, "n": len(targets)}
+
+
+def per_class(targets: np.ndarray, predicted: np.ndarray, classes: list[str]) -> list[dict]:
+    """One row (``PER_CLASS_COLUMNS``) per class, in model output order."""
+    columns = skm.precision_recall_fscore_support(targets, predicted, labels=range(len(classes)), zero_division=0)
+    return [
+        {"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+        for name, p, r, f, n in zip(classes, *columns)
+    ]
+
+
+def _binary_scores(targets: np.ndarray, probabilities: np.ndarray, table: list[dict]) -> dict:
+    """The second class is the positive one; per-class figures as flat keys (the first runs' keys)."""
+    both_classes = len(np.unique(targets)) > 1
+    positive = table[1]
+    return {
+        **{metric: positive[metric] for metric in ("precision", "recall", "f1")},
+        **{f"{metric}_{row['class']}": row[metric] for row in table for metric in ("precision", "recall", "f1")},
+        "roc_auc": skm.roc_auc_score(targets, probabilities[:, 1]) if both_classes else float("nan"),
+        "pr_auc": skm.average_precision_score(targets, probabilities[:, 1]) if both_classes else float("nan"),
+    }
+
+
+def _multiclass_scores(targets: np.ndarray, probabilities: np.ndarray, table: list[dict]) -> dict:
+    """Macro and weighted averages, one-vs-rest macro ROC-AUC and average precision, top-k accuracy."""
+    labels = list(range(len(table)))
+    predicted = probabilities.argmax(1)
+    every_class = len(np.unique(targets)) == len(labels)  # else a one-vs-rest curve is undefined
+    scores = {}
+    for average in ("macro", "weighted"):
+        precision, recall, f1, _ = skm.precision_recall_fscore_support(
+            targets, predicted, labels=labels, average=average, zero_division=0
         )
-    results.update(
-        {
-            "roc_auc": skm.roc_auc_score(targets, probabilities[:, 1]) if both_classes else float("nan"),
-            "pr_auc": skm.average_precision_score(targets, probabilities[:, 1]) if both_classes else float("nan"),
-            "log_loss": skm.log_loss(targets, probabilities, labels=list(range(len(classes)))),
-            "ece": expected_calibration_error(targets, probabilities, calibration_bins),
-            "n": len(targets),
-        }
-    )
-    return {k: float(v) if k != "n" else v for k, v in results.items()}
+        scores.update({f"precision_{average}": precision, f"recall_{average}": recall, f"f1_{average}": f1})
+    if len(labels) > TOP_K:
+        scores[TOP_K_KEY] = skm.top_k_accuracy_score(targets, probabilities, k=TOP_K, labels=labels)
+    if every_class:
+        scores["roc_auc"] = skm.roc_auc_score(targets, probabilities, multi_class="ovr", average="macro")
+        scores["pr_auc"] = skm.average_precision_score(_one_hot(targets, len(labels)), probabilities, average="macro")
+    else:
+        scores["roc_auc"] = scores["pr_auc"] = float("nan")
+    return {**scores, "per_class": {row["class"]: {k: v for k, v in row.items() if k != "class"} for row in table}}
+
+
+def headline(results: dict, classes: list[str]) -> dict:
+    """The DVC metrics: ``HEADLINE`` for two classes, ``MULTICLASS_HEADLINE`` (+ top-k) for more."""
+    keys = HEADLINE if len(classes) == 2 else MULTICLASS_HEADLINE + ((TOP_K_KEY,) if TOP_K_KEY in results else ())
+    return {key: results[key] for key in keys}
 
 
 def expected_calibration_error(targets: np.ndarray, probabilities: np.ndarray, bins: int) -> float:
-    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by bin size."""
+    """Mean |accuracy - confidence| over equal-width bins of the top-class confidence, weighted by bin size."""
     confidence = probabilities.max(1)
     correct = probabilities.argmax(1) == targets
     which = np.minimum((confidence * bins).astype(int), bins - 1)
@@ -126,26 +174,25 @@ def write_reports(
     calibration_bins: int,
     gallery_size: int,
 ) -> None:
+    predicted = probabilities.argmax(1)
     write_predictions(paths.predictions, classes, files, targets, probabilities)
-
-    matrix = skm.confusion_matrix(targets, probabilities.argmax(1), labels=range(len(classes)))
+    write_per_class(paths.per_class_report, per_class(targets, predicted, classes))
     plots.confusion_matrix(
-        matrix,
+        skm.confusion_matrix(targets, predicted, labels=range(len(classes))),
         classes,
         paths.confusion_matrix_plot,
         title=f"Test split: accuracy {results['accuracy']:.2%} (n={len(targets)})",
     )
-    # prepare puts both classes in every split, so the curves are defined
-    fpr, tpr, _ = skm.roc_curve(targets, probabilities[:, 1])
-    precision, recall, _ = skm.precision_recall_curve(targets, probabilities[:, 1])
-    _write_columns(paths.roc_points, {"fpr": fpr, "tpr": tpr})
-    _write_columns(paths.pr_points, {"recall": recall, "precision": precision})
-    plots.roc_pr_curves(targets, probabilities[:, 1], paths.roc_pr_plot, positive=classes[1])
+    write_curves(paths, classes, targets, probabilities, results)
+    if len(classes) == 2:
+        outcomes, scores, name, axes = targets, probabilities[:, 1], f"P({classes[1]})", None
+    else:
+        outcomes, scores, name = predicted == targets, probabilities.max(1), "top-class confidence"
+        axes = ("Top-class confidence (mean per bin)", "Fraction correct")
     plots.reliability_diagram(
-        targets, probabilities[:, 1], paths.reliability_plot, calibration_bins, ece=results["ece"], positive=classes[1]
+        outcomes, scores, paths.reliability_plot, calibration_bins, ece=results["ece"], name=name, axis_labels=axes
     )
 
-    predicted = probabilities.argmax(1)
     wrong = np.flatnonzero(predicted != targets)
     worst = wrong[np.argsort(-probabilities[wrong].max(1), kind="stable")][:gallery_size]
     images = np.load(paths.images, mmap_mode="r")
@@ -160,21 +207,53 @@ def write_reports(
         title=f"Most confidently wrong test images ({len(wrong)} wrong of {len(targets)})",
     )
     reports.write_json(paths.evaluate_details, results)
-    reports.write_json(paths.evaluate_metrics, {key: results[key] for key in HEADLINE})  # last: all else is there
+    reports.write_json(paths.evaluate_metrics, headline(results, classes))  # last: all else is there
+
+
+def write_curves(paths: Paths, classes: list[str], targets: np.ndarray, probabilities: np.ndarray, results: dict):
+    """roc.csv/pr.csv: the positive class's curves (two classes) or the micro-average (more); the PNG: every
+    class one-vs-rest. prepare puts every class in every split, so the curves are defined."""
+    binary = len(classes) == 2
+    one_hot = _one_hot(targets, len(classes))
+    curves = [(classes[i], one_hot[:, i], probabilities[:, i]) for i in ([1] if binary else range(len(classes)))]
+    pooled = curves[0][1:] if binary else (one_hot.ravel(), probabilities.ravel())
+    fpr, tpr, _ = skm.roc_curve(*pooled)
+    precision, recall, _ = skm.precision_recall_curve(*pooled)
+    _write_columns(paths.roc_points, {"fpr": fpr, "tpr": tpr})
+    _write_columns(paths.pr_points, {"recall": recall, "precision": precision})
+    if binary:
+        titles, micro = ("ROC curve (test split)", "Precision-recall curve (test split)"), None
+    else:
+        titles = (
+            f"One-vs-rest ROC (test split, macro AUC {results['roc_auc']:.3f})",
+            f"One-vs-rest precision-recall (macro AP {results['pr_auc']:.3f})",
+        )
+        micro = ("micro-average", *pooled)
+    plots.roc_pr_curves(curves, paths.roc_pr_plot, titles, pooled=micro)
 
 
 def write_predictions(
     path: Path, classes: list[str], files: list[str], targets: np.ndarray, probabilities: np.ndarray
 ) -> None:
-    """One row per test image; ``actual``/``predicted`` feed DVC's confusion template."""
+    """One row per test image; ``actual``/``predicted`` feed DVC's confusion template. ``prob_<class>``: the
+    positive class's probability for two classes, every class's for more."""
+    shown = [1] if len(classes) == 2 else list(range(len(classes)))
     reports.write_csv(
         path,
-        ["path", "actual", "predicted", "confidence", f"prob_{classes[1]}"],
+        ["path", "actual", "predicted", "confidence", *(f"prob_{classes[i]}" for i in shown)],
         (
-            [file, classes[target], classes[probs.argmax()], probs.max(), probs[1]]
+            [file, classes[target], classes[probs.argmax()], probs.max(), *probs[shown]]
             for file, target, probs in zip(files, targets, probabilities)
         ),
     )
+
+
+def write_per_class(path: Path, table: list[dict]) -> None:
+    reports.write_csv(path, PER_CLASS_COLUMNS, ([row[c] for c in PER_CLASS_COLUMNS] for row in table))
+
+
+def _one_hot(targets: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.eye(n_classes, dtype=int)[targets]
 
 
 def _write_columns(path: Path, columns: dict[str, np.ndarray]) -> None:

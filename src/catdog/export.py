@@ -235,17 +235,18 @@ torch.export max |logit diff| {parity["pt2_max_abs_diff"]:.2e}; accuracy identic
 
 def class_rows(classes: list[str], splits: dict[str, dict[str, int]], details: dict) -> str:
     """One table row per class: its images per split and its test figures from evaluate's details.json
-    (keys ``precision_<class>``, ``recall_<class>``, ``f1_<class>``; a figure it lacks shows as "-")."""
+    (``per_class[<class>][precision|recall|f1]`` for more than two classes, flat ``precision_<class>``...
+    for two; a figure it lacks shows as "-")."""
 
-    def figure(key: str) -> str:
-        value = details.get(key)
+    def figure(name: str, kind: str) -> str:
+        value = details.get("per_class", {}).get(name, {}).get(kind, details.get(f"{kind}_{name}"))
         return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
 
     return "\n".join(
         f"| `{name}` | "
         + " | ".join(str(splits.get(split, {}).get(name, 0)) for split in ("train", "val", "test"))
         + " | "
-        + " | ".join(figure(f"{kind}_{name}") for kind in ("precision", "recall", "f1"))
+        + " | ".join(figure(name, kind) for kind in ("precision", "recall", "f1"))
         + " |"
         for name in classes
     )

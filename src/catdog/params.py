@@ -46,6 +46,8 @@ class _Section(BaseModel):
 
 class DataParams(_Section):
     source: str
+    labels: str | None  # a path,label CSV inside the source; null: labels from names or folders
+    classes: list[str] | None  # fixed classes in output order; null: every class found, sorted
     cache_size: int = Field(ge=32)
     val_fraction: Float = Field(gt=0, lt=1)
     test_fraction: Float = Field(gt=0, lt=1)
@@ -53,8 +55,17 @@ class DataParams(_Section):
     limit_per_class: int | None = Field(gt=0)
     min_image_size: int = Field(ge=1)
     min_per_class: int = Field(ge=3)  # one image per split
-    max_image_bytes: int = Field(ge=1)
     workers: int = Field(ge=0)  # 0: one process per CPU core
+    max_image_bytes: int = Field(ge=1)  # larger files are rejected before they are read
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_names(cls, classes: list[str] | None) -> list[str] | None:
+        if classes is not None:
+            _check(len(classes) >= 2, "data.classes", "must name at least two classes", classes)
+            _check(all(name.strip() for name in classes), "data.classes", "must not hold empty names", classes)
+            _check(len(set(classes)) == len(classes), "data.classes", "must not repeat a name", classes)
+        return classes
 
     @model_validator(mode="after")
     def _leaves_training_data(self):

@@ -125,6 +125,11 @@ class Paths:
         return self.evaluate_reports / "predictions.csv"
 
     @property
+    def per_class_report(self) -> Path:
+        """Precision, recall, F1 and support of every class: details, not DVC metrics."""
+        return self.evaluate_reports / "per_class.csv"
+
+    @property
     def roc_points(self) -> Path:
         return self.evaluate_reports / "roc.csv"
 

@@ -1,4 +1,4 @@
-"""Figures a person would rather look at than read: training curves and confusion matrix."""
+"""Figures a person would rather look at than read: training curves, confusion matrix, curves, gallery."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocC
 
 from catdog import atomic
 
+CELL_TEXT_MAX = 20  # classes up to which the confusion matrix prints a number in each cell
+LEGEND_MAX = 10  # one-vs-rest curves up to which each class has a legend entry
+
 
 def training_curves(history: list[dict], best_epoch: int, path: Path) -> None:
     epochs = [row["epoch"] for row in history]
@@ -28,31 +31,77 @@ def training_curves(history: list[dict], best_epoch: int, path: Path) -> None:
     _save(fig, path)
 
 
-def confusion_matrix(matrix: np.ndarray, classes: tuple[str, ...], path: Path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(5, 4.5), constrained_layout=True)
-    ConfusionMatrixDisplay(matrix, display_labels=classes).plot(ax=ax, cmap="Blues", colorbar=False)
-    ax.set_title(title)
+def confusion_matrix(matrix: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    """Counts and row-normalised (each row: where that class's images went), legible up to ~50 classes:
+    figure and font scale with the class count, x labels turn vertical, cells lose their numbers past
+    ``CELL_TEXT_MAX`` classes (a colour bar reads them then)."""
+    n = len(classes)
+    side = float(np.clip(0.24 * n + 2.5, 4.5, 13))  # inches per panel: 2 classes 4.5, 50 classes 13
+    font = float(np.clip(11 - n / 5, 5, 10))
+    support = matrix.sum(1, keepdims=True)
+    normalised = np.divide(matrix, support, out=np.zeros(matrix.shape), where=support > 0)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 0.5, side), constrained_layout=True)
+    panels = ((matrix, "d", "Counts", None), (normalised, ".2f", "Row-normalised (recall on the diagonal)", (0, 1)))
+    for ax, (values, fmt, name, limits) in zip(axes, panels):
+        ConfusionMatrixDisplay(values, display_labels=classes).plot(
+            ax=ax,
+            cmap="Blues",
+            include_values=n <= CELL_TEXT_MAX,
+            values_format=fmt,
+            colorbar=n > CELL_TEXT_MAX,
+            xticks_rotation="vertical" if n > 4 else "horizontal",
+            im_kw=dict(zip(("vmin", "vmax"), limits or ())),
+            text_kw={"fontsize": font},
+        )
+        ax.tick_params(labelsize=font)
+        ax.set_title(name, fontsize=max(font, 9))
+    fig.suptitle(title)
     _save(fig, path)
 
 
-def roc_pr_curves(targets: np.ndarray, scores: np.ndarray, path: Path, positive: str) -> None:
+def roc_pr_curves(
+    curves: list[tuple[str, np.ndarray, np.ndarray]],
+    path: Path,
+    titles: tuple[str, str],
+    pooled: tuple[str, np.ndarray, np.ndarray] | None = None,
+) -> None:
+    """One-vs-rest ROC and PR curves, one per ``(class, is_that_class, score)``; ``pooled`` (the micro-average)
+    is drawn bold on top. Past ``LEGEND_MAX`` curves, only the pooled one is in the legend."""
     fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(10, 4.5), constrained_layout=True)
-    RocCurveDisplay.from_predictions(targets, scores, ax=roc_ax, name=f"{positive} vs rest", plot_chance_level=True)
-    PrecisionRecallDisplay.from_predictions(
-        targets, scores, ax=pr_ax, name=f"{positive} vs rest", plot_chance_level=True
-    )
-    roc_ax.set_title("ROC curve (test split)")
-    pr_ax.set_title("Precision-recall curve (test split)")
-    for ax in (roc_ax, pr_ax):
+    thin = {"linewidth": 1, "alpha": 0.6} if pooled else None
+    for display, ax in ((RocCurveDisplay, roc_ax), (PrecisionRecallDisplay, pr_ax)):
+        for index, (name, truth, scores) in enumerate(curves):
+            last = pooled is None and index == len(curves) - 1
+            display.from_predictions(
+                truth, scores, ax=ax, name=f"{name} vs rest", curve_kwargs=thin, plot_chance_level=last
+            )
+        if pooled:
+            name, truth, scores = pooled
+            bold = {"linewidth": 2.5, "color": "black"}
+            display.from_predictions(truth, scores, ax=ax, name=name, curve_kwargs=bold, plot_chance_level=True)
+            # many classes: the legend names the micro-average and the chance level (the last two lines)
+            ax.legend(handles=ax.lines[-2:] if len(curves) > LEGEND_MAX else None, fontsize="small")
         ax.grid(alpha=0.3)
+    roc_ax.set_title(titles[0])
+    pr_ax.set_title(titles[1])
     _save(fig, path)
 
 
 def reliability_diagram(
-    targets: np.ndarray, scores: np.ndarray, path: Path, bins: int, ece: float, positive: str
+    outcomes: np.ndarray,
+    scores: np.ndarray,
+    path: Path,
+    bins: int,
+    ece: float,
+    name: str,
+    axis_labels: tuple[str, str] | None = None,
 ) -> None:
+    """Fraction of ``outcomes`` that are 1 per bin of ``scores``: P(positive) for two classes, the
+    top-class confidence against being right for more."""
     fig, ax = plt.subplots(figsize=(5, 5), constrained_layout=True)
-    CalibrationDisplay.from_predictions(targets, scores, n_bins=bins, ax=ax, name=f"P({positive})")
+    CalibrationDisplay.from_predictions(outcomes, scores, n_bins=bins, ax=ax, name=name)
+    if axis_labels:
+        ax.set(xlabel=axis_labels[0], ylabel=axis_labels[1])
     ax.set_title(f"Reliability diagram (ECE {ece:.3f})")
     ax.grid(alpha=0.3)
     _save(fig, path)

@@ -20,7 +20,7 @@ from catdog.paths import LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, Paths, find_ro
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_MODEL = Paths(Path(".")).onnx_model  # relative to the project root
-CLASSES_METADATA = "catdog.classes"  # model.onnx metadata_props: the class names in output order, as JSON
+CLASSES_METADATA = "classes"  # model.onnx metadata_props: the class names in output order, as JSON
 
 
 @dataclass(frozen=True)
