@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
-from catdog import evaluate, integrity, prepare, train
+from catdog import evaluate, prepare, train
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import resolve_runtime
 from catdog.engine import predict_logits, predict_probabilities
@@ -370,25 +370,17 @@ THREE_COLOURS = {"bird": (40, 170, 60), "cat": (200, 70, 50), "dog": (50, 80, 20
 
 
 def prepare_three_classes(root: Path, per_class: int = 8) -> Paths:
-    """``root/raw/<class>/<i>.jpg`` (noisy JPEGs of a class colour), prepared with prepare's own decode,
-    split, manifest and record (its file naming knows only the default classes)."""
+    """``root/raw/<class>/<i>.jpg`` (noisy JPEGs of a class colour) through the prepare stage."""
     rng = np.random.default_rng(3)
-    candidates = []
     for label, colour in THREE_COLOURS.items():
         for index in range(per_class):
             pixels = np.clip(np.asarray(colour) + rng.normal(0, 25, (56, 64, 3)), 0, 255).astype(np.uint8)
             file = root / "raw" / label / f"{index}.jpg"
             file.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(file, "JPEG", quality=90)
-            candidates.append(prepare.Candidate(f"{label}/{index}.jpg", label))
     paths = Paths.under(root)
-    paths.prepared.mkdir(parents=True)
-    data = THREE_CLASS_PARAMS.data
-    _, kept, rejected = prepare.decode_all(root / "raw", candidates, data, paths.images)
-    assert not rejected
-    splits, _ = prepare.split(kept, list(THREE_COLOURS), data)
-    prepare.write_manifest(paths.manifest, kept, splits)
-    integrity.record(paths, sorted(THREE_COLOURS))
+    summary = prepare.run(THREE_CLASS_PARAMS, paths)
+    assert summary["layout"] == "class_folders" and not summary["rejected"]
     return paths
 
 
@@ -399,7 +391,7 @@ THREE_CLASS_PARAMS = build_params(
 
 @pytest.fixture(scope="module")
 def three_classes(tmp_path_factory, mlflow_template, onnx_cache):
-    """prepare (by hand, above) -> train -> evaluate on 8 images of each of three classes."""
+    """prepare -> train -> evaluate on 8 images of each of three classes."""
     root = tmp_path_factory.mktemp("three-classes")
     seed_store(mlflow_template, root)
     with pytest.MonkeyPatch.context() as patch:
