@@ -421,7 +421,10 @@ def _loaders(
         sampler=sampler,
         persistent_workers=False,
     )
-    val_loader = make_loader(val_images, p.batch_size, p.workers, pin_memory=on_cuda)
+    # Its own generator: validation draws nothing from the RNGs training uses. Its persistent workers
+    # draw their seed at the first validation only, so drawing it from torch's global RNG (dropout's)
+    # made a resumed run's first validation shift that RNG once more than an uninterrupted run did.
+    val_loader = make_loader(val_images, p.batch_size, p.workers, generator=torch.Generator(), pin_memory=on_cuda)
     return train_loader, val_loader, sampler, batch_transform
 
 
