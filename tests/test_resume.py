@@ -24,6 +24,7 @@ from catdog import integrity, prepare, train, train_state
 from catdog.paths import Paths
 
 from conftest import REPO_ROOT, build_dataset, build_params, client_for, seed_store
+from prepared_classes import write_prepared
 
 STAGE = REPO_ROOT / "stages" / "train.py"
 EPOCH_KEYS = ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "schedule/lr")
@@ -60,8 +61,9 @@ RECIPES = {
         "train.workers": 2,
     },
     "full": {**_LITE_FULL, "train.workers": 2},  # the case of issue 21
-    "full-augment-warmup-cosine": {
+    "full-4-classes-weighted-augment-warmup-cosine": {
         **_LITE_FULL,
+        "train.class_weights": "balanced",
         "train.augment": True,
         "train.head_warmup_epochs": 1,
         "train.scheduler": "cosine",
@@ -77,6 +79,16 @@ RECIPES = {
         "train.augment": True,
     },
 }
+
+
+FOUR_CLASSES = {"ant": 12, "bee": 10, "cow": 6, "owl": 6}  # 18 train images: no batch of one (BatchNorm)
+
+
+@pytest.fixture(scope="module")
+def prepared_four_classes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prepared-4")
+    write_prepared(root, FOUR_CLASSES)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +176,11 @@ def epoch_history(client, run_id: str, key: str) -> list[tuple[int, float]]:
 @pytest.mark.slow  # kills and reruns the real stage
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_killed_train_resumes_in_the_same_run_and_ends_like_an_uninterrupted_one(
-    recipe, prepared, tmp_path, mlflow_template
+    recipe, prepared, prepared_four_classes, tmp_path, mlflow_template
 ):
     overrides, epochs = RECIPES[recipe], RECIPES[recipe]["train.epochs"]
+    if "4-classes" in recipe:
+        prepared = prepared_four_classes
     killed = _project(prepared, tmp_path / "killed", mlflow_template, overrides)
     reference = _project(prepared, tmp_path / "reference", mlflow_template, overrides)
 
@@ -311,4 +325,7 @@ def test_fingerprint_follows_train_and_tracking_params_and_the_data(project):
     assert train_state.fingerprint(params, paths, world_size=2) != base
     paths.manifest.write_text(paths.manifest.read_text().replace(",train,", ",val,", 1))
     integrity.record(paths, ["cat", "dog"])  # what prepare does after writing the manifest
-    assert train_state.fingerprint(params, paths, 1) != base
+    other_rows = train_state.fingerprint(params, paths, 1)
+    assert other_rows != base
+    integrity.record(paths, ["cat", "dog", "fox"])
+    assert train_state.fingerprint(params, paths, 1) != other_rows
