@@ -19,12 +19,18 @@ from catdog.models import load_checkpoint
 from catdog.paths import Paths
 
 from conftest import REPO_ROOT, build_dataset, build_params, client_for, seed_store
+from prepared_classes import write_prepared
 
 EPOCHS = 3
 
 
-@pytest.fixture
-def ddp_project(tmp_path, mlflow_template):
+THREE_CLASSES = {"ant": 10, "bee": 10, "cow": 5}
+
+
+@pytest.fixture(params=["cat-dog", "3-classes-weighted"])
+def ddp_project(request, tmp_path, mlflow_template):
+    """The sample's two classes through prepare, or three imbalanced ones (balanced class weights)."""
+    three = request.param == "3-classes-weighted"
     data = build_dataset(tmp_path / "raw", n_per_class=12)
     seed_store(mlflow_template, tmp_path)
     params = build_params(
@@ -43,9 +49,13 @@ def ddp_project(tmp_path, mlflow_template):
             "train.augment": True,
             "train.log_every_n_steps": 1,
             "train.nproc": 2,
+            "train.class_weights": "balanced" if three else None,
         }
     )
-    prepare.run(params, Paths.under(tmp_path))
+    if three:
+        write_prepared(tmp_path, THREE_CLASSES)
+    else:
+        prepare.run(params, Paths.under(tmp_path))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     return tmp_path
 
@@ -103,7 +113,12 @@ def test_two_processes_train_one_model_into_one_mlflow_run(ddp_project):
     state = torch.load(root / "models" / "train_state.pt", weights_only=True)
     assert state["complete"] and state["epoch"] == EPOCHS and len(state["rng"]) == 2  # every rank's RNG
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # seeded per rank: own augmentations
-    _, config = load_checkpoint(root / "models" / "checkpoint.pt")
+    model, config = load_checkpoint(root / "models" / "checkpoint.pt")
     assert config["arch"] == "simple_cnn"
+    assert model.head[-1].out_features == len(config["classes"])
+    if len(config["classes"]) == 3:  # both ranks weigh the classes alike: the weights of the whole train split
+        assert json.loads(run.data.tags["catdog.class_weights"]) == pytest.approx(
+            {"ant": 5 / 6, "bee": 5 / 6, "cow": 5 / 3}
+        )
     metrics = json.loads((root / "reports" / "train" / "metrics.json").read_text())
     assert 1 <= metrics["best_epoch"] <= EPOCHS

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import recall_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
@@ -20,17 +21,41 @@ from catdog.params import ParamsError
 from conftest import prepared_project
 
 
-def test_folded_head_gives_the_probabilities_of_scaler_plus_regression():
+@pytest.mark.parametrize("classes", [2, 3])
+@pytest.mark.parametrize("class_weight", [None, "balanced"])
+def test_folded_head_gives_the_probabilities_of_scaler_plus_regression(classes, class_weight):
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, 200)
-    features = rng.normal(0, 1, (200, 16)) * rng.uniform(0.1, 50, 16) + labels[:, None] * rng.normal(0, 3, 16)
-    head = nn.Sequential(nn.Dropout(0.2), nn.Linear(16, 2))
-    stats = fit_logistic_head(head, torch.tensor(features, dtype=torch.float32), torch.tensor(labels), c=0.05)
-    reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000)).fit(features, labels)
+    labels = rng.choice(classes, 200, p=np.arange(1, classes + 1) / sum(range(1, classes + 1)))  # imbalanced
+    centres = rng.normal(0, 3, (classes, 16))
+    features = rng.normal(0, 1, (200, 16)) * rng.uniform(0.1, 50, 16) + centres[labels]
+    head = nn.Sequential(nn.Dropout(0.2), nn.Linear(16, classes))
+    stats = fit_logistic_head(
+        head, torch.tensor(features, dtype=torch.float32), torch.tensor(labels), c=0.05, class_weight=class_weight
+    )
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, class_weight=class_weight, max_iter=2000))
+    reference.fit(features, labels)
     with torch.no_grad():
         ours = torch.softmax(head.eval()(torch.tensor(features, dtype=torch.float32)), 1).numpy()
+    assert ours.shape == (200, classes)
     assert np.abs(ours - reference.predict_proba(features)).max() < 1e-4
     assert stats.accuracy == pytest.approx(reference.score(features, labels))
+
+
+def test_balanced_class_weight_gives_the_minority_class_recall():
+    """Three overlapping classes, the last one rare: unweighted, the regression gives it up."""
+    rng = np.random.default_rng(1)
+    counts = [300, 300, 20]
+    labels = np.repeat(np.arange(3), counts)
+    features = rng.normal(0, 1, (len(labels), 8)) + np.array([[0.0], [1.5], [0.75]])[labels]
+    recalls = {}
+    for class_weight in (None, "balanced"):
+        head = nn.Sequential(nn.Dropout(0.0), nn.Linear(8, 3))
+        inputs = torch.tensor(features, dtype=torch.float32)
+        fit_logistic_head(head, inputs, torch.tensor(labels), c=1.0, class_weight=class_weight)
+        with torch.no_grad():
+            predicted = head.eval()(inputs).argmax(1).numpy()
+        recalls[class_weight] = recall_score(labels, predicted, average=None)[2]
+    assert recalls[None] < 0.2 and recalls["balanced"] > 0.5, recalls
 
 
 def test_logistic_head_trains_in_features_mode_and_needs_one_epoch(tmp_path, mlflow_template, capsys):

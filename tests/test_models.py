@@ -31,19 +31,22 @@ def _state_equal(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_every_arch_builds_and_forwards(arch, batch):
+def test_every_arch_builds_and_forwards_n_classes(arch, batch):
     torch.manual_seed(0)
-    model = create_model(arch, pretrained=False, image_size=64).eval()
+    model = create_model(arch, pretrained=False, num_classes=3, image_size=64).eval()
     assert isinstance(model, Classifier)
     head = model.head[-1]
-    assert isinstance(head, nn.Linear) and head.out_features == 2
+    assert isinstance(head, nn.Linear) and head.out_features == 3
     with torch.inference_mode():
         embedding = model.embed(batch)
         logits = model(batch)
+        # what the modes train: everything after the frozen prefix (features/head: the head; top: the last block)
+        split = [rest(prefix(batch)) for prefix, rest in (model.split(0), model.split(1))]
     assert embedding.shape == (2, head.in_features)  # the backbone's own classifier is gone
-    assert logits.shape == (2, 2)
+    assert logits.shape == (2, 3)
     assert logits.dtype == torch.float32
     assert torch.isfinite(logits).all()
+    assert all(torch.allclose(part, logits, atol=1e-5) for part in split)
 
 
 def test_num_classes_and_dropout_are_honoured(batch):

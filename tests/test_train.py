@@ -6,18 +6,30 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from catdog import train
 from catdog.data import CachedImages, load_split, make_loader
 from catdog.device import resolve_runtime
-from catdog.engine import validate
+from catdog.engine import predict_logits, validate
 from catdog.errors import CatdogError
 from catdog.models import create_model, load_checkpoint
 from catdog.transforms import eval_preset
 
-from conftest import PIPELINE_OVERRIDES, PNG_SIGNATURE, ROUNDED, client_for, prepared_project, read_csv, run_id
+from conftest import (
+    PIPELINE_OVERRIDES,
+    PNG_SIGNATURE,
+    ROUNDED,
+    build_params,
+    client_for,
+    prepared_project,
+    read_csv,
+    run_id,
+    seed_store,
+)
+from prepared_classes import write_prepared
 
 # --- train -------------------------------------------------------------------------------------
 
@@ -204,3 +216,96 @@ def test_full_mode_trains_every_layer_reproducibly(small_project):
     assert {k: v for k, v in first.items() if k != "seconds"} == {k: v for k, v in second.items() if k != "seconds"}
     again = torch.load(paths.checkpoint, weights_only=True)["state_dict"]
     assert all(torch.equal(again[k], v) for k, v in model.state_dict().items())
+
+
+# --- any number of classes ---------------------------------------------------------------------
+
+ANIMALS = ["ant", "bee", "cow", "owl"]
+N_CLASS_CASES = {
+    # features: at 64 px, where Lite0's frozen features tell the colours apart (at 32 px they do not)
+    "features-3": (3, {"train.mode": "features", "train.lr": 0.05, "train.epochs": 3, "train.image_size": 64}),
+    "features-logistic-3": (
+        3,
+        {"train.mode": "features", "train.head": "logistic", "train.epochs": 1, "train.image_size": 64},
+    ),
+    "head-augment-4": (4, {"train.mode": "head", "train.augment": True}),
+    "top-3": (3, {"train.mode": "top", "train.class_weights": "balanced"}),
+    "top-augment-warm-up-4": (4, {"train.mode": "top", "train.augment": True, "train.head_warmup_epochs": 1}),
+    "full-4": (4, {"train.mode": "full", "train.head_warmup_epochs": 1, "train.scheduler": "cosine"}),
+    "full-scratch-3": (3, {"train.mode": "full", "train.arch": "simple_cnn", "train.pretrained": False}),
+}
+
+
+def _n_class_project(root, mlflow_template, counts: dict[str, int], size: int = 32):
+    """data/prepared of ``counts`` images per class at ``size`` px and an MLflow store in ``root``."""
+    paths = write_prepared(root, counts, size)
+    seed_store(mlflow_template, root)
+
+    def params(**overrides):
+        return build_params(
+            {
+                "data.source": "unused.zip",
+                "data.cache_size": size,
+                "train.image_size": size,
+                "train.batch_size": 8,
+                "train.lr": 0.01,
+                **overrides,
+            }
+        )
+
+    return paths, params
+
+
+@pytest.mark.parametrize("case", list(N_CLASS_CASES))
+def test_every_mode_trains_n_classes(case, tmp_path, mlflow_template):
+    count, overrides = N_CLASS_CASES[case]
+    classes = ANIMALS[:count]
+    size = overrides.get("train.image_size", 32)
+    paths, params = _n_class_project(tmp_path, mlflow_template, dict.fromkeys(classes, 10), size)
+    metrics = train.run(params(**overrides), paths)
+
+    model, config = load_checkpoint(paths.checkpoint)
+    assert config["classes"] == classes and model.head[-1].out_features == count
+    val = load_split(paths, "val")
+    assert sorted(set(val.labels.tolist())) == list(range(count))  # every class is validated
+    loader = make_loader(CachedImages(paths, val, eval_preset(size)), 16, 0)
+    stats = validate(model, loader, resolve_runtime("fp32"), "")
+    assert stats.accuracy == pytest.approx(metrics["val_accuracy"], abs=1e-6)  # the N-way argmax of the run
+    assert stats.loss == pytest.approx(metrics["val_loss"], rel=1e-3, abs=1e-5)
+    if overrides["train.mode"] == "features":  # the colours are learned from frozen features in a few epochs
+        assert metrics["val_accuracy"] == 1.0
+
+
+def test_balanced_class_weights_weight_the_train_loss_only(tmp_path, mlflow_template):
+    """Per class of the train split n / (classes x count) (18, 6 and 3 train images: 0.5, 1.5, 3), in the
+    gradient head's train loss, logged to the run; the val loss stays plain cross-entropy."""
+    paths, params = _n_class_project(tmp_path, mlflow_template, {"ant": 30, "bee": 10, "cow": 5})
+    # one step of the whole train split, no dropout: epoch 1's train loss is the initial head's loss
+    p = params(**{"train.epochs": 1, "train.batch_size": 64, "train.dropout": 0.0, "train.class_weights": "balanced"})
+    torch.manual_seed(p.train.seed)  # train seeds the same way before it builds the model
+    initial = create_model("efficientnet_lite0", True, 3, None, 32, 0.0).eval()
+    metrics = train.run(p, paths)
+
+    train_split = load_split(paths, "train")
+    assert np.bincount(train_split.labels).tolist() == [18, 6, 3]
+    weights = torch.tensor([0.5, 1.5, 3.0])
+    images = CachedImages(paths, train_split, eval_preset(32))
+    with torch.inference_mode():
+        logits = initial(torch.stack([images[i][0] for i in range(len(images))]))
+    targets = torch.from_numpy(train_split.labels)
+    nll = -torch.log_softmax(logits, 1)[torch.arange(len(targets)), targets]
+    weighted = ((weights[targets] * nll).sum() / weights[targets].sum()).item()
+    (row,) = torch.load(paths.train_state, weights_only=True)["history"]
+    assert row["train_loss"] == pytest.approx(weighted, abs=1e-4)
+    assert abs(weighted - nll.mean().item()) > 1e-2  # the weights changed the loss
+
+    run = client_for(paths.root).get_run(torch.load(paths.train_state, weights_only=True)["run_id"])
+    assert json.loads(run.data.tags["catdog.class_weights"]) == {"ant": 0.5, "bee": 1.5, "cow": 3.0}
+    assert run.data.params["train.class_weights"] == "balanced"
+    model, _ = load_checkpoint(paths.checkpoint)
+    val = load_split(paths, "val")
+    loader = make_loader(CachedImages(paths, val, eval_preset(32)), 16, 0)
+    val_logits, val_targets = predict_logits(model, loader, resolve_runtime("fp32"), "")
+    plain = torch.nn.functional.cross_entropy(val_logits, val_targets).item()
+    assert metrics["val_loss"] == pytest.approx(plain, rel=1e-3, abs=1e-5)
+    assert abs(torch.nn.functional.cross_entropy(val_logits, val_targets, weight=weights).item() - plain) > 1e-2

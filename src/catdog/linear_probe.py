@@ -18,12 +18,15 @@ from torch import nn
 from catdog.engine import EpochStats
 
 
-def fit_logistic_head(head: nn.Sequential, features: torch.Tensor, labels: torch.Tensor, c: float) -> EpochStats:
-    """Fits standardise + logistic regression on (features, labels), writes it into ``head``'s last
-    Linear layer and returns the train loss and accuracy of the fitted head."""
+def fit_logistic_head(
+    head: nn.Sequential, features: torch.Tensor, labels: torch.Tensor, c: float, class_weight: str | None = None
+) -> EpochStats:
+    """Fits standardise + logistic regression on (features, labels), multinomial for more than two
+    classes, with scikit-learn's ``class_weight`` (None or 'balanced'), writes it into ``head``'s last
+    Linear layer and returns the (unweighted) train loss and accuracy of the fitted head."""
     x, y = features.double().numpy(), labels.numpy()
     scaler = StandardScaler().fit(x)
-    regression = LogisticRegression(C=c, max_iter=2000).fit(scaler.transform(x), y)
+    regression = LogisticRegression(C=c, class_weight=class_weight, max_iter=2000).fit(scaler.transform(x), y)
     weight = regression.coef_ / scaler.scale_  # [1, D] for two classes, [K, D] for more
     bias = regression.intercept_ - weight @ scaler.mean_
     if len(regression.classes_) == 2:  # sigmoid(z) == softmax([-z/2, z/2])[1]

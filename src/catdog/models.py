@@ -250,6 +250,11 @@ def _features_stages(net: nn.Module) -> list[nn.Module]:
     return [*net.features, nn.Sequential(net.avgpool, nn.Flatten(1), net.classifier)]
 
 
+def _convnext_stages(net: nn.Module) -> list[nn.Module]:
+    """ConvNeXt's classifier starts with a LayerNorm2d and flattens itself."""
+    return [*net.features, nn.Sequential(net.avgpool, net.classifier)]
+
+
 def _features_blocks(net: nn.Module) -> list[nn.Module]:
     """torchvision nets built as ``features`` + ``classifier`` (whose last Linear is gone)."""
     return [*net.features, net.classifier]
@@ -295,7 +300,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mobilenet_v3_large": Architecture(
         _torchvision("mobilenet_v3_large", "classifier.3"), _features_blocks, _features_stages
     ),
-    "convnext_tiny": Architecture(_torchvision("convnext_tiny", "classifier.2"), _features_blocks, _features_stages),
+    "convnext_tiny": Architecture(_torchvision("convnext_tiny", "classifier.2"), _features_blocks, _convnext_stages),
     "simple_cnn": Architecture(_simple_cnn, _simple_cnn_blocks, _simple_cnn_stages, (0.5,) * 3, (0.5,) * 3),
 }
 

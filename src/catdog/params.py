@@ -92,6 +92,7 @@ class TrainParams(_Section):
     scheduler: Literal["onecycle", "cosine"]  # stepped every batch
     warmup_epochs: int = Field(ge=0)  # cosine only (onecycle warms up over 10% of the steps itself)
     label_smoothing: Float = Field(ge=0, lt=1)  # train loss only; val loss stays plain cross-entropy
+    class_weights: Literal["balanced"] | None  # inverse-frequency loss weights; val loss stays unweighted
     grad_clip_norm: Float | None = Field(gt=0)  # null: no clipping
     dropout: Float = Field(ge=0, lt=1)
     head: Literal["gradient", "logistic"]  # logistic: features mode, standardised L2 logistic regression

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -78,6 +79,7 @@ class _Fit:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
     criterion: nn.Module
+    class_weights: dict[str, float] | None  # train.class_weights 'balanced': the weight of each class
     on_step: Callable[[float], None] | None = None  # rank 0: step-level train loss to MLflow
 
 
@@ -106,6 +108,8 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
             _note(world, f"train: resuming after epoch {state['epoch']} of {p.epochs} ({paths.train_state.name})")
         if mlflow_run is not None:
             mlflow_run.set_tags({"catdog.runtime": runtime.describe(), "catdog.processes": str(world.world_size)})
+            if fit.class_weights is not None:
+                mlflow_run.log_facts({"class_weights": json.dumps(fit.class_weights)})
             steps_done = len(progress.history) * len(fit.train_loader)
             fit.on_step = _step_logger(mlflow_run, state, p, steps_done)
         _fit_epochs(fit, progress, paths, mlflow_run, fingerprint, started)
@@ -139,6 +143,8 @@ def _set_up(
         frozen if cached else None, paths, train_split, val_images, p, runtime, world, generator
     )
     optimizer = _optimizer(model, p)
+    class_weights = _class_weights(p, train_split, world)
+    weight = None if class_weights is None else torch.tensor(list(class_weights.values()), device=runtime.device)
     return _Fit(
         p,
         runtime,
@@ -155,8 +161,21 @@ def _set_up(
         optimizer=optimizer,
         scheduler=_scheduler(optimizer, p, len(train_loader)),
         scaler=torch.amp.GradScaler() if runtime.needs_grad_scaler else None,
-        criterion=nn.CrossEntropyLoss(label_smoothing=p.label_smoothing),
+        criterion=nn.CrossEntropyLoss(weight=weight, label_smoothing=p.label_smoothing),
+        class_weights=class_weights,
     )
+
+
+def _class_weights(p: TrainParams, train_split: Split, world: World) -> dict[str, float] | None:
+    """train.class_weights 'balanced': n / (classes x count of the class) over the train labels
+    (scikit-learn's, as the logistic head's class_weight); None when off."""
+    if p.class_weights is None:
+        return None
+    classes = np.arange(len(train_split.classes))
+    weights = compute_class_weight(p.class_weights, classes=classes, y=train_split.labels)
+    named = {name: float(w) for name, w in zip(train_split.classes, weights, strict=True)}
+    _note(world, f"train: class weights {', '.join(f'{name} {w:.4g}' for name, w in named.items())}")
+    return named
 
 
 def _fit_epochs(
@@ -212,7 +231,9 @@ def _run_epoch(fit: _Fit, train_model: nn.Module, epoch: int) -> dict:
         fit.sampler.set_epoch(epoch)
     lrs = fit.scheduler.get_last_lr()
     if fit.p.head == "logistic":
-        trained = fit_logistic_head(fit.model.head, *fit.train_loader.dataset.tensors, fit.p.logistic_c)
+        trained = fit_logistic_head(
+            fit.model.head, *fit.train_loader.dataset.tensors, fit.p.logistic_c, fit.p.class_weights
+        )
     else:
         trained = train_one_epoch(
             train_model,
@@ -421,7 +442,10 @@ def _loaders(
         sampler=sampler,
         persistent_workers=False,
     )
-    val_loader = make_loader(val_images, p.batch_size, p.workers, pin_memory=on_cuda)
+    # Its own generator: validation draws nothing from the RNGs training uses. Its persistent workers
+    # draw their seed at the first validation only, so drawing it from torch's global RNG (dropout's)
+    # made a resumed run's first validation shift that RNG once more than an uninterrupted run did.
+    val_loader = make_loader(val_images, p.batch_size, p.workers, generator=torch.Generator(), pin_memory=on_cuda)
     return train_loader, val_loader, sampler, batch_transform
 
 

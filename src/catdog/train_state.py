@@ -2,10 +2,10 @@
 
 It holds what continuing needs (the weights that train, optimizer, scheduler, GradScaler, every
 rank's RNG states, the history, the best epoch so far, the MLflow run id) and a fingerprint of
-what the training depends on: the train and tracking params, the prepared data and the number
-of processes. The train stage resumes from it when the fingerprint matches and it is not marked
-complete; anything else starts afresh. It is not a DVC output, so DVC never deletes it when it
-reruns train after a kill.
+what the training depends on: the train and tracking params, the prepared data and its classes,
+and the number of processes. The train stage resumes from it when the fingerprint matches and it
+is not marked complete; anything else starts afresh. It is not a DVC output, so DVC never deletes
+it when it reruns train after a kill.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def fingerprint(params: Params, paths: Paths, world_size: int) -> str:
         "train": params.train.model_dump(),
         "tracking": params.tracking.model_dump(),
         "data_hash": integrity.data_hash(paths),  # the cache and manifest, verified at stage start
+        "classes": integrity.recorded_classes(paths),  # in data_hash too; named here as what the outputs mean
         "world_size": world_size,
     }
     return hashlib.md5(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
