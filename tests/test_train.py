@@ -61,8 +61,8 @@ def test_train_keeps_the_epoch_with_the_lowest_val_loss(pipeline):
     best = min(history, key=lambda row: float(row["val_loss"]))
     metrics = pipeline.train
     assert metrics["best_epoch"] == int(best["epoch"])
-    assert metrics["val_loss"] == pytest.approx(float(best["val_loss"]), abs=1e-6)
-    assert metrics["val_accuracy"] == pytest.approx(float(best["val_accuracy"]), abs=1e-6)
+    assert metrics["val_loss"] == pytest.approx(float(best["val_loss"]), abs=ROUNDED)
+    assert metrics["val_accuracy"] == pytest.approx(float(best["val_accuracy"]), abs=ROUNDED)
 
 
 def test_the_model_learned_the_colours(pipeline):
