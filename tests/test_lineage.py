@@ -34,7 +34,7 @@ SECTIONS = set(Params.model_fields)
 
 # Functions allowed to read all of params without naming sections (the whole is not a dependency).
 WHOLE_PARAMS_READERS = {
-    "catdog.tracking:params_hash",  # run identity: the MLflow tag catdog.params_hash, never a DVC output
+    "catdog.tracking.lineage:params_hash",  # run identity: the MLflow tag catdog.params_hash, never a DVC output
 }
 # Paths properties that are neither deps nor outs, on purpose.
 UNDECLARED_PATHS = {
@@ -126,7 +126,10 @@ class Closure:
                 continue
             module = self.modules[key[0]]
             node = self._node(module, key[1])
-            if node is None:  # a constant or something defined elsewhere
+            if node is None:  # a constant, or a name imported from another module (a package's re-export)
+                target = module.bindings.get(key[1])
+                if target and target[1] and target[0] in self.modules:
+                    todo.append(target)
                 continue
             reached[key] = node
             todo += self._references(module, node)

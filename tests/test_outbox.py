@@ -23,8 +23,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from catdog import integrity
-from catdog.outbox import DIRECTORY
 from catdog.paths import Paths
+from catdog.tracking.outbox import DIRECTORY
 
 from conftest import REPO_ROOT, SMALL_OVERRIDES, prepared_project, repo_params_raw
 from dvc_project import free_port, start_mlflow, stop, tool

@@ -399,8 +399,7 @@ def test_stage_cli_runs_and_prints_the_summary(dataset, tmp_path, capsys):
     params_file.write_text(yaml.safe_dump(raw))
     main("prepare", prepare.run, ["--params", str(params_file), "--root", str(tmp_path / "project")])
     out = capsys.readouterr().out.strip().splitlines()[-1]
-    assert out.startswith("prepare: ")
-    assert json.loads(out.removeprefix("prepare: "))["images"] == 24
+    assert out.startswith("prepare: ") and ", images 24, " in out  # the summary line (catdog.stage.summary_line)
     assert (tmp_path / "project" / "data" / "prepared" / "manifest.csv").is_file()
 
 

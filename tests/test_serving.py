@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +109,48 @@ def test_registered_model_carries_signature_example_and_pinned_requirements(pipe
         assert any(r.startswith(f"{package}==") for r in requirements), requirements
     assert {"model.onnx", "labels.json", "preprocess.json"} <= {f.name for f in (folder / "artifacts").iterdir()}
     assert (folder / "code" / "catdog" / "serving.py").is_file()  # loadable where catdog is not installed
+
+
+# Run where catdog is not installed: no sys.path entry that holds a catdog package (the editable
+# install's, PYTHONPATH's), MLflow's unpickling refused; prints where catdog came from and the answer.
+LOAD_WITHOUT_CATDOG = """
+import json, sys
+from pathlib import Path
+sys.path[:] = [p for p in sys.path if not (Path(p or ".") / "catdog").is_dir()]
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("models:/catdog@champion")
+answer = model.predict(pd.DataFrame({"image": [Path("dog.jpg").read_bytes()]})).iloc[0]
+print(json.dumps({"catdog": sys.modules["catdog"].__file__, "label": answer.label, "error": answer.error}))
+"""
+
+
+def test_the_registered_model_is_its_code_not_a_pickle(pipeline, tmp_path):
+    """MLflow's models from code: the model holds catdog/serving.py, no pickle, and loads with
+    unpickling refused, from its own copy of catdog."""
+    folder = Path(
+        mlflow.artifacts.download_artifacts(
+            "models:/catdog@champion", tracking_uri=f"sqlite:///{pipeline.root / 'mlflow.db'}"
+        )
+    )
+    assert not [f for f in folder.rglob("*") if f.suffix in (".pkl", ".pickle", ".cloudpickle")]
+    flavour = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavour["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavour
+    assert (folder / Path(flavour["model_code_path"]).name).read_text() == Path(serving.__file__).read_text()
+
+    (tmp_path / "dog.jpg").write_bytes(jpeg_bytes("dog", 740))
+    env = clean_env(
+        MLFLOW_TRACKING_URI=f"sqlite:///{pipeline.root / 'mlflow.db'}",
+        MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false",  # MLflow refuses to load a pickled pyfunc
+        PYTHONPATH="",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_CATDOG], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads(proc.stdout.splitlines()[-1])
+    assert Path(loaded["catdog"]).parts[-3:] == ("code", "catdog", "__init__.py"), loaded  # the model's copy
+    assert loaded["label"] == "dog" and loaded["error"] is None, loaded
+    assert "CloudPickle" not in proc.stderr and "pickle" not in proc.stderr.lower(), proc.stderr
 
 
 def test_classify_in_process_on_the_exported_model(pipeline):

@@ -62,28 +62,35 @@ def run(params: Params, paths: Paths) -> dict:
         for lineage_file in (paths.params_file, paths.dvc_yaml, paths.dvc_lock):
             mlflow_run.log_artifact(lineage_file, "lineage")
         mlflow_run.log_metrics("export", {k: v for k, v in results.items() if k != "parity_images"})
-        classifier = serving.pyfunc_model(
-            {"onnx_model": paths.onnx_model, "labels": paths.labels, "preprocess": paths.preprocess},
-            config["classes"],
-            example_jpeg(paths, test),
-        )
-        score = tracking.Score(test_metrics["accuracy"], split_digest(test))
-        registration = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name, score, p.promote_champion)
-        if registration and registration.incomparable_champion:
-            print(
-                f"export: champion stays version {registration.incomparable_champion} of {p.registered_model_name}: "
-                f"its test accuracy is not from these test images; to promote version {registration.version}, set its "
-                "'champion' alias in the MLflow UI",
-                file=sys.stderr,
-            )
-        registry = (
-            {"registered_version": registration.version, "promoted_champion": registration.promoted}
-            if registration
-            else {}
-        )
+        registry = register(mlflow_run, params, config["classes"], paths, test, test_metrics["accuracy"])
         mlflow_run.log_facts({"parity_images": results["parity_images"], **registry})
         results.update(registry)
     return results
+
+
+def register(
+    mlflow_run: tracking.Run, params: Params, classes: list[str], paths: Paths, test: Split, accuracy: float
+) -> dict:
+    """The ONNX model as the run's pyfunc (catdog.serving), registered as ``export.registered_model_name``
+    (if set); the registry figures for the stage's results."""
+    p = params.export
+    classifier = serving.pyfunc_model(
+        {"onnx_model": paths.onnx_model, "labels": paths.labels, "preprocess": paths.preprocess},
+        classes,
+        example_jpeg(paths, test),
+    )
+    score = tracking.Score(accuracy, split_digest(test))
+    registration = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name, score, p.promote_champion)
+    if registration is None:
+        return {}
+    if registration.incomparable_champion:
+        print(
+            f"export: champion stays version {registration.incomparable_champion} of {p.registered_model_name}: "
+            f"its test accuracy is not from these test images; to promote version {registration.version}, set its "
+            "'champion' alias in the MLflow UI",
+            file=sys.stderr,
+        )
+    return {"registered_version": registration.version, "promoted_champion": registration.promoted}
 
 
 def check_parity(

@@ -9,6 +9,9 @@ column) holds encoded images, as bytes or strict base64 strings. Output: one row
 batch is still classified). Every column has object dtype, so a missing value stays None: the
 scoring server writes it as JSON ``null`` (a float column would hold NaN, which it writes as the
 invalid JSON ``NaN``).
+
+The registered model is this file (MLflow's models from code): loading it runs this module, which
+sets the model with ``mlflow.models.set_model``; nothing is pickled.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import base64
 import binascii
 from pathlib import Path
 
+import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
@@ -88,11 +92,12 @@ def decode_base64(text: str) -> bytes:
 
 
 def pyfunc_model(artifacts: dict[str, Path], classes: list[str], example_image: bytes) -> dict:
-    """What ``mlflow.pyfunc.log_model`` needs to log it: ``artifacts`` (``onnx_model`` with the labels
-    and preprocessing files beside it), the catdog code (so it loads where catdog is not installed),
-    a signature, ``example_image`` as input example and pinned requirements."""
+    """What ``mlflow.pyfunc.log_model`` needs to log it: this file as the model's code, ``artifacts``
+    (``onnx_model`` with the labels and preprocessing files beside it), the catdog code (so it loads
+    where catdog is not installed), a signature, ``example_image`` as input example and pinned
+    requirements."""
     return {
-        "python_model": ImageClassifier(),
+        "python_model": __file__,
         "artifacts": {key: str(path) for key, path in artifacts.items()},
         "code_paths": [str(Path(__file__).parent)],
         "signature": signature(classes),
@@ -126,3 +131,6 @@ def requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{package}=={version(package)}" for package in ("mlflow", "onnxruntime", "numpy", "pandas", "pillow")]
+
+
+mlflow.models.set_model(ImageClassifier())  # what MLflow loads from this file (see the module docstring)

@@ -38,7 +38,27 @@ def main(name: str, run: Callable[[Params, Paths], dict], argv: list[str] | None
         )
         sys.stdout.flush()
         os._exit(130)  # the run is closed: skip the interpreter's slow teardown (torch, MLflow threads)
-    print(f"{name}: {json.dumps(metrics, default=str)}")
+    print(summary_line(name, metrics))
+    if os.environ.get("CATDOG_DEBUG") == "1":
+        print(f"{name}: {json.dumps(metrics, default=str)}")
+
+
+SUMMARY_FIGURES = 10  # at most, in the summary line; CATDOG_DEBUG=1 prints every result as JSON
+
+
+def summary_line(name: str, results: dict) -> str:
+    """The stage's one line for a person: its headline figures (``name: accuracy 0.9904, log_loss
+    0.0421, ...``). Nested results (per class, per split) and the breakdowns of a figure shown
+    (``precision_<class>`` beside ``precision``) are left to the stage's reports."""
+    scalars = {k: v for k, v in results.items() if isinstance(v, (bool, int, float, str))}
+    headline = [k for k in scalars if not any(k.startswith(f"{other}_") for other in scalars if other != k)]
+    figures = [f"{key} {_figure(scalars[key])}" for key in headline[:SUMMARY_FIGURES]]
+    more = len(results) - len(figures)
+    return f"{name}: {', '.join(figures)}" + (f" (+{more} more: CATDOG_DEBUG=1 prints all)" if more else "")
+
+
+def _figure(value: bool | int | float | str) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 _OS_HINTS = {

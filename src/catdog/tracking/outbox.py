@@ -3,7 +3,7 @@
 One journal per run, ``<store root>/mlflow-outbox/<run id>.jsonl``: one JSON line per write
 (``{"uri": tracking URI, "op": ..., "payload": {...}}``), in the order the stage made them. Files to log as artifacts
 are copied beside the journal, because a later run may overwrite the originals. Replaying is
-done by :mod:`catdog.tracking`; this module only keeps the journal.
+done by :mod:`catdog.tracking.writes`; this module only keeps the journal.
 """
 
 from __future__ import annotations
