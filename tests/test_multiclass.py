@@ -28,7 +28,7 @@ CLASSES = ["Golden Retriever", "cat", "Élan"]  # sorted as prepare sorts: outpu
 PER_CLASS = 12
 PARAMS = {
     "data": {**TINY_PARAMS["data"], "cache_size": 48},
-    "train": {**TINY_PARAMS["train"], "image_size": 48, "epochs": 3, "lr": 0.01},
+    "train": {**TINY_PARAMS["train"], "image_size": 48, "epochs": 10, "lr": 0.01},
     "evaluate": TINY_PARAMS["evaluate"],
 }
 LAYOUTS = {  # layout -> written as a zip?
@@ -76,7 +76,7 @@ def test_prepare_finds_the_layout_and_the_classes(repro: Repro, project: Project
 def test_every_stage_carries_the_classes(repro: Repro, project: Project):
     metrics = project.json("reports/evaluate/metrics.json")
     assert 0 < len(metrics) <= 15 and not any(name in key for key in metrics for name in CLASSES)
-    assert metrics["accuracy"] >= 0.6  # the hues are learnable in three epochs
+    assert metrics["accuracy"] >= 0.6  # the hues are learnable in a few epochs of the head
     per_class = (project.root / "reports/evaluate/per_class.csv").read_text(encoding="utf-8")
     assert all(name in per_class for name in CLASSES)
     assert project.json("models/export/labels.json")["classes"] == CLASSES
@@ -107,7 +107,7 @@ def test_a_model_of_other_classes_is_refused_in_one_line(project: Project, repro
     project.set_params({"data": {"classes": CLASSES[:2]}})  # the same images, one class fewer
     project.dvc("repro", "prepare")
     proc = project.run("python", "stages/evaluate.py", check=False)
-    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # a user error
     assert "classes" in proc.stderr and "dvc repro" in proc.stderr
     project.set_params({"data": {"classes": None}})
 
