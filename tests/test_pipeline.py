@@ -284,6 +284,7 @@ def test_the_run_logs_its_data_as_a_dataset_with_dvcs_md5(project: Project, tmp_
     assert json.loads(logged.dataset.profile) == {
         "images": sum(sum(c.values()) for c in summary.values()),
         **{split: sum(c.values()) for split, c in summary.items()},
+        "per_class": summary,
     }
     # without a dvc.lock, the same md5 computed the way DVC does
     copy = tmp_path / "copy"
