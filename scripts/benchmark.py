@@ -43,18 +43,18 @@ import psutil
 import torch
 import yaml
 
-from catdog.data import CachedImages, Split, load_split, make_loader
-from catdog.device import resolve_runtime
-from catdog.engine import train_one_epoch
-from catdog.frozen import cached_activations, split_for_training
-from catdog.images import decode_image
-from catdog.models import create_model
-from catdog.onnx_runtime import export_onnx, usable_cores
-from catdog.params import parse_params
-from catdog.paths import Paths
-from catdog.predict import ExportedModel
-from catdog.prepare import run as prepare_run
-from catdog.transforms import eval_preset
+from catdog.core.params import parse_params
+from catdog.core.paths import Paths
+from catdog.data.dataset import CachedImages, Split, load_split, make_loader
+from catdog.data.images import decode_image
+from catdog.data.transforms import eval_preset
+from catdog.models.device import resolve_runtime
+from catdog.models.engine import train_one_epoch
+from catdog.models.factory import create_model
+from catdog.models.frozen import cached_activations, split_for_training
+from catdog.models.onnx_runtime import export_onnx, usable_cores
+from catdog.pipeline.prepare import run as prepare_run
+from catdog.serving.predict import ExportedModel
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -23,11 +23,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 
-from catdog.device import resolve_runtime
-from catdog.frozen import split_for_training
-from catdog.images import decode_image
-from catdog.models import create_model
-from catdog.prepare import kaggle_label
+from catdog.data.images import decode_image
+from catdog.models.device import resolve_runtime
+from catdog.models.factory import create_model
+from catdog.models.frozen import split_for_training
+from catdog.pipeline.prepare import kaggle_label
 
 ARCHS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from sklearn.metrics import log_loss
 
-from catdog.prepare import kaggle_label
+from catdog.pipeline.prepare import kaggle_label
 
 SAMPLE = Path("data/sample/dogs-vs-cats-sample.zip")
 

@@ -1,6 +1,6 @@
 """Write scikit-learn's handwritten digits as an image folder: a real 10-class set that installs offline.
 
-    python scripts/make_digits.py data/digits      # then: python -m catdog.recipe digits --run
+    python scripts/make_digits.py data/digits      # then: python -m catdog.core.recipe digits --run
 
 The UCI optical-recognition digits (1,797 images of 8x8 grey levels 0..16, 43 writers) ship inside
 scikit-learn, so no download is needed. Each becomes ``<folder>/<digit>/<n>.png``, white ink on black,

@@ -1,7 +1,7 @@
-"""DVC stage 'evaluate': a thin CLI over catdog.evaluate.run (see dvc.yaml)."""
+"""DVC stage 'evaluate': a thin CLI over catdog.pipeline.evaluate.run (see dvc.yaml)."""
 
-from catdog import evaluate
-from catdog.stage import main
+from catdog.pipeline import evaluate
+from catdog.pipeline.stage import main
 
 if __name__ == "__main__":
     main("evaluate", evaluate.run)

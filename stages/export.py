@@ -1,7 +1,7 @@
-"""DVC stage 'export': a thin CLI over catdog.export.run (see dvc.yaml)."""
+"""DVC stage 'export': a thin CLI over catdog.pipeline.export.run (see dvc.yaml)."""
 
-from catdog import export
-from catdog.stage import main
+from catdog.pipeline import export
+from catdog.pipeline.stage import main
 
 if __name__ == "__main__":
     main("export", export.run)

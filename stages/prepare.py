@@ -1,7 +1,7 @@
-"""DVC stage 'prepare': a thin CLI over catdog.prepare.run (see dvc.yaml)."""
+"""DVC stage 'prepare': a thin CLI over catdog.pipeline.prepare.run (see dvc.yaml)."""
 
-from catdog import prepare
-from catdog.stage import main
+from catdog.pipeline import prepare
+from catdog.pipeline.stage import main
 
 if __name__ == "__main__":
     main("prepare", prepare.run)

@@ -1,7 +1,7 @@
-"""DVC stage 'train': a thin CLI over catdog.train.run (see dvc.yaml)."""
+"""DVC stage 'train': a thin CLI over catdog.pipeline.train.run (see dvc.yaml)."""
 
-from catdog import train
-from catdog.stage import main
+from catdog.pipeline import train
+from catdog.pipeline.stage import main
 
 if __name__ == "__main__":
     main("train", train.run)

@@ -20,9 +20,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from catdog.params import Params, parse_params
-from catdog.paths import Paths
-from catdog.reports import DECIMALS
+from catdog.core.params import Params, parse_params
+from catdog.core.paths import Paths
+from catdog.core.reports import DECIMALS
 
 # A figure read back from a DVC report file is the computed one rounded to DECIMALS.
 ROUNDED = 0.5 * 10**-DECIMALS
@@ -75,7 +75,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.fixture(scope="session")
 def onnx_cache(tmp_path_factory) -> Path:
-    """One frozen-graph cache for the whole test session (catdog.onnx_runtime): graphs are reused
+    """One frozen-graph cache for the whole test session (catdog.models.onnx_runtime): graphs are reused
     across tests as across experiments, and never land in the developer's ~/.cache."""
     return tmp_path_factory.mktemp("catdog-cache")
 
@@ -193,7 +193,7 @@ def read_csv(path) -> list[dict[str, str]]:
 
 def run_id(paths: Paths) -> str:
     """The pipeline's MLflow run: the most recent one tagged with its checkpoint's md5."""
-    from catdog import integrity
+    from catdog.data import integrity
 
     client = client_for(paths.root)
     runs = client.search_runs(
@@ -264,7 +264,7 @@ def seed_store(template: Path, root: Path) -> Path:
 def prepared_project(root: Path, template: Path, **defaults):
     """10 + 10 synthetic images prepared in ``root`` with an MLflow store; returns
     (paths, params) where ``params(**overrides)`` builds Params from ``defaults`` + overrides."""
-    from catdog import prepare
+    from catdog.pipeline import prepare
 
     data = build_dataset(root / "raw", n_per_class=10)
     seed_store(template, root)
@@ -331,7 +331,7 @@ def pipeline(tmp_path_factory, mlflow_template, onnx_cache) -> PipelineRun:
 
     Shared by the train/export/predict tests: it is the expensive part of the suite.
     """
-    from catdog import evaluate, export, prepare, train
+    from catdog.pipeline import evaluate, export, prepare, train
 
     root = tmp_path_factory.mktemp("pipeline")
     data = build_dataset(root / "raw", n_per_class=20)

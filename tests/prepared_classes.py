@@ -1,5 +1,5 @@
 """data/prepared for any classes, written the way prepare writes it (images.npy, manifest.csv,
-content.json through catdog.integrity), without decoding files: the training tests of N classes
+content.json through catdog.data.integrity), without decoding files: the training tests of N classes
 start from prepare's outputs, whatever prepare's own naming rules read.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from catdog import integrity
-from catdog.paths import Paths
+from catdog.core.paths import Paths
+from catdog.data import integrity
 
 
 def class_colour(index: int, count: int) -> np.ndarray:

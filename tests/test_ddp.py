@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 
-from catdog import prepare
-from catdog.models import load_checkpoint
-from catdog.paths import Paths
+from catdog.core.paths import Paths
+from catdog.models.factory import load_checkpoint
+from catdog.pipeline import prepare
 
 from conftest import REPO_ROOT, build_dataset, build_params, client_for, seed_store
 from prepared_classes import write_prepared

@@ -1,4 +1,4 @@
-"""catdog.evaluate: classification_metrics against numbers worked out by hand, and the stage's
+"""catdog.pipeline.evaluate: classification_metrics against numbers worked out by hand, and the stage's
 outputs and MLflow run on the tiny synthetic pipeline (the session ``pipeline`` fixture)."""
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
-from catdog import evaluate, prepare, train
-from catdog.data import CachedImages, load_split, make_loader
-from catdog.device import resolve_runtime
-from catdog.engine import predict_logits, predict_probabilities
-from catdog.evaluate import (
+from catdog.core.paths import Paths
+from catdog.data.dataset import CachedImages, load_split, make_loader
+from catdog.data.transforms import eval_preset
+from catdog.models.device import resolve_runtime
+from catdog.models.engine import predict_logits, predict_probabilities
+from catdog.models.factory import load_checkpoint
+from catdog.pipeline import evaluate, prepare, train
+from catdog.pipeline.evaluate import (
     MULTICLASS_HEADLINE,
     classification_metrics,
     headline,
@@ -26,9 +29,6 @@ from catdog.evaluate import (
     write_per_class,
     write_predictions,
 )
-from catdog.models import load_checkpoint
-from catdog.paths import Paths
-from catdog.transforms import eval_preset
 
 from conftest import (
     PIPELINE_OVERRIDES,

@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 
 from catdog import tracking
-from catdog.params import parse_params
-from catdog.paths import Paths
+from catdog.core.params import parse_params
+from catdog.core.paths import Paths
 
 import dvc_project as dp
 from conftest import ROUNDED, build_params
@@ -67,8 +67,8 @@ def test_parallel_stages_on_a_fresh_sqlite_store_all_succeed(tmp_path):
         import sys, time
         from pathlib import Path
         from catdog import tracking
-        from catdog.params import load_params
-        from catdog.paths import Paths
+        from catdog.core.params import load_params
+        from catdog.core.paths import Paths
 
         index = int(sys.argv[1])
         params = load_params({str(REPO / "params.yaml")!r})
@@ -126,7 +126,7 @@ def test_parallel_stages_on_a_fresh_sqlite_store_all_succeed(tmp_path):
 
 
 def load_params_name() -> str:
-    from catdog.params import load_params
+    from catdog.core.params import load_params
 
     return load_params(REPO / "params.yaml").tracking.experiment_name
 

@@ -1,4 +1,4 @@
-"""catdog.export on the tiny synthetic pipeline (the session ``pipeline`` fixture): the exported
+"""catdog.pipeline.export on the tiny synthetic pipeline (the session ``pipeline`` fixture): the exported
 models, their parity with PyTorch, the model card, the MLflow run and the registry."""
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 import yaml
 from PIL import Image
 
-from catdog import reports
-from catdog.images import decode_image
-from catdog.models import load_checkpoint
-from catdog.paths import Paths
+from catdog.core import reports
+from catdog.core.paths import Paths
+from catdog.data.images import decode_image
+from catdog.models.factory import load_checkpoint
 
 from conftest import ROUNDED, build_params, client_for, encode, run_id, seed_store
 
@@ -115,8 +115,9 @@ def class_jpeg(index: int, seed: int, size: tuple[int, int] = (72, 60)) -> bytes
 def export_three_classes(root: Path, template: Path, onnx_cache: Path) -> SimpleNamespace:
     """Prepared data (4 images a class per split) written as prepare writes it, an untrained 3-class
     Lite0 checkpoint with its MLflow run, evaluate's figures as files, then the real export stage."""
-    from catdog import export, tracking
-    from catdog.models import create_model, save_checkpoint
+    from catdog import tracking
+    from catdog.models.factory import create_model, save_checkpoint
+    from catdog.pipeline import export
 
     paths = Paths.under(root)
     seed_store(template, root)
@@ -151,7 +152,8 @@ def export_three_classes(root: Path, template: Path, onnx_cache: Path) -> Simple
 
 
 def _write_prepared(paths: Paths, size: int) -> None:
-    from catdog import integrity, prepare
+    from catdog.data import integrity
+    from catdog.pipeline import prepare
 
     rows, pixels = [], []
     for split in ("train", "val", "test"):
@@ -200,8 +202,8 @@ def test_three_class_run_logs_the_classes_and_the_split_sizes_per_class(three):
 
 
 def test_an_exported_model_whose_labels_differ_from_its_own_classes_is_refused(three, tmp_path):
-    from catdog.errors import CatdogError
-    from catdog.predict import ExportedModel
+    from catdog.core.errors import CatdogError
+    from catdog.serving.predict import ExportedModel
 
     folder = tmp_path / "export"
     shutil.copytree(three.paths.exported, folder)
@@ -217,8 +219,9 @@ def test_an_exported_model_whose_labels_differ_from_its_own_classes_is_refused(t
 
 
 def test_export_refuses_a_checkpoint_of_other_classes_than_the_prepared_data(three):
-    from catdog import export, integrity
-    from catdog.errors import CatdogError
+    from catdog.core.errors import CatdogError
+    from catdog.data import integrity
+    from catdog.pipeline import export
 
     content = json.loads(three.paths.prepared_content.read_text())
     try:

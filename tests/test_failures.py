@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from catdog import train
+from catdog.pipeline import train
 
 from conftest import REPO_ROOT, SMALL_OVERRIDES, client_for, prepared_project, repo_params_raw
 from dvc_project import free_port
@@ -136,7 +136,7 @@ def test_an_unreachable_tracking_server_fails_the_stage_in_one_line_within_30_se
     paths, _ = project
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import catdog.train"], check=True, timeout=300)
+    subprocess.run([sys.executable, "-c", "import catdog.pipeline.train"], check=True, timeout=300)
     startup = time.monotonic() - started  # imports alone (torch, mlflow): seconds, more on a loaded machine
     started = time.monotonic()
     proc = _stage("train", paths, env={"MLFLOW_TRACKING_URI": uri})

@@ -14,10 +14,10 @@ import pytest
 import torch
 import yaml
 
-from catdog import train
-from catdog.device import Runtime, resolve_runtime
-from catdog.models import create_model, load_checkpoint
-from catdog.paths import Paths
+from catdog.core.paths import Paths
+from catdog.models.device import Runtime, resolve_runtime
+from catdog.models.factory import create_model, load_checkpoint
+from catdog.pipeline import train
 
 from conftest import REPO_ROOT, client_for, prepared_project
 
@@ -124,10 +124,10 @@ def test_ddp_over_two_gpus(gpu_project):
 def test_evaluate_scores_in_fp32_like_the_deployed_onnx_model(gpu_project):
     """The champion is chosen on evaluate's numbers: on CUDA they must be fp32 (no bf16 autocast,
     no TF32), i.e. what the fp32 ONNX model computes on a CPU."""
-    from catdog import evaluate
-    from catdog.data import CachedImages, load_split, make_loader
-    from catdog.engine import predict_probabilities
-    from catdog.transforms import eval_preset
+    from catdog.data.dataset import CachedImages, load_split, make_loader
+    from catdog.data.transforms import eval_preset
+    from catdog.models.engine import predict_probabilities
+    from catdog.pipeline import evaluate
 
     runtime = resolve_runtime("fp32")
     assert (runtime.device.type, runtime.amp_dtype) == ("cuda", None)

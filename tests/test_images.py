@@ -1,4 +1,4 @@
-"""catdog.images.decode_image: any real-world file -> square uint8 RGB, or BadImage with a reason."""
+"""catdog.data.images.decode_image: any real-world file -> square uint8 RGB, or BadImage with a reason."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catdog.images import BadImage, check_size, decode_image, read_bounded, read_file, resize
+from catdog.data.images import BadImage, check_size, decode_image, read_bounded, read_file, resize
 
 from conftest import encode, synthetic_image
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from catdog import integrity, train
-from catdog.errors import CatdogError
+from catdog.core.errors import CatdogError
+from catdog.data import integrity
+from catdog.pipeline import train
 
 from conftest import REPO_ROOT, prepared_project
 

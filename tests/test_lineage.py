@@ -3,13 +3,13 @@
 For every stage ``python stages/<name>.py``:
 
 - **code deps** = the transitive import closure of ``stages/<name>.py`` within ``src/catdog``
-  (every ``import`` anywhere in a file counts, lazy ones too; importing ``catdog.x`` also runs
-  ``catdog/__init__.py``);
+  (every ``import`` anywhere in a file counts, lazy ones too; importing ``catdog.a.b`` also runs
+  ``catdog/__init__.py`` and ``catdog/a/__init__.py``);
 - **params** = the sections of params.yaml read by the functions the stage can reach (call graph
   from the script: names and ``module.attr`` references; a referenced class brings all its
   methods). A section is read as ``params.<section>`` or ``params.flat("<section>", ...)``: by
   project convention the typed params object is always named ``params``;
-- **file deps** = the ``paths.<property>`` (``catdog.paths.Paths``) the reachable functions use,
+- **file deps** = the ``paths.<property>`` (``catdog.core.paths.Paths``) the reachable functions use,
   that are not the stage's own outputs.
 
 A new import, a new params section or a new file read without the matching dvc.yaml line fails
@@ -25,8 +25,8 @@ from pathlib import Path, PurePosixPath
 import pytest
 import yaml
 
-from catdog.params import Params
-from catdog.paths import Paths
+from catdog.core.params import Params
+from catdog.core.paths import Paths
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "catdog"
@@ -49,7 +49,7 @@ MODULE_LEVEL = "<module>"
 
 @dataclass
 class Module:
-    name: str  # "catdog.train", or "stages/train.py" for a stage script
+    name: str  # "catdog.pipeline.train", or "stages/train.py" for a stage script
     path: Path
     tree: ast.Module
     bindings: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # local -> (module, attr)
@@ -94,7 +94,8 @@ def parse(name: str, path: Path) -> Module:
                         node.module,
                         alias.name,
                     )
-    module.imported |= {PACKAGE} if module.imported else set()  # a submodule import runs the package first
+    # importing catdog.a.b runs catdog/__init__.py and catdog/a/__init__.py first
+    module.imported |= {name.rsplit(".", depth)[0] for name in module.imported for depth in range(1, name.count(".") + 1)}
     return module
 
 
@@ -294,6 +295,6 @@ def test_file_deps_are_exactly_the_files_read(stage):
 def test_the_analysis_sees_a_lazy_import_and_a_params_read(tmp_path):
     """Guards the checker itself: params reaches the models module only through a lazy import."""
     closure = Closure(REPO / "stages" / "train.py")
-    assert "src/catdog/models.py" in closure.files() and "src/catdog/__init__.py" in closure.files()
+    assert "src/catdog/models/factory.py" in closure.files() and "src/catdog/__init__.py" in closure.files()
     assert {"train", "tracking"} <= sections_read(closure)[0]
     assert "data/prepared/images.npy" in paths_used(closure)

@@ -14,9 +14,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from catdog import train
-from catdog.linear_probe import fit_logistic_head
-from catdog.params import ParamsError
+from catdog.core.params import ParamsError
+from catdog.models.linear_probe import fit_logistic_head
+from catdog.pipeline import train
 
 from conftest import prepared_project
 

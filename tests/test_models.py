@@ -1,4 +1,4 @@
-"""catdog.models: the model factory, frozen backbones, checkpoints. Real torch models throughout."""
+"""catdog.models.factory: the model factory, frozen backbones, checkpoints. Real torch models throughout."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from catdog.errors import CatdogError
-from catdog.models import (
+from catdog.core.errors import CatdogError
+from catdog.models.factory import (
     ARCHITECTURES,
     IMAGENET_MEAN,
     LITE_MEAN,
@@ -210,7 +210,7 @@ def test_missing_checkpoint_is_a_catdog_error(tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_runtime_forward(batch):
-    from catdog.device import resolve_runtime
+    from catdog.models.device import resolve_runtime
 
     runtime = resolve_runtime("auto")
     assert runtime.device.type == "cuda" and runtime.channels_last

@@ -1,4 +1,4 @@
-"""Frozen inference on ONNX Runtime (catdog.onnx_runtime, catdog.frozen): equal to eager PyTorch,
+"""Frozen inference on ONNX Runtime (catdog.models.onnx_runtime, catdog.models.frozen): equal to eager PyTorch,
 exported once per (arch, size, weights) and found again by content hash, one tuned session."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from catdog.device import resolve_runtime
-from catdog.frozen import cached_activations, inference_module, split_for_training
-from catdog.models import create_model
-from catdog.onnx_runtime import cache_root, create_session, session_options
+from catdog.models.device import resolve_runtime
+from catdog.models.factory import create_model
+from catdog.models.frozen import cached_activations, inference_module, split_for_training
+from catdog.models.onnx_runtime import cache_root, create_session, session_options
 
 SIZE = 64
 
@@ -83,7 +83,7 @@ def test_one_tuned_session_for_every_caller():
 
 def test_exporting_a_graph_draws_no_random_numbers():
     """Training must draw the same random numbers (head init, dropout) on a cache hit or miss."""
-    from catdog.onnx_runtime import cached_graph
+    from catdog.models.onnx_runtime import cached_graph
 
     module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
     torch.manual_seed(3)

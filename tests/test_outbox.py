@@ -22,8 +22,8 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from catdog import integrity
-from catdog.paths import Paths
+from catdog.core.paths import Paths
+from catdog.data import integrity
 from catdog.tracking.outbox import DIRECTORY
 
 from conftest import REPO_ROOT, SMALL_OVERRIDES, prepared_project, repo_params_raw

@@ -6,9 +6,9 @@ import pydantic
 import pytest
 import yaml
 
-from catdog.errors import CatdogError
-from catdog.models import ARCHITECTURES
-from catdog.params import Params, ParamsError, load_params, parse_params
+from catdog.core.errors import CatdogError
+from catdog.core.params import Params, ParamsError, load_params, parse_params
+from catdog.models.factory import ARCHITECTURES
 
 from conftest import REPO_PARAMS, repo_params_raw
 

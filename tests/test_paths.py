@@ -1,4 +1,4 @@
-"""catdog.paths.Paths and dvc.yaml name the same files: every file a stage declares is a Paths
+"""catdog.core.paths.Paths and dvc.yaml name the same files: every file a stage declares is a Paths
 property, and every Paths file is in dvc.yaml or listed below with the reason it is not."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pathlib import PurePosixPath
 
 import yaml
 
-from catdog.paths import Paths
+from catdog.core.paths import Paths
 
 from conftest import REPO_ROOT
 from test_lineage import UNDECLARED_PATHS

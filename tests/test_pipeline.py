@@ -273,7 +273,7 @@ def test_each_model_file_is_stored_once_and_no_json_is_large(project: Project):
 
 
 def test_the_run_logs_its_data_as_a_dataset_with_dvcs_md5(project: Project, tmp_path: Path):
-    from catdog.paths import Paths
+    from catdog.core.paths import Paths
     from catdog.tracking import prepared_digest
 
     lock = yaml.safe_load((project.root / "dvc.lock").read_text())

@@ -1,4 +1,4 @@
-"""catdog.plots: the evaluate figures are written as PNGs whose size follows the number of classes."""
+"""catdog.core.plots: the evaluate figures are written as PNGs whose size follows the number of classes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catdog import plots
+from catdog.core import plots
 
 from conftest import PNG_SIGNATURE
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from catdog import cli
-from catdog.predict import ExportedModel, expand_paths, predict
+from catdog.serving.predict import ExportedModel, expand_paths, predict
 
 from conftest import CATDOG_BIN, encode, jpeg_bytes, seed_store, synthetic_image
 
@@ -143,7 +143,7 @@ def test_catdog_version_and_help():
 def test_model_without_its_labels_file_is_a_clear_error(pipeline, tmp_path):
     lonely = tmp_path / "model.onnx"
     shutil.copy(pipeline.paths.exported / "model.onnx", lonely)
-    from catdog.errors import CatdogError
+    from catdog.core.errors import CatdogError
 
     with pytest.raises(CatdogError, match=r"labels\.json not found"):
         ExportedModel.load(lonely)

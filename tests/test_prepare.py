@@ -21,10 +21,11 @@ import pytest
 import yaml
 from PIL import Image
 
-from catdog import integrity, prepare
-from catdog.data import load_split, split_digest
-from catdog.errors import CatdogError
-from catdog.paths import Paths
+from catdog.core.errors import CatdogError
+from catdog.core.paths import Paths
+from catdog.data import integrity
+from catdog.data.dataset import load_split, split_digest
+from catdog.pipeline import prepare
 
 from conftest import build_params, encode, jpeg_bytes
 from image_sets import LAYOUTS, build_image_set, layout_files
@@ -391,7 +392,7 @@ def test_rerun_replaces_stale_outputs(dataset, tmp_path):
 
 
 def test_stage_cli_runs_and_prints_the_summary(dataset, tmp_path, capsys):
-    from catdog.stage import main
+    from catdog.pipeline.stage import main
 
     params_file = tmp_path / "params.yaml"
     raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
@@ -399,13 +400,15 @@ def test_stage_cli_runs_and_prints_the_summary(dataset, tmp_path, capsys):
     params_file.write_text(yaml.safe_dump(raw))
     main("prepare", prepare.run, ["--params", str(params_file), "--root", str(tmp_path / "project")])
     out = capsys.readouterr().out.strip().splitlines()[-1]
-    assert out.startswith("prepare: ") and ", images 24, " in out  # the summary line (catdog.stage.summary_line)
+    assert (
+        out.startswith("prepare: ") and ", images 24, " in out
+    )  # the summary line (catdog.pipeline.stage.summary_line)
     assert (tmp_path / "project" / "data" / "prepared" / "manifest.csv").is_file()
 
 
 @pytest.mark.parametrize("problem", ["bad_param", "missing_source"])
 def test_stage_cli_reports_errors_in_one_line(tmp_path, capsys, problem):
-    from catdog.stage import main
+    from catdog.pipeline.stage import main
 
     raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
     raw["data"]["source"] = str(tmp_path / "missing.zip")
@@ -732,7 +735,7 @@ def peak_rss_of_prepare(source: Path, root: Path, cap: int) -> tuple[dict, int]:
     """prepare.run in a fresh process (in-process decoding); its summary and peak RSS in KiB."""
     script = (
         "import json, resource, sys\n"
-        "from catdog import prepare\nfrom catdog.paths import Paths\nfrom conftest import build_params\n"
+        "from catdog.pipeline import prepare\nfrom catdog.core.paths import Paths\nfrom conftest import build_params\n"
         f"params = build_params({{'data.source': {str(source)!r}, 'data.max_image_bytes': {cap}}})\n"
         f"summary = prepare.run(params, Paths.under({str(root)!r}))\n"
         "print(json.dumps([summary, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))\n"
@@ -780,7 +783,7 @@ def test_huge_zip_members_are_never_inflated_into_memory(make_dataset, tmp_path)
 def test_a_killed_decode_worker_stops_prepare_in_one_line_naming_its_image(dataset, tmp_path, monkeypatch, capsys):
     if multiprocessing.get_start_method() != "fork":
         pytest.skip("the decode workers inherit the patched decoder only when forked")
-    from catdog.stage import main
+    from catdog.pipeline.stage import main
 
     victim, real_decode = dataset.files["train/dog.7.jpg"], prepare.decode_image
 

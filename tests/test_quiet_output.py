@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from catdog.stage import summary_line
+from catdog.pipeline.stage import summary_line
 
 from dvc_project import STAGES, TINY_PARAMS, copy_project
 

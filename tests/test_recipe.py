@@ -1,4 +1,4 @@
-"""Params recipes: params/<name>.yaml holds only what differs; catdog.recipe applies it with dvc exp run -S."""
+"""Params recipes: params/<name>.yaml holds only what differs; catdog.core.recipe applies it with dvc exp run -S."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import sys
 import pytest
 import yaml
 
-from catdog import recipe
-from catdog.errors import CatdogError
-from catdog.params import load_params
+from catdog.core import recipe
+from catdog.core.errors import CatdogError
+from catdog.core.params import load_params
 
 from conftest import REPO_PARAMS, REPO_ROOT, repo_params_raw
 from dvc_project import clean_env, describe, tool
@@ -109,7 +109,7 @@ def test_run_queues_a_dvc_experiment_that_records_every_recipe_value(tmp_path):
         [tool("dvc"), "init", "-q"],
         [*git, "add", "-A"],
         [*git, "commit", "-qm", "x"],
-        [sys.executable, "-m", "catdog.recipe", "mix", "--run", "--queue", "-n", "from-recipe"],
+        [sys.executable, "-m", "catdog.core.recipe", "mix", "--run", "--queue", "-n", "from-recipe"],
         [tool("dvc"), "exp", "show", "--json"],
     ):
         proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=120)

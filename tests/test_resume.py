@@ -20,8 +20,9 @@ import pytest
 import torch
 import yaml
 
-from catdog import integrity, prepare, train, train_state
-from catdog.paths import Paths
+from catdog.core.paths import Paths
+from catdog.data import integrity
+from catdog.pipeline import prepare, train, train_state
 
 from conftest import REPO_ROOT, build_dataset, build_params, client_for, seed_store
 from prepared_classes import write_prepared

@@ -1,4 +1,4 @@
-"""The registered model is an MLflow pyfunc that takes encoded images (catdog.serving)."""
+"""The registered model is an MLflow pyfunc that takes encoded images (catdog.serving.pyfunc)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import pytest
 import yaml
 from test_export import THREE_CLASS_CAP, THREE_CLASSES, class_jpeg, export_three_classes
 
-from catdog import serving
-from catdog.images import BadImage
-from catdog.predict import ExportedModel
+from catdog.data.images import BadImage
+from catdog.serving import pyfunc
+from catdog.serving.predict import ExportedModel
 
 from conftest import CATDOG_BIN, client_for, jpeg_bytes
 from dvc_project import clean_env, free_port, stop, tool, wait_for_http
@@ -77,15 +77,15 @@ def test_champion_classifies_encoded_images_with_a_per_row_error(champion, pipel
 )
 def test_a_string_that_is_not_strict_base64_is_refused_as_not_base64(text):
     with pytest.raises(BadImage) as refused:
-        serving.decode_base64(text)
+        pyfunc.decode_base64(text)
     assert refused.value.reason == "not_base64"
 
 
 def test_base64_line_breaks_and_spaces_carry_no_data():
     jpeg = jpeg_bytes("cat", 730)
-    assert serving.decode_base64(base64.encodebytes(jpeg).decode()) == jpeg  # `base64` without -w0: 76-char lines
-    assert serving.decode_base64(f"  {base64.b64encode(jpeg).decode()}\r\n") == jpeg
-    assert serving.decode_base64("") == b""  # then refused as empty, like a zero-byte file
+    assert pyfunc.decode_base64(base64.encodebytes(jpeg).decode()) == jpeg  # `base64` without -w0: 76-char lines
+    assert pyfunc.decode_base64(f"  {base64.b64encode(jpeg).decode()}\r\n") == jpeg
+    assert pyfunc.decode_base64("") == b""  # then refused as empty, like a zero-byte file
 
 
 def test_registered_model_carries_signature_example_and_pinned_requirements(pipeline):
@@ -108,7 +108,8 @@ def test_registered_model_carries_signature_example_and_pinned_requirements(pipe
     for package in ("mlflow", "onnxruntime", "numpy", "pandas", "pillow"):
         assert any(r.startswith(f"{package}==") for r in requirements), requirements
     assert {"model.onnx", "labels.json", "preprocess.json"} <= {f.name for f in (folder / "artifacts").iterdir()}
-    assert (folder / "code" / "catdog" / "serving.py").is_file()  # loadable where catdog is not installed
+    assert (folder / "code" / "catdog" / "serving" / "predict.py").is_file()  # loadable where catdog is not installed
+    assert not (folder / "code" / "catdog" / "serving" / "pyfunc.py").exists()  # stored once, as the model's code
 
 
 # Run where catdog is not installed: no sys.path entry that holds a catdog package (the editable
@@ -125,7 +126,7 @@ print(json.dumps({"catdog": sys.modules["catdog"].__file__, "label": answer.labe
 
 
 def test_the_registered_model_is_its_code_not_a_pickle(pipeline, tmp_path):
-    """MLflow's models from code: the model holds catdog/serving.py, no pickle, and loads with
+    """MLflow's models from code: the model holds catdog/serving/pyfunc.py, no pickle, and loads with
     unpickling refused, from its own copy of catdog."""
     folder = Path(
         mlflow.artifacts.download_artifacts(
@@ -135,7 +136,7 @@ def test_the_registered_model_is_its_code_not_a_pickle(pipeline, tmp_path):
     assert not [f for f in folder.rglob("*") if f.suffix in (".pkl", ".pickle", ".cloudpickle")]
     flavour = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
     assert flavour["loader_module"] == "mlflow.pyfunc.loaders.code_model" and "python_model" not in flavour
-    assert (folder / Path(flavour["model_code_path"]).name).read_text() == Path(serving.__file__).read_text()
+    assert (folder / Path(flavour["model_code_path"]).name).read_text() == Path(pyfunc.__file__).read_text()
 
     (tmp_path / "dog.jpg").write_bytes(jpeg_bytes("dog", 740))
     env = clean_env(
@@ -155,8 +156,8 @@ def test_the_registered_model_is_its_code_not_a_pickle(pipeline, tmp_path):
 
 def test_classify_in_process_on_the_exported_model(pipeline):
     model = ExportedModel.load(pipeline.paths.exported / "model.onnx")
-    images = [jpeg_bytes("cat", 710 + i) for i in range(serving.BATCH_SIZE + 3)]  # more than one batch
-    result = serving.classify(model, images)
+    images = [jpeg_bytes("cat", 710 + i) for i in range(pyfunc.BATCH_SIZE + 3)]  # more than one batch
+    result = pyfunc.classify(model, images)
     assert len(result) == len(images) and result.error.isna().all()
     assert (result.label == "cat").mean() > 0.9
     assert (result.p_cat.astype(float) + result.p_dog.astype(float)).tolist() == pytest.approx([1.0] * len(images))

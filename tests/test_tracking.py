@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from catdog import integrity, serving, tracking
-from catdog.errors import CatdogError
-from catdog.paths import Paths
+from catdog import tracking
+from catdog.core.errors import CatdogError
+from catdog.core.paths import Paths
+from catdog.data import integrity
+from catdog.serving import pyfunc
 
 from conftest import build_params, client_for, jpeg_bytes, read_csv, run_id, seed_store
 
@@ -435,7 +437,10 @@ def _tiny_export(folder: Path) -> dict[str, Path]:
 
 
 def test_pyfunc_model_moves_champion_only_on_improvement_on_the_same_test_images(mlflow_store, tmp_path, params):
-    model = serving.pyfunc_model(_tiny_export(tmp_path / "export"), ["cat", "dog"], jpeg_bytes("cat", 1))
+    (tmp_path / "code").mkdir()
+    model = pyfunc.pyfunc_model(
+        _tiny_export(tmp_path / "export"), ["cat", "dog"], jpeg_bytes("cat", 1), tmp_path / "code"
+    )
     sample, full = "sample-test-set", "full-test-set"
     steps = [(0.90, sample, True), (0.80, sample, True), (0.95, sample, False), (0.95, sample, True)]
     steps += [(0.95, sample, True), (0.99, full, True), (0.99, full, False)]

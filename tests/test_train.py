@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from catdog import train
-from catdog.data import CachedImages, load_split, make_loader
-from catdog.device import resolve_runtime
-from catdog.engine import predict_logits, validate
-from catdog.errors import CatdogError
-from catdog.models import create_model, load_checkpoint
-from catdog.transforms import eval_preset
+from catdog.core.errors import CatdogError
+from catdog.data.dataset import CachedImages, load_split, make_loader
+from catdog.data.transforms import eval_preset
+from catdog.models.device import resolve_runtime
+from catdog.models.engine import predict_logits, validate
+from catdog.models.factory import create_model, load_checkpoint
+from catdog.pipeline import train
 
 from conftest import (
     PIPELINE_OVERRIDES,

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from catdog import train, train_state
-from catdog.device import resolve_runtime
-from catdog.engine import train_one_epoch
-from catdog.models import ARCHITECTURES, create_model
-from catdog.params import ParamsError, parse_params
-from catdog.transforms import train_transforms
+from catdog.core.params import ParamsError, parse_params
+from catdog.data.transforms import train_transforms
+from catdog.models.device import resolve_runtime
+from catdog.models.engine import train_one_epoch
+from catdog.models.factory import ARCHITECTURES, create_model
+from catdog.pipeline import train, train_state
 
 from conftest import client_for, prepared_project, repo_params_raw
 

@@ -9,8 +9,8 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from catdog.errors import CatdogError
-from catdog.paths import find_root
+from catdog.core.errors import CatdogError
+from catdog.core.paths import find_root
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +73,7 @@ def sync() -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from catdog.predict import ExportedModel, expand_paths, predict
+    from catdog.serving.predict import ExportedModel, expand_paths, predict
 
     model = ExportedModel.load(args.model or default_model())
     top_k = min(args.top_k, len(model.classes))
@@ -123,7 +123,7 @@ def _positive_int(text: str) -> int:
 
 def default_model() -> Path:
     """``models/export/model.onnx`` of the project the cwd is in (any subfolder of it)."""
-    from catdog.predict import DEFAULT_MODEL
+    from catdog.serving.predict import DEFAULT_MODEL
 
     return _project_root("pass --model PATH|models:/NAME@ALIAS") / DEFAULT_MODEL
 

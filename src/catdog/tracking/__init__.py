@@ -5,7 +5,7 @@ md5 and copied when needed, ``copies``; a stage's run and what it logs, ``run``;
 in an ``outbox`` while the server is lost, ``writes``; the lineage tags, ``lineage``), the registry
 (``registry``: the logged models, aliases, champion promotion) and the dataset record
 (``datasets``). It may import mlflow and catdog's integrity, lifecycle, params, paths and errors;
-only it and the registered model's own module (``catdog.serving``) import mlflow. The rest of the
+only it and the registered model's own module (``catdog.serving.pyfunc``) import mlflow. The rest of the
 code calls the names below.
 """
 

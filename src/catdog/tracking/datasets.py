@@ -13,9 +13,9 @@ import yaml
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 
-from catdog import integrity
-from catdog.params import Params
-from catdog.paths import Paths
+from catdog.core.params import Params
+from catdog.core.paths import Paths
+from catdog.data import integrity
 
 
 class PreparedImages(MetaDataset):

@@ -8,9 +8,10 @@ import os
 import subprocess
 from pathlib import Path
 
-from catdog import integrity, lifecycle
-from catdog.params import Params
-from catdog.paths import Paths
+from catdog.core import lifecycle
+from catdog.core.params import Params
+from catdog.core.paths import Paths
+from catdog.data import integrity
 
 CHECKPOINT_TAG = "catdog.checkpoint_md5"
 CLASSES_PARAM = "catdog.classes"  # JSON list of the class names, as the model outputs them
@@ -35,7 +36,7 @@ _LINEAGE_FILES = ("src", "stages", "dvc.yaml", "params.yaml", "pyproject.toml")
 
 
 def lineage_tags(params: Params, paths: Paths) -> dict[str, str]:
-    """Git commit, data hash (of data/prepared's recorded content: catdog.integrity), DVC experiment."""
+    """Git commit, data hash (of data/prepared's recorded content: catdog.data.integrity), DVC experiment."""
     tags = {"catdog.params_hash": params_hash(params)}
     commit = _git(paths.root, "rev-parse", "HEAD")
     if commit:

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from catdog import atomic
+from catdog.core import atomic
 
 try:
     import fcntl

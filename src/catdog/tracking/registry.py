@@ -18,7 +18,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-from catdog.errors import CatdogError
+from catdog.core.errors import CatdogError
 from catdog.tracking.store import DB_FILE, quiet_mlflow, sqlite_lock, tracking_uri
 
 CLASSIFIER = "classifier"  # the registered pyfunc's name in its run

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from catdog import integrity
-from catdog.errors import CatdogError
+from catdog.core.errors import CatdogError
+from catdog.data import integrity
 from catdog.tracking import registry
 from catdog.tracking.lineage import param_value
 from catdog.tracking.writes import Writes, metrics_payload

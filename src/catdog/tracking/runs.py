@@ -13,10 +13,11 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from catdog import integrity, lifecycle
-from catdog.errors import CatdogError
-from catdog.params import Params
-from catdog.paths import Paths
+from catdog.core import lifecycle
+from catdog.core.errors import CatdogError
+from catdog.core.params import Params
+from catdog.core.paths import Paths
+from catdog.data import integrity
 from catdog.tracking.copies import derive_run, pipeline_run
 from catdog.tracking.datasets import prepared_dataset
 from catdog.tracking.lineage import (

@@ -19,7 +19,7 @@ except ImportError:  # Windows: no store lock
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from catdog.errors import CatdogError
+from catdog.core.errors import CatdogError
 
 ARTIFACTS_DIR = "mlruns"  # beside mlflow.db, as MLflow itself does
 DB_FILE = "mlflow.db"

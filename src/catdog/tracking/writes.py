@@ -13,7 +13,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from catdog.errors import CatdogError
+from catdog.core.errors import CatdogError
 from catdog.tracking import outbox
 from catdog.tracking.copies import record_checkpoint
 from catdog.tracking.outbox import Outbox

@@ -1,7 +1,7 @@
 """The registered model: an MLflow pyfunc that takes encoded images and answers their class.
 
 It wraps the exported ONNX model with the very preprocessing of ``catdog predict``
-(:class:`catdog.predict.ExportedModel`), so ``mlflow.pyfunc.load_model("models:/catdog@champion")``
+(:class:`catdog.serving.predict.ExportedModel`), so ``mlflow.pyfunc.load_model("models:/catdog@champion")``
 and ``mlflow models serve`` classify photos. Input: a DataFrame whose ``image`` column (or only
 column) holds encoded images, as bytes or strict base64 strings. Output: one row per image with
 ``label``, ``p_<class>`` for each class (the names as in labels.json, verbatim) and ``error``
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import modulefinder
+import shutil
 from pathlib import Path
 
 import mlflow.models
@@ -25,8 +27,8 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from catdog.images import BadImage
-from catdog.predict import ExportedModel
+from catdog.data.images import BadImage
+from catdog.serving.predict import ExportedModel
 
 IMAGE_COLUMN = "image"
 BATCH_SIZE = 64
@@ -91,19 +93,36 @@ def decode_base64(text: str) -> bytes:
     return data
 
 
-def pyfunc_model(artifacts: dict[str, Path], classes: list[str], example_image: bytes) -> dict:
+def pyfunc_model(artifacts: dict[str, Path], classes: list[str], example_image: bytes, scratch: Path) -> dict:
     """What ``mlflow.pyfunc.log_model`` needs to log it: this file as the model's code, ``artifacts``
-    (``onnx_model`` with the labels and preprocessing files beside it), the catdog code (so it loads
-    where catdog is not installed), a signature, ``example_image`` as input example and pinned
-    requirements."""
+    (``onnx_model`` with the labels and preprocessing files beside it), a copy of the catdog package
+    made in ``scratch`` (so it loads where catdog is not installed), a signature, ``example_image`` as
+    input example and pinned requirements."""
     return {
         "python_model": __file__,
         "artifacts": {key: str(path) for key, path in artifacts.items()},
-        "code_paths": [str(Path(__file__).parent)],
+        "code_paths": [str(_copy_imported_code(scratch))],
         "signature": signature(classes),
         "input_example": pd.DataFrame({IMAGE_COLUMN: [example_image]}),
         "pip_requirements": requirements(),
     }
+
+
+def _copy_imported_code(scratch: Path) -> Path:
+    """The catdog modules this file imports (lazy imports too), copied into ``scratch``: the model loads
+    where catdog is not installed, and this file is stored once, as the model's code."""
+    package = Path(__file__).resolve().parents[1]
+    (scratch / "source").mkdir()
+    (scratch / "source" / package.name).symlink_to(package)  # the finder sees catdog and nothing else
+    finder = modulefinder.ModuleFinder(path=[str(scratch / "source")])
+    finder.run_script(__file__)
+    copy = scratch / "code"
+    for module in finder.modules.values():
+        if module.__file__ and module.__name__ != "__main__":
+            relative = Path(module.__file__).relative_to(scratch / "source")
+            (copy / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(module.__file__, copy / relative)
+    return copy / package.name
 
 
 def signature(classes: list[str]):

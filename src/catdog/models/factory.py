@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from catdog import atomic
-from catdog.errors import CatdogError
+from catdog.core import atomic
+from catdog.core.errors import CatdogError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The EfficientNet-Lite weights were trained on TF's (x - 127) / 128 scaling.

@@ -9,10 +9,10 @@ import os
 import sys
 from collections.abc import Callable
 
-from catdog.errors import CatdogError
-from catdog.lifecycle import StageStopped, stop_on_signals
-from catdog.params import Params, load_params
-from catdog.paths import Paths
+from catdog.core.errors import CatdogError
+from catdog.core.lifecycle import StageStopped, stop_on_signals
+from catdog.core.params import Params, load_params
+from catdog.core.paths import Paths
 
 
 def main(name: str, run: Callable[[Params, Paths], dict], argv: list[str] | None = None) -> None:

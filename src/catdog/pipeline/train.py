@@ -8,10 +8,10 @@ Modes (``train.mode``):
   full      every layer trains
 In top/full mode ``train.head_warmup_epochs`` trains the head alone first.
 
-Every epoch ends with a resumable state (catdog.train_state): a killed run started again with
+Every epoch ends with a resumable state (catdog.pipeline.train_state): a killed run started again with
 the same params and data continues after its last finished epoch, in the same MLflow run, and
 ends with the weights an uninterrupted run would have. With ``train.nproc > 1`` the stage
-re-launches itself under torchrun (catdog.distributed): every process trains a DDP replica on
+re-launches itself under torchrun (catdog.models.distributed): every process trains a DDP replica on
 its share of the batches; rank 0 alone validates, logs and writes.
 """
 
@@ -33,19 +33,23 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from catdog import distributed, integrity, plots, reports, tracking, train_state
-from catdog.data import CachedImages, Split, load_split, make_loader
-from catdog.device import Runtime, resolve_runtime
-from catdog.distributed import World
-from catdog.engine import train_one_epoch, validate
-from catdog.errors import CatdogError
-from catdog.frozen import FrozenPart, cached_activations, split_for_training
-from catdog.linear_probe import fit_logistic_head
-from catdog.models import Classifier, create_model, save_checkpoint
-from catdog.params import Params, TrainParams
-from catdog.paths import Paths
-from catdog.seeding import rng_state, seed_everything
-from catdog.transforms import eval_preset, train_transforms
+from catdog import tracking
+from catdog.core import plots, reports
+from catdog.core.errors import CatdogError
+from catdog.core.params import Params, TrainParams
+from catdog.core.paths import Paths
+from catdog.core.seeding import rng_state, seed_everything
+from catdog.data import integrity
+from catdog.data.dataset import CachedImages, Split, load_split, make_loader
+from catdog.data.transforms import eval_preset, train_transforms
+from catdog.models import distributed
+from catdog.models.device import Runtime, resolve_runtime
+from catdog.models.distributed import World
+from catdog.models.engine import train_one_epoch, validate
+from catdog.models.factory import Classifier, create_model, save_checkpoint
+from catdog.models.frozen import FrozenPart, cached_activations, split_for_training
+from catdog.models.linear_probe import fit_logistic_head
+from catdog.pipeline import train_state
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -483,7 +487,7 @@ def _write_outputs(
     reports.write_json(paths.train_metrics, metrics)  # last: all else is there
 
 
-if __name__ == "__main__":  # the entry torchrun starts (catdog.distributed.relaunch)
-    from catdog.stage import main
+if __name__ == "__main__":  # the entry torchrun starts (catdog.models.distributed.relaunch)
+    from catdog.pipeline.stage import main
 
     main("train", run)

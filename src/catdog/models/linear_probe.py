@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from catdog.engine import EpochStats
+from catdog.models.engine import EpochStats
 
 
 def fit_logistic_head(

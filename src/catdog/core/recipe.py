@@ -1,8 +1,8 @@
 """Params recipes: ``params/<name>.yaml`` holds only the keys that differ from params.yaml.
 
-    python -m catdog.recipe cpu-features                 # print the command
-    python -m catdog.recipe cpu-features --run           # run it: dvc exp run -S key=value ...
-    python -m catdog.recipe full-gpu --run --queue -n g1 # arguments after --run go to dvc exp run
+    python -m catdog.core.recipe cpu-features                 # print the command
+    python -m catdog.core.recipe cpu-features --run           # run it: dvc exp run -S key=value ...
+    python -m catdog.core.recipe full-gpu --run --queue -n g1 # arguments after --run go to dvc exp run
 
 A recipe is applied as ``dvc exp run -S key=value`` for each of its keys, so DVC records every
 value as a param of the experiment; params.yaml keeps the defaults. The recipe is checked
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from catdog.errors import CatdogError
-from catdog.params import load_params, parse_params
-from catdog.paths import Paths
+from catdog.core.errors import CatdogError
+from catdog.core.params import load_params, parse_params
+from catdog.core.paths import Paths
 
 
 def recipes_dir(root: Path) -> Path:
@@ -67,7 +67,7 @@ def _dvc_value(value: object) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m catdog.recipe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m catdog.core.recipe", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help="a recipe in params/, without .yaml")
     parser.add_argument(
         "--run",

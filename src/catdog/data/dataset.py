@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from catdog.errors import CatdogError
-from catdog.integrity import recorded_classes
-from catdog.paths import Paths
-from catdog.seeding import seed_worker
+from catdog.core.errors import CatdogError
+from catdog.core.paths import Paths
+from catdog.core.seeding import seed_worker
+from catdog.data.integrity import recorded_classes
 
 
 @dataclass(frozen=True)

@@ -26,15 +26,17 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
-from catdog import integrity, plots, reports, tracking
-from catdog.data import CachedImages, load_split, make_loader
-from catdog.device import resolve_runtime
-from catdog.engine import predict_probabilities
-from catdog.frozen import inference_module
-from catdog.models import load_checkpoint
-from catdog.params import Params
-from catdog.paths import Paths
-from catdog.transforms import eval_preset
+from catdog import tracking
+from catdog.core import plots, reports
+from catdog.core.params import Params
+from catdog.core.paths import Paths
+from catdog.data import integrity
+from catdog.data.dataset import CachedImages, load_split, make_loader
+from catdog.data.transforms import eval_preset
+from catdog.models.device import resolve_runtime
+from catdog.models.engine import predict_probabilities
+from catdog.models.factory import load_checkpoint
+from catdog.models.frozen import inference_module
 
 HEADLINE = ("accuracy", "log_loss", "roc_auc", "f1", "ece")  # two classes
 MULTICLASS_HEADLINE = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss", "ece")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from catdog.device import Runtime
+from catdog.models.device import Runtime
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from catdog import atomic
+from catdog.core import atomic
 
 DECIMALS = 4
 

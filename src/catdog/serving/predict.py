@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from catdog.errors import CatdogError
-from catdog.images import BadImage, check_size, decode_image, read_file, resize
-from catdog.onnx_runtime import create_session, usable_cores
-from catdog.paths import LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, Paths, find_root
+from catdog.core.errors import CatdogError
+from catdog.core.paths import LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, Paths, find_root
+from catdog.data.images import BadImage, check_size, decode_image, read_file, resize
+from catdog.models.onnx_runtime import create_session, usable_cores
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_MODEL = Paths(Path(".")).onnx_model  # relative to the project root
@@ -109,7 +109,7 @@ def _download_registered(uri: str) -> Path:
 
     store_root = find_root(Path.cwd()) or Path.cwd()  # the project's mlflow.db, from any subfolder
     folder = download_registered_model(uri, store_root)
-    # the pyfunc of catdog.serving keeps it in artifacts/; versions registered before it, at the top
+    # the pyfunc of catdog.serving.pyfunc keeps it in artifacts/; versions registered before it, at the top
     return next(
         (f for f in (folder / "artifacts" / ONNX_FILE, folder / "model.onnx") if f.is_file()),
         folder / "artifacts" / ONNX_FILE,

@@ -60,7 +60,7 @@ class Paths:
 
     @property
     def prepared_content(self) -> Path:
-        """Size and md5 of images.npy and manifest.csv, as prepare wrote them (catdog.integrity)."""
+        """Size and md5 of images.npy and manifest.csv, as prepare wrote them (catdog.data.integrity)."""
         return self.prepared / "content.json"
 
     @property

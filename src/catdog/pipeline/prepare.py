@@ -73,11 +73,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from catdog import integrity, reports
-from catdog.errors import CatdogError
-from catdog.images import BadImage, decode_image, read_bounded, read_file
-from catdog.params import DataParams, Params
-from catdog.paths import Paths
+from catdog.core import reports
+from catdog.core.errors import CatdogError
+from catdog.core.params import DataParams, Params
+from catdog.core.paths import Paths
+from catdog.data import integrity
+from catdog.data.images import BadImage, decode_image, read_bounded, read_file
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from catdog.device import Runtime
-from catdog.models import Classifier
-from catdog.onnx_runtime import OrtFunction, append_linear, cached_graph
+from catdog.models.device import Runtime
+from catdog.models.factory import Classifier
+from catdog.models.onnx_runtime import OrtFunction, append_linear, cached_graph
 
 
 class FrozenPart(nn.Module):

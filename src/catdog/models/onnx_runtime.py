@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from catdog import atomic
+from catdog.core import atomic
 
 CACHE_ENV = "CATDOG_CACHE"
 GRAPH_VERSION = "2"  # bump when the exported graph changes for the same weights (model.onnx is built from it)

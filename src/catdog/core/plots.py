@@ -12,7 +12,7 @@ import numpy as np
 from sklearn.calibration import CalibrationDisplay
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
-from catdog import atomic
+from catdog.core import atomic
 
 CELL_TEXT_MAX = 20  # classes up to which the confusion matrix prints a number in each cell
 LEGEND_MAX = 10  # one-vs-rest curves up to which each class has a legend entry

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from catdog import atomic, integrity
-from catdog.params import Params
-from catdog.paths import Paths
-from catdog.seeding import restore_rng_state
+from catdog.core import atomic
+from catdog.core.params import Params
+from catdog.core.paths import Paths
+from catdog.core.seeding import restore_rng_state
+from catdog.data import integrity
 
 VERSION = 1
 

@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from catdog.errors import CatdogError
+from catdog.core.errors import CatdogError
 
 
 class ParamsError(CatdogError):
@@ -110,7 +110,7 @@ class TrainParams(_Section):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        from catdog.models import ARCHITECTURES  # late: models imports torch
+        from catdog.models.factory import ARCHITECTURES  # late: models imports torch
 
         _check(arch in ARCHITECTURES, "train.arch", f"must be one of {sorted(ARCHITECTURES)}", arch)
         return arch

@@ -4,7 +4,7 @@ against the eager model, a label map, the preprocessing config and a model card.
 The stage fails when an exported model's logits on test images differ from PyTorch's by
 more than ``export.tolerance``, or its test accuracy differs: a model that deploys
 differently from how it was evaluated is worse than no model. The ONNX model, wrapped in the
-pyfunc of :mod:`catdog.serving` (encoded images in, labels out), is then logged to MLflow and
+pyfunc of :mod:`catdog.serving.pyfunc` (encoded images in, labels out), is then logged to MLflow and
 registered (alias ``candidate``; ``champion`` moves only when the test accuracy beats the
 current champion's on the same test images).
 """
@@ -14,22 +14,26 @@ from __future__ import annotations
 import io
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from catdog import atomic, integrity, reports, serving, tracking
-from catdog.data import CachedImages, Split, load_split, split_digest
-from catdog.errors import CatdogError
-from catdog.frozen import export_whole_model
-from catdog.models import load_checkpoint
-from catdog.onnx_runtime import CACHE_OPSET, export_onnx
-from catdog.params import Params
-from catdog.paths import LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, PT2_FILE, Paths
-from catdog.predict import CLASSES_METADATA, ExportedModel
-from catdog.transforms import eval_preset
+from catdog import tracking
+from catdog.core import atomic, reports
+from catdog.core.errors import CatdogError
+from catdog.core.params import Params
+from catdog.core.paths import LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, PT2_FILE, Paths
+from catdog.data import integrity
+from catdog.data.dataset import CachedImages, Split, load_split, split_digest
+from catdog.data.transforms import eval_preset
+from catdog.models.factory import load_checkpoint
+from catdog.models.frozen import export_whole_model
+from catdog.models.onnx_runtime import CACHE_OPSET, export_onnx
+from catdog.serving import pyfunc
+from catdog.serving.predict import CLASSES_METADATA, ExportedModel
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -71,16 +75,18 @@ def run(params: Params, paths: Paths) -> dict:
 def register(
     mlflow_run: tracking.Run, params: Params, classes: list[str], paths: Paths, test: Split, accuracy: float
 ) -> dict:
-    """The ONNX model as the run's pyfunc (catdog.serving), registered as ``export.registered_model_name``
+    """The ONNX model as the run's pyfunc (catdog.serving.pyfunc), registered as ``export.registered_model_name``
     (if set); the registry figures for the stage's results."""
     p = params.export
-    classifier = serving.pyfunc_model(
-        {"onnx_model": paths.onnx_model, "labels": paths.labels, "preprocess": paths.preprocess},
-        classes,
-        example_jpeg(paths, test),
-    )
     score = tracking.Score(accuracy, split_digest(test))
-    registration = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name, score, p.promote_champion)
+    with tempfile.TemporaryDirectory() as scratch:
+        classifier = pyfunc.pyfunc_model(
+            {"onnx_model": paths.onnx_model, "labels": paths.labels, "preprocess": paths.preprocess},
+            classes,
+            example_jpeg(paths, test),
+            Path(scratch),
+        )
+        registration = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name, score, p.promote_champion)
     if registration is None:
         return {}
     if registration.incomparable_champion:

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from catdog.errors import CatdogError
-from catdog.params import Params
+from catdog.core.errors import CatdogError
+from catdog.core.params import Params
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def relaunch(nproc: int, params: Params, root: Path) -> None:
             "--standalone",
             f"--nproc_per_node={nproc}",
             "-m",
-            "catdog.train",
+            "catdog.pipeline.train",
             "--params",
             str(params_file),
             "--root",

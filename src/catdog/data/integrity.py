@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 
-from catdog import atomic
-from catdog.errors import CatdogError
-from catdog.paths import Paths
+from catdog.core import atomic
+from catdog.core.errors import CatdogError
+from catdog.core.paths import Paths
 
 _RESTORE = "restore it with `dvc checkout data/prepared` or rebuild it with `dvc repro prepare`"
 
