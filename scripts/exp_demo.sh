@@ -27,17 +27,17 @@ experiment() {  # NAME -S key=value ...
   dvc exp run --temp --quiet -n "$name" "$@" "${extra[@]}" >&2
 }
 
-experiment lr-3e-3 -S train.lr=0.003
+experiment lr-1e-3 -S train.lr=0.001
 experiment lr-3e-4 -S train.lr=0.0003
 experiment epochs-10 -S train.epochs=10
-experiment lr-3e-3-tta -S train.lr=0.003 -S evaluate.tta=true   # train restored from DVC's run-cache
+experiment lr-1e-3-tta -S train.lr=0.001 -S evaluate.tta=true   # train restored from DVC's run-cache
 
 echo '$ dvc exp show --only-changed'
 COLUMNS=120 dvc exp show --only-changed --no-pager
 echo
-echo '$ dvc metrics diff lr-3e-3 lr-3e-4'
-dvc metrics diff lr-3e-3 lr-3e-4
+echo '$ dvc metrics diff lr-1e-3 lr-3e-4'
+dvc metrics diff lr-1e-3 lr-3e-4
 echo
-echo '$ dvc plots diff lr-3e-3 lr-3e-4 -o plots-diff'
-dvc plots diff lr-3e-3 lr-3e-4 -o plots-diff >/dev/null
+echo '$ dvc plots diff lr-1e-3 lr-3e-4 -o plots-diff'
+dvc plots diff lr-1e-3 lr-3e-4 -o plots-diff >/dev/null
 echo "wrote $work/catdog/plots-diff/index.html"

@@ -24,10 +24,10 @@ from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
 
 from catdog.data.images import decode_image
+from catdog.data.layouts import kaggle_label
 from catdog.models.device import resolve_runtime
 from catdog.models.factory import create_model
 from catdog.models.frozen import split_for_training
-from catdog.pipeline.prepare import kaggle_label
 
 ARCHS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 

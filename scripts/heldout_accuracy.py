@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from sklearn.metrics import log_loss
 
-from catdog.pipeline.prepare import kaggle_label
+from catdog.data.layouts import kaggle_label
 
 SAMPLE = Path("data/sample/dogs-vs-cats-sample.zip")
 

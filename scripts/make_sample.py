@@ -15,7 +15,7 @@ import zipfile
 from collections import defaultdict
 from pathlib import PurePosixPath
 
-from catdog.pipeline.prepare import kaggle_label
+from catdog.data.layouts import kaggle_label
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
     params = build_params({**images.params, "data.min_per_class": 4})
 
 Each class has its own hue (and a darker blob placed at random), so a tiny model learns them in an epoch
-or two; images alternate JPEG and PNG and vary a little in size. Layouts (see catdog.pipeline.prepare):
+or two; images alternate JPEG and PNG and vary a little in size. Layouts (see catdog.data.layouts):
 ``kaggle_names`` (``train/<class>.<n>.jpg``), ``class_folders`` (``<class>/<n>.jpg``),
 ``split_folders`` (``train|val|test/<class>/<n>.jpg``; ``splits`` says which folders, the images of a
 class dealt round-robin over them) and ``csv`` (``images/<n>.jpg`` with ``labels.csv``).

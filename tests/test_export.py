@@ -153,20 +153,20 @@ def export_three_classes(root: Path, template: Path, onnx_cache: Path) -> Simple
 
 def _write_prepared(paths: Paths, size: int) -> None:
     from catdog.data import integrity
-    from catdog.pipeline import prepare
+    from catdog.data.layouts import SPLITS
 
     rows, pixels = [], []
     for split in ("train", "val", "test"):
         for index, name in enumerate(THREE_CLASSES):
             for seed in range(4):
-                data = class_jpeg(index, 10 * prepare.SPLITS.index(split) + seed)
+                data = class_jpeg(index, 10 * SPLITS.index(split) + seed)
                 pixels.append(decode_image(data, size))
                 rows.append([f"{name}/{split}{seed}.jpg", name, split, hashlib.md5(pixels[-1]).hexdigest()])
     paths.prepared.mkdir(parents=True)
     np.save(paths.images, np.stack(pixels))
     with paths.manifest.open("w", newline="") as handle:
         csv.writer(handle, lineterminator="\n").writerows([["path", "label", "split", "pixel_md5"], *rows])
-    summary_splits = {s: dict.fromkeys(THREE_CLASSES, 4) for s in prepare.SPLITS}
+    summary_splits = {s: dict.fromkeys(THREE_CLASSES, 4) for s in SPLITS}
     reports.write_json(
         paths.prepare_summary,
         {"images": len(rows), "splits": summary_splits, "rejected_total": 0, "duplicate_groups_merged": 0},

@@ -95,7 +95,8 @@ def parse(name: str, path: Path) -> Module:
                         alias.name,
                     )
     # importing catdog.a.b runs catdog/__init__.py and catdog/a/__init__.py first
-    module.imported |= {name.rsplit(".", depth)[0] for name in module.imported for depth in range(1, name.count(".") + 1)}
+    parents = {name.rsplit(".", depth)[0] for name in module.imported for depth in range(1, name.count(".") + 1)}
+    module.imported |= parents
     return module
 
 

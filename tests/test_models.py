@@ -9,16 +9,8 @@ import torch
 from torch import nn
 
 from catdog.core.errors import CatdogError
-from catdog.models.factory import (
-    ARCHITECTURES,
-    IMAGENET_MEAN,
-    LITE_MEAN,
-    LITE_STD,
-    Classifier,
-    create_model,
-    load_checkpoint,
-    save_checkpoint,
-)
+from catdog.models.architectures import ARCHITECTURES, IMAGENET_MEAN, LITE_MEAN, LITE_STD
+from catdog.models.factory import Classifier, create_model, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")

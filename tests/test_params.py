@@ -8,7 +8,7 @@ import yaml
 
 from catdog.core.errors import CatdogError
 from catdog.core.params import Params, ParamsError, load_params, parse_params
-from catdog.models.factory import ARCHITECTURES
+from catdog.models.architectures import ARCHITECTURES
 
 from conftest import REPO_PARAMS, repo_params_raw
 

@@ -23,7 +23,7 @@ from PIL import Image
 
 from catdog.core.errors import CatdogError
 from catdog.core.paths import Paths
-from catdog.data import integrity
+from catdog.data import decoding, integrity
 from catdog.data.dataset import load_split, split_digest
 from catdog.pipeline import prepare
 
@@ -785,14 +785,14 @@ def test_a_killed_decode_worker_stops_prepare_in_one_line_naming_its_image(datas
         pytest.skip("the decode workers inherit the patched decoder only when forked")
     from catdog.pipeline.stage import main
 
-    victim, real_decode = dataset.files["train/dog.7.jpg"], prepare.decode_image
+    victim, real_decode = dataset.files["train/dog.7.jpg"], decoding.decode_image
 
     def decode_or_be_killed(data, *args):
         if data == victim:
             os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
         return real_decode(data, *args)
 
-    monkeypatch.setattr(prepare, "decode_image", decode_or_be_killed)
+    monkeypatch.setattr(decoding, "decode_image", decode_or_be_killed)
     raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
     raw["data"].update({"source": str(dataset.zip), "cache_size": 32, "min_per_class": 4, "workers": 2})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))

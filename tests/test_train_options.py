@@ -14,9 +14,11 @@ from torch import nn
 
 from catdog.core.params import ParamsError, parse_params
 from catdog.data.transforms import train_transforms
+from catdog.models.architectures import ARCHITECTURES
 from catdog.models.device import resolve_runtime
 from catdog.models.engine import train_one_epoch
-from catdog.models.factory import ARCHITECTURES, create_model
+from catdog.models.factory import create_model
+from catdog.models.optim import create_optimizer, create_scheduler
 from catdog.pipeline import train, train_state
 
 from conftest import client_for, prepared_project, repo_params_raw
@@ -140,7 +142,7 @@ def test_optimizer_groups_and_backbone_lr_factor():
             pretrained=False,
         )
     ).train
-    optimizer = train._optimizer(model, p)
+    optimizer = create_optimizer(model, p)
     assert isinstance(optimizer, torch.optim.SGD)
     head, backbone = optimizer.param_groups
     assert head["lr"] == 0.1 and backbone["lr"] == pytest.approx(0.01) and head["momentum"] == 0.8
@@ -150,7 +152,7 @@ def test_optimizer_groups_and_backbone_lr_factor():
 def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
     p = parse_params(with_train(scheduler="cosine", warmup_epochs=2, epochs=10, lr=0.1)).train
     optimizer = torch.optim.AdamW(nn.Linear(2, 2).parameters(), lr=p.lr)
-    scheduler = train._scheduler(optimizer, p, steps_per_epoch=5)
+    scheduler = create_scheduler(optimizer, p, steps_per_epoch=5)
     lrs = []
     for _ in range(50):
         lrs.append(scheduler.get_last_lr()[0])

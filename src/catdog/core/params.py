@@ -110,7 +110,7 @@ class TrainParams(_Section):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, arch: str) -> str:
-        from catdog.models.factory import ARCHITECTURES  # late: models imports torch
+        from catdog.models.architectures import ARCHITECTURES  # late: models imports torch
 
         _check(arch in ARCHITECTURES, "train.arch", f"must be one of {sorted(ARCHITECTURES)}", arch)
         return arch

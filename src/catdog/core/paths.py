@@ -24,8 +24,20 @@ def find_root(start: Path) -> Path | None:
     return next((folder for folder in (start, *start.parents) if (folder / "dvc.yaml").is_file()), None)
 
 
+# The folders the stages write into, relative to the project root.
+_PREPARED, _TRAIN, _EVALUATE, _EXPORTED = "data/prepared", "reports/train", "reports/evaluate", "models/export"
+
+
+def _at(*parts: str, doc: str | None = None) -> property:
+    """A ``Paths`` property: the location ``root / parts...``."""
+    return property(lambda paths: paths.root.joinpath(*parts), doc=doc)
+
+
 @dataclass(frozen=True)
 class Paths:
+    """Each location is a property (``paths.manifest``, ...): tests/test_lineage.py finds the files a
+    stage uses from the ``paths.<property>`` it reads, and tests/test_paths.py lists them all."""
+
     root: Path
 
     @classmethod
@@ -33,152 +45,59 @@ class Paths:
         return cls(Path(root).resolve())
 
     # the project's own files, logged as a run's lineage
-    @property
-    def params_file(self) -> Path:
-        return self.root / "params.yaml"
-
-    @property
-    def dvc_yaml(self) -> Path:
-        return self.root / "dvc.yaml"
-
-    @property
-    def dvc_lock(self) -> Path:
-        return self.root / "dvc.lock"
+    params_file = _at("params.yaml")
+    dvc_yaml = _at("dvc.yaml")
+    dvc_lock = _at("dvc.lock")
 
     # prepare
-    @property
-    def prepared(self) -> Path:
-        return self.root / "data" / "prepared"
-
-    @property
-    def manifest(self) -> Path:
-        return self.prepared / "manifest.csv"
-
-    @property
-    def images(self) -> Path:
-        return self.prepared / "images.npy"
-
-    @property
-    def prepared_content(self) -> Path:
-        """Size and md5 of images.npy and manifest.csv, as prepare wrote them (catdog.data.integrity)."""
-        return self.prepared / "content.json"
-
-    @property
-    def rejected(self) -> Path:
-        """Every skipped file and why."""
-        return self.prepared / "rejected.csv"
-
-    @property
-    def prepare_summary(self) -> Path:
-        """Counts per split and class, rejects per reason (inside the prepared folder: a DVC output)."""
-        return self.prepared / "summary.json"
-
-    @property
-    def prepare_metrics(self) -> Path:
-        """Headline DVC metrics: images per split."""
-        return self.root / "reports" / "prepare" / "metrics.json"
+    prepared = _at(_PREPARED)
+    manifest = _at(_PREPARED, "manifest.csv")
+    images = _at(_PREPARED, "images.npy")
+    prepared_content = _at(
+        _PREPARED,
+        "content.json",
+        doc="Size and md5 of images.npy and manifest.csv, as prepare wrote them (catdog.data.integrity).",
+    )
+    rejected = _at(_PREPARED, "rejected.csv", doc="Every skipped file and why.")
+    prepare_summary = _at(
+        _PREPARED,
+        "summary.json",
+        doc="Counts per split and class, rejects per reason (inside the prepared folder: a DVC output).",
+    )
+    prepare_metrics = _at("reports/prepare/metrics.json", doc="Headline DVC metrics: images per split.")
 
     # train
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "models" / "checkpoint.pt"
-
-    @property
-    def train_state(self) -> Path:
-        """Resumable training state, rewritten every epoch (git-ignored, not a DVC output)."""
-        return self.root / "models" / "train_state.pt"
-
-    @property
-    def train_reports(self) -> Path:
-        return self.root / "reports" / "train"
-
-    @property
-    def train_metrics(self) -> Path:
-        """Headline DVC metrics: best epoch, its val accuracy and loss."""
-        return self.train_reports / "metrics.json"
-
-    @property
-    def train_history(self) -> Path:
-        return self.train_reports / "history.csv"
-
-    @property
-    def train_curves(self) -> Path:
-        return self.train_reports / "curves.png"
+    checkpoint = _at("models/checkpoint.pt")
+    train_state = _at(
+        "models/train_state.pt", doc="Resumable training state, rewritten every epoch (git-ignored, not a DVC output)."
+    )
+    train_reports = _at(_TRAIN)
+    train_metrics = _at(_TRAIN, "metrics.json", doc="Headline DVC metrics: best epoch, its val accuracy and loss.")
+    train_history = _at(_TRAIN, "history.csv")
+    train_curves = _at(_TRAIN, "curves.png")
 
     # evaluate
-    @property
-    def evaluate_reports(self) -> Path:
-        return self.root / "reports" / "evaluate"
-
-    @property
-    def evaluate_metrics(self) -> Path:
-        """Headline DVC metrics of the test split."""
-        return self.evaluate_reports / "metrics.json"
-
-    @property
-    def evaluate_details(self) -> Path:
-        """Every test figure (per class, PR-AUC, ...): a DVC output, not a metric."""
-        return self.evaluate_reports / "details.json"
-
-    @property
-    def predictions(self) -> Path:
-        return self.evaluate_reports / "predictions.csv"
-
-    @property
-    def per_class_report(self) -> Path:
-        """Precision, recall, F1 and support of every class: details, not DVC metrics."""
-        return self.evaluate_reports / "per_class.csv"
-
-    @property
-    def roc_points(self) -> Path:
-        return self.evaluate_reports / "roc.csv"
-
-    @property
-    def pr_points(self) -> Path:
-        return self.evaluate_reports / "pr.csv"
-
-    @property
-    def confusion_matrix_plot(self) -> Path:
-        return self.evaluate_reports / "confusion_matrix.png"
-
-    @property
-    def roc_pr_plot(self) -> Path:
-        return self.evaluate_reports / "roc_pr_curves.png"
-
-    @property
-    def reliability_plot(self) -> Path:
-        return self.evaluate_reports / "reliability.png"
-
-    @property
-    def confidently_wrong_plot(self) -> Path:
-        return self.evaluate_reports / "confidently_wrong.png"
+    evaluate_reports = _at(_EVALUATE)
+    evaluate_metrics = _at(_EVALUATE, "metrics.json", doc="Headline DVC metrics of the test split.")
+    evaluate_details = _at(
+        _EVALUATE, "details.json", doc="Every test figure (per class, PR-AUC, ...): a DVC output, not a metric."
+    )
+    predictions = _at(_EVALUATE, "predictions.csv")
+    per_class_report = _at(
+        _EVALUATE, "per_class.csv", doc="Precision, recall, F1 and support of every class: details, not DVC metrics."
+    )
+    roc_points = _at(_EVALUATE, "roc.csv")
+    pr_points = _at(_EVALUATE, "pr.csv")
+    confusion_matrix_plot = _at(_EVALUATE, "confusion_matrix.png")
+    roc_pr_plot = _at(_EVALUATE, "roc_pr_curves.png")
+    reliability_plot = _at(_EVALUATE, "reliability.png")
+    confidently_wrong_plot = _at(_EVALUATE, "confidently_wrong.png")
 
     # export
-    @property
-    def exported(self) -> Path:
-        return self.root / "models" / "export"
-
-    @property
-    def parity(self) -> Path:
-        """Exported vs eager logits and accuracy on test images."""
-        return self.exported / "parity.json"
-
-    @property
-    def onnx_model(self) -> Path:
-        return self.exported / ONNX_FILE
-
-    @property
-    def pt2_model(self) -> Path:
-        return self.exported / PT2_FILE
-
-    @property
-    def labels(self) -> Path:
-        return self.exported / LABELS_FILE
-
-    @property
-    def preprocess(self) -> Path:
-        return self.exported / PREPROCESS_FILE
-
-    @property
-    def model_card(self) -> Path:
-        return self.exported / CARD_FILE
+    exported = _at(_EXPORTED)
+    parity = _at(_EXPORTED, "parity.json", doc="Exported vs eager logits and accuracy on test images.")
+    onnx_model = _at(_EXPORTED, ONNX_FILE)
+    pt2_model = _at(_EXPORTED, PT2_FILE)
+    labels = _at(_EXPORTED, LABELS_FILE)
+    preprocess = _at(_EXPORTED, PREPROCESS_FILE)
+    model_card = _at(_EXPORTED, CARD_FILE)

@@ -47,19 +47,7 @@ def train_one_epoch(
         with runtime.autocast():
             logits = model(inputs)
             loss = criterion(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if grad_clip_norm is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if grad_clip_norm is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-            optimizer.step()
+        _optimizer_step(model, loss, optimizer, scaler, grad_clip_norm)
         scheduler.step()
         step_loss = loss.item()
         total_loss += step_loss * len(targets)
@@ -73,6 +61,30 @@ def train_one_epoch(
         dist.all_reduce(totals)
     total_loss, correct, seen = totals.tolist()
     return EpochStats(total_loss / seen, correct / seen)
+
+
+def _optimizer_step(
+    model: nn.Module,
+    loss: torch.Tensor,
+    optimizer,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip_norm: float | None,
+) -> None:
+    """Gradients of ``loss`` (through ``scaler`` under mixed precision), clipped if asked, then one
+    optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if grad_clip_norm is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        optimizer.step()
 
 
 @torch.inference_mode()

@@ -186,64 +186,86 @@ def model_card(params: Params, config: dict, test: dict, parity: dict, paths: Pa
     (no run id, commit or date: the card is a DVC output, and those differ per run)."""
     summary = json.loads(paths.prepare_summary.read_text())
     classes = config["classes"]
-    splits = ", ".join(f"{name} {sum(counts.values())}" for name, counts in summary["splits"].items())
-    metric_rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in test.items())
-    train_rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in params.flat("train").items())
     names = ", ".join(f"`{name}`" for name in classes)
-    return f"""# Model card: catdog {config["arch"]}
+    sections = [
+        f"# Model card: catdog {config['arch']}",
+        f"Image classifier over {len(classes)} classes ({names}), fine-tuned from ImageNet weights.",
+        _card_use(config),
+        _card_data(params, summary, paths),
+        _card_classes(classes, summary, paths),
+        _card_training(params),
+        _card_test(test, parity, summary),
+        _card_lineage(paths),
+        _card_limits(classes),
+    ]
+    return "\n\n".join(sections) + "\n"
 
-Image classifier over {len(classes)} classes ({names}), fine-tuned from ImageNet weights.
 
-## Use
+def _card_use(config: dict) -> str:
+    return f"""## Use
 - Input: one RGB photo. Decoding as in prepare: EXIF rotation applied, converted to RGB,
   squashed to {config["cache_size"]}x{config["cache_size"]} (bilinear),
   then {config["image_size"]}x{config["image_size"]};
   float32 NCHW in [0, 1]. Normalisation is inside the model.
-- Output: logits for `{classes}` (in this order; also in `{ONNX_FILE}`'s metadata `{CLASSES_METADATA}`);
+- Output: logits for `{config["classes"]}` (in this order; also in `{ONNX_FILE}`'s metadata `{CLASSES_METADATA}`);
   softmax gives the confidence.
 - Files: `{ONNX_FILE}` (ONNX, dynamic batch; `catdog predict` uses it), `{PT2_FILE}` (torch.export),
   `{LABELS_FILE}`, `{PREPROCESS_FILE}`.
 - Intended use: sorting photos into the classes above. Not for any decision about people,
-  animal welfare or safety.
+  animal welfare or safety."""
 
-## Data
+
+def _card_data(params: Params, summary: dict, paths: Paths) -> str:
+    splits = ", ".join(f"{name} {sum(counts.values())}" for name, counts in summary["splits"].items())
+    return f"""## Data
 - Source: `{params.data.source}` ({summary["images"]} usable images; {splits}).
 - Rejected files: {summary["rejected_total"]};
   duplicate groups kept within one split: {summary["duplicate_groups_merged"]}.
 - Data hash (md5 of `data/prepared/content.json`: size and md5 of the image cache and manifest):
-  `{integrity.data_hash(paths)}`.
+  `{integrity.data_hash(paths)}`."""
 
-## Classes (images per split; test precision, recall and F1 of each class)
+
+def _card_classes(classes: list[str], summary: dict, paths: Paths) -> str:
+    return f"""## Classes (images per split; test precision, recall and F1 of each class)
 | class | train | val | test | precision | recall | F1 |
 |---|---|---|---|---|---|---|
-{class_rows(classes, summary["splits"], json.loads(paths.evaluate_details.read_text()))}
+{class_rows(classes, summary["splits"], json.loads(paths.evaluate_details.read_text()))}"""
 
-## Training params
+
+def _card_training(params: Params) -> str:
+    train_rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in params.flat("train").items())
+    return f"""## Training params
 | param | value |
 |---|---|
-{train_rows}
+{train_rows}"""
 
-## Test metrics ({sum(summary["splits"]["test"].values())} held-out images)
+
+def _card_test(test: dict, parity: dict, summary: dict) -> str:
+    metric_rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in test.items())
+    return f"""## Test metrics ({sum(summary["splits"]["test"].values())} held-out images)
 | metric | value |
 |---|---|
 {metric_rows}
 
 Export parity over {parity["parity_images"]} test images: ONNX max |logit diff| {parity["onnx_max_abs_diff"]:.2e},
-torch.export max |logit diff| {parity["pt2_max_abs_diff"]:.2e}; accuracy identical to the eager model.
+torch.export max |logit diff| {parity["pt2_max_abs_diff"]:.2e}; accuracy identical to the eager model."""
 
-## Lineage
+
+def _card_lineage(paths: Paths) -> str:
+    return f"""## Lineage
 - Checkpoint md5: `{integrity.file_md5(paths.checkpoint)}`, as in the `dvc.lock` of the commit that produced
   this model (its code and params). Its MLflow runs carry the tag `{tracking.CHECKPOINT_TAG}` with this value
-  (UI search: `tags."{tracking.CHECKPOINT_TAG}" = '...'`).
+  (UI search: `tags."{tracking.CHECKPOINT_TAG}" = '...'`)."""
 
-## Known limits
+
+def _card_limits(classes: list[str]) -> str:
+    return f"""## Known limits
 - Closed set: every input gets one of the {len(classes)} classes, including photos of none of them.
 - Labels of the source data carry their own noise (Kaggle's Dogs vs. Cats has mislabelled files and
   some that show no animal); test metrics carry that noise.
 - Trained on the photos of the source data (Kaggle's: at most ~500 px, mostly one animal, centred);
   drawings, several animals or unusual viewpoints are less reliable. Confidence is calibrated only
-  as far as the reliability diagram of the evaluate stage shows.
-"""
+  as far as the reliability diagram of the evaluate stage shows."""
 
 
 def class_rows(classes: list[str], splits: dict[str, dict[str, int]], details: dict) -> str:

@@ -13,6 +13,9 @@ the same params and data continues after its last finished epoch, in the same ML
 ends with the weights an uninterrupted run would have. With ``train.nproc > 1`` the stage
 re-launches itself under torchrun (catdog.models.distributed): every process trains a DDP replica on
 its share of the batches; rank 0 alone validates, logs and writes.
+
+This module runs the epochs and writes the outputs; catdog.pipeline.train_setup builds what they
+need (model parts, loaders, loss), catdog.models.optim the optimizer and learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -20,17 +23,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
 from catdog import tracking
@@ -40,16 +37,16 @@ from catdog.core.params import Params, TrainParams
 from catdog.core.paths import Paths
 from catdog.core.seeding import rng_state, seed_everything
 from catdog.data import integrity
-from catdog.data.dataset import CachedImages, Split, load_split, make_loader
-from catdog.data.transforms import eval_preset, train_transforms
+from catdog.data.dataset import load_split
 from catdog.models import distributed
-from catdog.models.device import Runtime, resolve_runtime
+from catdog.models.device import resolve_runtime
 from catdog.models.distributed import World
 from catdog.models.engine import train_one_epoch, validate
 from catdog.models.factory import Classifier, create_model, save_checkpoint
-from catdog.models.frozen import FrozenPart, cached_activations, split_for_training
+from catdog.models.frozen import split_for_training
 from catdog.models.linear_probe import fit_logistic_head
 from catdog.pipeline import train_state
+from catdog.pipeline.train_setup import Fit, note, resumable_state, set_up, wrap_for_training
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -61,30 +58,6 @@ def run(params: Params, paths: Paths) -> dict:
         return json.loads(paths.train_metrics.read_text())
     with distributed.joined() as world:
         return _train(params, paths, world)
-
-
-@dataclass
-class _Fit:
-    """What the epochs need, built once per process."""
-
-    p: TrainParams
-    runtime: Runtime
-    world: World
-    generator: torch.Generator  # shuffling and DataLoader seeds: saved with the state
-    model: Classifier  # the whole classifier: written to the checkpoint
-    loop_model: nn.Module  # what the loops call: the part after the cached frozen activations, or the model
-    trained_part: nn.Module  # the weights that change, saved every epoch: the head ('features'/'head'), else the model
-    val_images: CachedImages
-    train_loader: DataLoader
-    val_loader: DataLoader
-    sampler: DistributedSampler | None
-    batch_transform: Callable | None  # augmentation on the device (CUDA), else None
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None
-    criterion: nn.Module
-    class_weights: dict[str, float] | None  # train.class_weights 'balanced': the weight of each class
-    on_step: Callable[[float], None] | None = None  # rank 0: step-level train loss to MLflow
 
 
 def _train(params: Params, paths: Paths, world: World) -> dict:
@@ -100,16 +73,16 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
     )
     frozen, rest = split_for_training(model, p.arch, p.image_size, p.mode, p.unfreeze_blocks, runtime)
     fingerprint = train_state.fingerprint(params, paths, world.world_size) if world.is_main else None
-    state = world.broadcast(_resumable_state(paths, fingerprint) if world.is_main else None)
+    state = world.broadcast(resumable_state(paths, fingerprint) if world.is_main else None)
 
     with _open_run(params, paths, state, world) as mlflow_run:  # None on ranks other than 0
-        fit = _set_up(model, frozen, rest, paths, (train_split, val_split), p, runtime, world, generator)
+        fit = set_up(model, frozen, rest, paths, (train_split, val_split), p, runtime, world, generator)
         progress = train_state.Progress()
         if state is not None:
             progress = train_state.restore(
                 state, fit.trained_part, fit.optimizer, fit.scheduler, fit.scaler, generator, world.rank
             )
-            _note(world, f"train: resuming after epoch {state['epoch']} of {p.epochs} ({paths.train_state.name})")
+            note(world, f"train: resuming after epoch {state['epoch']} of {p.epochs} ({paths.train_state.name})")
         if mlflow_run is not None:
             mlflow_run.set_tags({"catdog.runtime": runtime.describe(), "catdog.processes": str(world.world_size)})
             if fit.class_weights is not None:
@@ -120,70 +93,8 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
         return _finish(fit, progress, paths, mlflow_run, started, params.tracking.log_pytorch_model)
 
 
-def _set_up(
-    model: Classifier,
-    frozen: FrozenPart | None,
-    rest: nn.Module,
-    paths: Paths,
-    splits: tuple[Split, Split],
-    p: TrainParams,
-    runtime: Runtime,
-    world: World,
-    generator: torch.Generator,
-) -> _Fit:
-    """``frozen`` (the part that never trains, None in full mode) and ``rest`` split the model."""
-    train_split, val_split = splits
-    _note(
-        world,
-        f"train: {p.arch}, mode {p.mode}, {runtime.describe()}, {world.world_size} process(es), "
-        f"{len(train_split.rows)} train / {len(val_split.rows)} val images",
-    )
-    if p.compile and runtime.device.type != "cuda":
-        _note(world, "train: compile skipped: torch.compile is used on CUDA only")
-    val_images = CachedImages(paths, val_split, eval_preset(p.image_size))
-    # the frozen part runs once over the images (its activations cached) unless augmentation or DDP
-    cached = frozen is not None and not p.augment and not world.distributed
-    train_loader, val_loader, sampler, batch_transform = _loaders(
-        frozen if cached else None, paths, train_split, val_images, p, runtime, world, generator
-    )
-    optimizer = _optimizer(model, p)
-    class_weights = _class_weights(p, train_split, world)
-    weight = None if class_weights is None else torch.tensor(list(class_weights.values()), device=runtime.device)
-    return _Fit(
-        p,
-        runtime,
-        world,
-        generator,
-        model,
-        loop_model=rest if cached or frozen is None else nn.Sequential(frozen, rest),
-        trained_part=model.head if p.mode in ("features", "head") else model,
-        val_images=val_images,
-        train_loader=train_loader,
-        val_loader=val_loader,
-        sampler=sampler,
-        batch_transform=batch_transform,
-        optimizer=optimizer,
-        scheduler=_scheduler(optimizer, p, len(train_loader)),
-        scaler=torch.amp.GradScaler() if runtime.needs_grad_scaler else None,
-        criterion=nn.CrossEntropyLoss(weight=weight, label_smoothing=p.label_smoothing),
-        class_weights=class_weights,
-    )
-
-
-def _class_weights(p: TrainParams, train_split: Split, world: World) -> dict[str, float] | None:
-    """train.class_weights 'balanced': n / (classes x count of the class) over the train labels
-    (scikit-learn's, as the logistic head's class_weight); None when off."""
-    if p.class_weights is None:
-        return None
-    classes = np.arange(len(train_split.classes))
-    weights = compute_class_weight(p.class_weights, classes=classes, y=train_split.labels)
-    named = {name: float(w) for name, w in zip(train_split.classes, weights, strict=True)}
-    _note(world, f"train: class weights {', '.join(f'{name} {w:.4g}' for name, w in named.items())}")
-    return named
-
-
 def _fit_epochs(
-    fit: _Fit,
+    fit: Fit,
     progress: train_state.Progress,
     paths: Paths,
     mlflow_run: tracking.Run | None,
@@ -198,13 +109,13 @@ def _fit_epochs(
     )
     for epoch in epochs:
         if _patience_ran_out(p, progress.history, progress.best_row):
-            _note(world, f"train: early stop: {p.monitor} has not improved for {p.early_stopping_patience} epochs")
+            note(world, f"train: early stop: {p.monitor} has not improved for {p.early_stopping_patience} epochs")
             break
         if train_model is None or epoch == p.head_warmup_epochs + 1:  # start, or head warm-up over
             _set_trainable(fit.model, p, epoch)
-            train_model = _wrap_for_training(fit.loop_model, p, fit.runtime, world)
+            train_model = wrap_for_training(fit.loop_model, p, fit.runtime, world)
             if p.head_warmup_epochs and epoch == p.head_warmup_epochs + 1:
-                _note(world, f"train: head warm-up over: from epoch {epoch} the backbone trains too")
+                note(world, f"train: head warm-up over: from epoch {epoch} the backbone trains too")
         row = _run_epoch(fit, train_model, epoch)
         progress.history.append(row)
         if progress.best_row is None or _better(row, progress.best_row, p.monitor):
@@ -229,7 +140,7 @@ def _fit_epochs(
         epochs.set_postfix(val_acc=f"{row['val_accuracy']:.4f}", val_loss=f"{row['val_loss']:.4f}", refresh=False)
 
 
-def _run_epoch(fit: _Fit, train_model: nn.Module, epoch: int) -> dict:
+def _run_epoch(fit: Fit, train_model: nn.Module, epoch: int) -> dict:
     """One epoch of training, then validation on rank 0; returns the history row."""
     if fit.sampler is not None:
         fit.sampler.set_epoch(epoch)
@@ -268,7 +179,7 @@ def _run_epoch(fit: _Fit, train_model: nn.Module, epoch: int) -> dict:
 
 
 def _finish(
-    fit: _Fit,
+    fit: Fit,
     progress: train_state.Progress,
     paths: Paths,
     mlflow_run: tracking.Run | None,
@@ -298,14 +209,6 @@ def _finish(
     return metrics
 
 
-def _resumable_state(paths: Paths, fingerprint: str) -> dict | None:
-    state = train_state.load_resumable(paths.train_state, fingerprint)
-    if state is not None and not tracking.run_exists(paths.root, state["run_id"]):
-        tqdm.write(f"train: the MLflow run of {paths.train_state.name} is gone: starting afresh")
-        return None
-    return state
-
-
 def _step_logger(mlflow_run: tracking.Run, state: dict | None, p: TrainParams, steps_done: int) -> _StepLogger:
     """After a resume, logs the event and what the killed run saved without logging; the killed run
     may also have logged steps after its last saved epoch, which this run repeats and skips."""
@@ -326,11 +229,6 @@ def _open_run(params: Params, paths: Paths, state: dict | None, world: World):
     if state is not None:
         return tracking.reopen_train_run(paths, state["run_id"])
     return tracking.start_run(params, paths)
-
-
-def _note(world: World, message: str) -> None:
-    if world.is_main:
-        tqdm.write(message)
 
 
 class _StepLogger:
@@ -367,103 +265,6 @@ def _set_trainable(model: Classifier, p: TrainParams, epoch: int) -> None:
         model.freeze_backbone(except_last=p.unfreeze_blocks)
     else:
         model.unfreeze_backbone()
-
-
-def _wrap_for_training(loop_model: nn.Module, p: TrainParams, runtime: Runtime, world: World) -> nn.Module:
-    """What the training loop calls: DDP over the layers that train now (so rebuilt when head
-    warm-up ends), compiled on CUDA."""
-    if world.distributed:
-        on_cuda = runtime.device.type == "cuda"
-        loop_model = DistributedDataParallel(loop_model, device_ids=[world.local_rank] if on_cuda else None)
-    if p.compile and runtime.device.type == "cuda":
-        loop_model = torch.compile(loop_model)
-    return loop_model
-
-
-def _optimizer(model: Classifier, p: TrainParams) -> torch.optim.Optimizer:
-    """The head at ``lr``; in top/full mode also the backbone layers that will train, at
-    ``lr * backbone_lr_factor``. Frozen layers get no gradient, so the optimizer leaves them be
-    until head warm-up ends."""
-    groups = [{"params": list(model.head.parameters()), "lr": p.lr}]
-    if p.mode in ("top", "full"):
-        blocks = model.last_blocks(p.unfreeze_blocks) if p.mode == "top" else [model.backbone]
-        groups.append(
-            {"params": [w for block in blocks for w in block.parameters()], "lr": p.lr * p.backbone_lr_factor}
-        )
-    if p.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
-    return torch.optim.AdamW(groups, lr=p.lr, weight_decay=p.weight_decay)
-
-
-def _scheduler(optimizer: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int):
-    """Stepped every batch: one-cycle, or linear warm-up then cosine decay to 0."""
-    total = p.epochs * steps_per_epoch
-    if p.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups], total_steps=total, pct_start=0.1
-        )
-    warmup = p.warmup_epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _loaders(
-    frozen: FrozenPart | None,
-    paths: Paths,
-    train_split,
-    val_images: CachedImages,
-    p: TrainParams,
-    runtime: Runtime,
-    world: World,
-    generator: torch.Generator,
-):
-    """(train loader, val loader, DDP sampler or None, augmentation to run on the device or None);
-    given ``frozen``, the loaders hold its cached activations instead of the images."""
-    on_cuda = runtime.device.type == "cuda"
-    loader_transform, batch_transform = train_transforms(p.image_size, p.augment, on_device=on_cuda)
-    train_images = CachedImages(paths, train_split, loader_transform)
-    if frozen is not None:
-        return (*_activation_loaders(frozen, train_images, val_images, p, generator), None, None)
-    sampler = (
-        DistributedSampler(train_images, world.world_size, world.rank, shuffle=True, seed=p.seed)
-        if world.distributed
-        else None
-    )
-    # Fresh workers every epoch, seeded from the shuffling generator that the state saves:
-    # a resumed run then augments exactly like an uninterrupted one.
-    train_loader = make_loader(
-        train_images,
-        p.batch_size,
-        p.workers,
-        shuffle=sampler is None,
-        generator=generator,
-        pin_memory=on_cuda,
-        sampler=sampler,
-        persistent_workers=False,
-    )
-    # Its own generator: validation draws nothing from the RNGs training uses. Its persistent workers
-    # draw their seed at the first validation only, so drawing it from torch's global RNG (dropout's)
-    # made a resumed run's first validation shift that RNG once more than an uninterrupted run did.
-    val_loader = make_loader(val_images, p.batch_size, p.workers, generator=torch.Generator(), pin_memory=on_cuda)
-    return train_loader, val_loader, sampler, batch_transform
-
-
-def _activation_loaders(frozen: FrozenPart, train_images, val_images, p: TrainParams, generator: torch.Generator):
-    """The frozen part's activations of every train/val image, computed once; then each epoch runs
-    only what trains. A resumed run computes them again: the same frozen weights give the same ones."""
-    loaders = []
-    for name, images in (("train", train_images), ("val", val_images)):
-        loader = make_loader(images, p.batch_size, p.workers)
-        features, labels = cached_activations(frozen, loader, desc=f"frozen activations ({name})")
-        loaders.append(
-            make_loader(TensorDataset(features, labels), p.batch_size, 0, shuffle=name == "train", generator=generator)
-        )
-    return loaders
 
 
 def _write_outputs(
