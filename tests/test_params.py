@@ -31,7 +31,7 @@ def test_repo_params_load_with_their_values():
     assert params.train.arch == "efficientnet_lite2"
     assert params.train.mode == "features"
     assert params.train.weights is None
-    assert params.train.lr == 0.001 and isinstance(params.train.lr, float)
+    assert params.train.lr == 0.003 and isinstance(params.train.lr, float)
     assert params.train.pretrained is True
     assert params.export.opset == 18
     assert params.tracking.experiment_name == "catdog"
@@ -158,13 +158,13 @@ def test_augment_is_fine_outside_features_mode(mode):
 
 
 def test_scientific_notation_string_is_accepted_as_float(tmp_path):
-    text = REPO_PARAMS.read_text().replace("lr: 0.001", "lr: 1e-3").replace("tolerance: 0.001", "tolerance: 5e-4")
-    assert "lr: 1e-3" in text and "tolerance: 5e-4" in text
-    assert yaml.safe_load(text)["train"]["lr"] == "1e-3"  # what YAML 1.1 actually gives us
+    text = REPO_PARAMS.read_text().replace("lr: 0.003", "lr: 3e-3").replace("tolerance: 0.001", "tolerance: 5e-4")
+    assert "lr: 3e-3" in text and "tolerance: 5e-4" in text
+    assert yaml.safe_load(text)["train"]["lr"] == "3e-3"  # what YAML 1.1 actually gives us
     file = tmp_path / "params.yaml"
     file.write_text(text)
     params = load_params(file)
-    assert params.train.lr == pytest.approx(0.001) and isinstance(params.train.lr, float)
+    assert params.train.lr == pytest.approx(0.003) and isinstance(params.train.lr, float)
     assert params.export.tolerance == pytest.approx(5e-4)
 
 
@@ -243,7 +243,7 @@ def test_flat_of_one_section():
     expected = {f"train.{name}" for name in type(params.train).model_fields}
     assert set(flat) == expected
     assert {"train.lr", "train.epochs", "train.arch", "train.mode", "train.weights"} <= set(flat)
-    assert flat["train.lr"] == 0.001
+    assert flat["train.lr"] == 0.003
     assert flat["train.weights"] is None
 
 
