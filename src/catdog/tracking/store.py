@@ -65,14 +65,31 @@ def connect(project_root: Path) -> MlflowClient:
 
 def quiet_mlflow() -> None:
     """A stage's output is its own: MLflow's INFO lines (store creation, system metrics monitor),
-    alembic's and the artifact download bars only with CATDOG_DEBUG=1; warnings and errors show.
-    An ``MLFLOW_LOGGING_LEVEL`` the user exported wins."""
+    alembic's and the artifact download bars only with CATDOG_DEBUG=1; warnings and errors show,
+    but for those repeating a tracking-server outage. An ``MLFLOW_LOGGING_LEVEL`` the user exported wins."""
     if os.environ.get("CATDOG_DEBUG") == "1":
         return
+    for name in _OUTAGE_REPEATERS:
+        if not any(isinstance(f, _ServerDownFilter) for f in logging.getLogger(name).filters):
+            logging.getLogger(name).addFilter(_ServerDownFilter())
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not os.environ.get("MLFLOW_LOGGING_LEVEL"):
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# MLflow threads that log each failed call to a tracking server that is down: the system-metrics
+# monitor (at any moment, even after the stage's last line) and the queue of asynchronous writes
+# (whose batches the stage keeps in its outbox).
+_OUTAGE_REPEATERS = ("mlflow.system_metrics.system_metrics_monitor", "mlflow.utils.async_logging.async_logging_queue")
+
+
+class _ServerDownFilter(logging.Filter):
+    """Drops those complaints while the server is down: the stage's own "lost the MLflow tracking
+    server" and "still unreachable" lines say it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING or lost_server(mlflow.get_tracking_uri()) is None
 
 
 SERVER_CHECK_SECONDS = 10
