@@ -6,7 +6,7 @@ Runs the README's ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` in PROJE
 opens the experiment's run list in headless Chromium (Debian package ``chromium``, driven by
 Playwright; every request to anything but the loopback server is aborted), ticks the two runs
 (by default the two newest finished ones), presses Compare, shows only the differing params and
-metrics, draws the parallel coordinates plot of ``val/loss`` and ``test/log_loss`` and saves the page.
+metrics, draws the parallel coordinates plot of ``train/loss``, ``val/loss`` and ``test/log_loss`` and saves the page.
 tests/test_mlflow_ui.py drives the UI with the same functions.
 """
 
@@ -39,7 +39,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 UI_TIMEOUT_MS = 60_000
-PLOTTED_METRICS = ("val/loss", "test/log_loss")
+PLOTTED_METRICS = ("train/loss", "val/loss", "test/log_loss")
 
 
 @contextlib.contextmanager
@@ -178,7 +178,10 @@ def plot_parallel_coordinates(page, metrics: tuple[str, ...] = PLOTTED_METRICS):
 
     page.set_viewport_size({"width": 1280, "height": 1400})
     page.mouse.wheel(0, -10_000)
-    page.locator(".du-bois-light-select-multiple").nth(1).click()
+    picker = page.locator(".du-bois-light-select-multiple").nth(1)
+    picker.click()
+    for _ in range(picker.locator(".du-bois-light-select-selection-item").count()):
+        page.keyboard.press("Backspace")  # MLflow preselects a differing metric (a system/ one, often)
     for key in metrics:
         page.keyboard.type(key)
         page.keyboard.press("Enter")

@@ -134,7 +134,9 @@ def test_runs_list_then_compare_shows_both_runs_and_their_differences(ui, page, 
 
     # Parallel coordinates: train.lr against the losses (typed into the plot's metric picker).
     plot = ui_driver.plot_parallel_coordinates(page)
-    assert "train.lr" in plot.text_content()
+    drawn = plot.text_content()
+    assert "train.lr" in drawn and all(key in drawn for key in ui_driver.PLOTTED_METRICS), drawn
+    assert "system/" not in drawn, f"a metric MLflow preselected stayed in the plot: {drawn}"
 
     # What scripts/mlflow_screenshot.py saves as docs/mlflow-compare.png: plot, run details, differences.
     screenshot = tmp_path / "mlflow-compare.png"
