@@ -25,7 +25,6 @@ and writes every figure as JSON to ``--out`` (with the machine and the date).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -48,6 +47,7 @@ from catdog.core.params import parse_params
 from catdog.core.paths import Paths
 from catdog.data.dataset import CachedImages, Split, load_split, make_loader
 from catdog.data.images import decode_image
+from catdog.data.integrity import file_md5
 from catdog.data.transforms import eval_preset
 from catdog.models.device import resolve_runtime
 from catdog.models.engine import train_one_epoch
@@ -293,7 +293,10 @@ def bench_classes(files: list[Path], args, tmp: Path) -> list[dict]:
     # Byte-identical copies stay out of the class folders: the two copies in the first 2,500 Kaggle
     # images fall in one of 2 classes but in two of 10, where prepare rejects them as conflicting labels
     # and rewrites its cache without them (a second of copying: a cost of rejects, not of the class count).
-    distinct = list({hashlib.md5(file.read_bytes()).hexdigest(): file for file in reversed(files)}.values())[::-1]
+    first_copy: dict[str, Path] = {}
+    for file in files:
+        first_copy.setdefault(file_md5(file), file)
+    distinct = list(first_copy.values())
     seconds: dict[int, dict[str, float]] = {}
     # each twice, alternating, the faster of the two kept: a later run pays for the writeback of the
     # caches written before it (hundreds of MB), which is no cost of the class count
