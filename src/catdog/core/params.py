@@ -2,7 +2,7 @@
 
 params.yaml is the single source of every value: no key has a default here, so a missing key
 is an error, like an unknown key or a bad value, each reported in one line naming the key, the
-value and what is allowed. Each section belongs to one stage (``data`` to prepare, ``train``,
+value and what is allowed. Each section belongs to one stage (``data`` to prepare, ``audit``, ``train``,
 ``evaluate``, ``export``); ``tracking`` is read by every stage that logs to MLflow.
 """
 
@@ -57,6 +57,8 @@ class DataParams(_Section):
     min_per_class: int = Field(ge=3)  # one image per split
     workers: int = Field(ge=0)  # 0: one process per CPU core
     max_image_bytes: int = Field(ge=1)  # larger files are rejected before they are read
+    exclude: str = Field(pattern=r"\S")  # a `path` CSV of images left out (a DVC dep: a file, header-only for none)
+    relabel: str = Field(pattern=r"\S")  # a `path,label` CSV of corrected labels (likewise)
 
     @field_validator("classes")
     @classmethod
@@ -169,6 +171,23 @@ class EvaluateParams(_Section):
     gallery_size: int = Field(ge=1)  # most confidently wrong test images shown
 
 
+class AuditParams(_Section):
+    enabled: bool
+    folds: int = Field(ge=2)  # k of the cross-validated logistic head
+    c: Float = Field(gt=0)  # the head's inverse L2 strength
+    filter_by: Literal[
+        "prune_by_noise_rate",
+        "prune_by_class",
+        "both",
+        "confident_learning",
+        "predicted_neq_given",
+        "low_normalized_margin",
+        "low_self_confidence",
+    ]  # cleanlab.filter.find_label_issues
+    gallery_size: int = Field(ge=1)
+    seed: int
+
+
 class ExportParams(_Section):
     opset: int = Field(ge=17)
     tolerance: Float = Field(gt=0)  # max abs logit difference exported vs eager PyTorch
@@ -184,6 +203,7 @@ class TrackingParams(_Section):
 
 class Params(_Section):
     data: DataParams
+    audit: AuditParams
     train: TrainParams
     evaluate: EvaluateParams
     export: ExportParams

@@ -26,6 +26,7 @@ def find_root(start: Path) -> Path | None:
 
 # The folders the stages write into, relative to the project root.
 _PREPARED, _TRAIN, _EVALUATE, _EXPORTED = "data/prepared", "reports/train", "reports/evaluate", "models/export"
+_AUDIT = "reports/audit"
 
 
 def _at(*parts: str, doc: str | None = None) -> property:
@@ -65,6 +66,13 @@ class Paths:
         doc="Counts per split and class, rejects per reason (inside the prepared folder: a DVC output).",
     )
     prepare_metrics = _at("reports/prepare/metrics.json", doc="Headline DVC metrics: images per split.")
+
+    # audit
+    audit_metrics = _at(_AUDIT, "metrics.json", doc="Headline DVC metrics: flagged, near-duplicate groups, outliers.")
+    label_issues = _at(
+        _AUDIT, "label_issues.csv", doc="One row per flagged image, most likely wrong first: path, split, given, ..."
+    )
+    label_issues_plot = _at(_AUDIT, "label_issues.png", doc="The most likely mislabelled images, given vs suggested.")
 
     # train
     checkpoint = _at("models/checkpoint.pt")

@@ -107,11 +107,18 @@ def reliability_diagram(
     _save(fig, path)
 
 
-def gallery(images: list[np.ndarray], captions: list[str], path: Path, title: str, columns: int = 4) -> None:
-    """A grid of images with captions; a short note when there is nothing to show."""
+def gallery(
+    images: list[np.ndarray],
+    captions: list[str],
+    path: Path,
+    title: str,
+    columns: int = 4,
+    empty: str = "No misclassified test images",
+) -> None:
+    """A grid of images with captions; the note ``empty`` when there is nothing to show."""
     if not images:
         fig, ax = plt.subplots(figsize=(6, 1.5), constrained_layout=True)
-        ax.text(0.5, 0.5, "No misclassified test images", ha="center", va="center", fontsize=13)
+        ax.text(0.5, 0.5, empty, ha="center", va="center", fontsize=13)
         ax.axis("off")
         _save(fig, path)
         return

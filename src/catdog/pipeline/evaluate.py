@@ -21,6 +21,7 @@ the top-class confidence.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,20 @@ def run(params: Params, paths: Paths) -> dict:
             mlflow_run.log_artifact(plot, "plots")
         for report in (paths.predictions, paths.per_class_report, paths.roc_points, paths.pr_points):
             mlflow_run.log_artifact(report, "reports")
+        log_audit(mlflow_run, paths)
     return results
+
+
+def log_audit(mlflow_run: tracking.Run, paths: Paths) -> None:
+    """The audit stage's counts (``audit/<name>``) and files, into the pipeline's run: the audit runs
+    before train opens that run, and evaluate is the first stage to log into it. Under DVC the files are
+    evaluate's deps (a changed audit reruns evaluate, in a new run with all results); a pipeline run from
+    Python without the audit logs none."""
+    if not paths.audit_metrics.is_file():
+        return
+    mlflow_run.log_metrics("audit", json.loads(paths.audit_metrics.read_text()))
+    for report in (paths.label_issues, paths.label_issues_plot):
+        mlflow_run.log_artifact(report, "audit")
 
 
 def classification_metrics(

@@ -2,7 +2,9 @@
 
 The stage, in this order: find the source's layout, labels and classes (``catdog.data.layouts``,
 whose docstring has the rules; the layout found is printed in one line and recorded as ``layout`` in
-summary.json), take ``data.limit_per_class`` images per class if set, decode every image in worker
+summary.json), apply the user's corrections (``data.exclude``, ``data.relabel``:
+``catdog.data.corrections``; counted as ``excluded`` and ``relabelled`` in summary.json), take
+``data.limit_per_class`` images per class if set, decode every image in worker
 processes into the uint8 cache (``catdog.data.decoding``), then reject conflicting labels and copies
 across given splits, check the per-class counts and split (``catdog.data.splitting``). Whatever
 stops prepare leaves no half-written ``data/prepared``.
@@ -11,12 +13,13 @@ Outputs (``paths.prepared``):
   manifest.csv   one row per kept image: path, label, split, pixel_md5; row i is images[i]
   images.npy     uint8 [N, cache_size, cache_size, 3]: decoded once, read by train/evaluate
   rejected.csv   path, reason for every file that was skipped
-  summary.json   layout, classes, images per split and class, rejects per reason, ignored files
+  summary.json   layout, classes, images per split and class, rejects per reason, ignored files, corrections
 and the headline metrics ``paths.prepare_metrics`` (images per split).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections import Counter
 
@@ -26,6 +29,7 @@ from catdog.core import reports
 from catdog.core.params import DataParams, Params
 from catdog.core.paths import Paths
 from catdog.data import integrity
+from catdog.data.corrections import apply_corrections
 from catdog.data.decoding import decode_all, store_cache
 from catdog.data.layouts import SPLITS, Listing, choose_classes, list_candidates, resolve_source
 from catdog.data.splitting import check_class_counts, limit_per_class, reject_conflicts, split, warn_if_imbalanced
@@ -35,6 +39,10 @@ def run(params: Params, paths: Paths) -> dict:
     data = params.data
     source = resolve_source(data.source, paths.root)
     listing = list_candidates(source, data.labels)
+    corrected = apply_corrections(
+        listing.candidates, paths.root / data.exclude, paths.root / data.relabel, data.classes
+    )
+    listing = dataclasses.replace(listing, candidates=corrected.candidates)
     candidates, classes, other_classes = choose_classes(listing, data.classes, data.source)
     candidates = limit_per_class(candidates, classes, data.limit_per_class, data.seed)
     tqdm.write(f"layout: {listing.layout} ({listing.description}); classes: {', '.join(classes)}")
@@ -45,7 +53,8 @@ def run(params: Params, paths: Paths) -> dict:
     out.mkdir(parents=True)
     try:
         summary = _prepare(source, listing, candidates, classes, data, paths)
-        summary["other_classes_ignored"] = other_classes
+        summary.update(other_classes_ignored=other_classes, excluded=corrected.excluded)
+        summary["relabelled"] = corrected.relabelled
         reports.write_json(paths.prepare_summary, summary)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # nothing half-written
@@ -53,6 +62,11 @@ def run(params: Params, paths: Paths) -> dict:
     reports.write_json(
         paths.prepare_metrics, {f"{name}_images": sum(counts.values()) for name, counts in summary["splits"].items()}
     )
+    if corrected.excluded or corrected.relabelled:
+        tqdm.write(
+            f"corrections: {corrected.excluded} image(s) left out (data.exclude), "
+            f"{corrected.relabelled} relabelled (data.relabel)"
+        )
     for reason, count in sorted(summary["rejected"].items()):
         tqdm.write(f"warning: skipped {count} file(s): {reason} (see {paths.rejected})")
     warn_if_imbalanced(summary["splits"], classes)

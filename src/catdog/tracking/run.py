@@ -15,7 +15,7 @@ from catdog.tracking.writes import Writes, metrics_payload
 # MLflow metric keys are "<section>/<name>": the run page groups its charts by section, beside
 # MLflow's own "system/...". What is no measurement (counts, versions, flags, the best epoch) is a
 # tag "catdog.<name>" instead (``Run.log_facts``): nothing to chart.
-METRIC_SECTIONS = ("train", "val", "test", "export", "schedule")
+METRIC_SECTIONS = ("train", "val", "test", "export", "schedule", "audit")
 EPOCH_METRIC_KEYS = {  # a row of train's history (history.csv columns) -> its MLflow key
     "train_loss": "train/loss",
     "train_accuracy": "train/accuracy",
