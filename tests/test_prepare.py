@@ -27,7 +27,7 @@ from catdog.data import decoding, integrity
 from catdog.data.dataset import load_split, split_digest
 from catdog.pipeline import prepare
 
-from conftest import build_params, encode, jpeg_bytes
+from conftest import SMALL_OVERRIDES, build_params, encode, jpeg_bytes
 from image_sets import LAYOUTS, build_image_set, layout_files
 
 
@@ -397,6 +397,7 @@ def test_stage_cli_runs_and_prints_the_summary(dataset, tmp_path, capsys):
     params_file = tmp_path / "params.yaml"
     raw = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())
     raw["data"].update({"source": str(dataset.zip), "cache_size": 32, "min_per_class": 4, "workers": 1})
+    raw["data"].update({key: SMALL_OVERRIDES[f"data.{key}"] for key in ("exclude", "relabel")})
     params_file.write_text(yaml.safe_dump(raw))
     main("prepare", prepare.run, ["--params", str(params_file), "--root", str(tmp_path / "project")])
     out = capsys.readouterr().out.strip().splitlines()[-1]
@@ -806,3 +807,78 @@ def test_a_killed_decode_worker_stops_prepare_in_one_line_naming_its_image(datas
         "remove that file, lower data.max_image_bytes or data.workers"
     ]
     assert not (tmp_path / "project" / "data" / "prepared").exists()
+
+
+# --- the user's corrections: data.exclude, data.relabel (catdog.data.corrections) -----------------
+
+
+def corrections(folder: Path, exclude: str = "path\n", relabel: str = "path,label\n") -> dict[str, str]:
+    """data.exclude / data.relabel overrides pointing at these CSV texts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "exclude.csv").write_text(exclude)
+    (folder / "relabel.csv").write_text(relabel)
+    return {"data.exclude": str(folder / "exclude.csv"), "data.relabel": str(folder / "relabel.csv")}
+
+
+def test_excluded_images_are_left_out_and_counted_and_relabelled_ones_carry_the_new_label(dataset, tmp_path):
+    fixes = corrections(
+        tmp_path / "fixes",
+        exclude="path\ntrain/cat.0.jpg\n\ntrain/dog.3.jpg\n",  # a blank line is no row
+        relabel="path,label\ntrain/cat.5.jpg,dog\n",
+    )
+    summary, paths = run_prepare(dataset.zip, tmp_path / "out", **fixes)
+    rows = {row["path"]: row["label"] for row in read_csv(paths.manifest)}
+    assert summary["excluded"] == 2 and summary["relabelled"] == 1 and summary["images"] == 22
+    assert "train/cat.0.jpg" not in rows and "train/dog.3.jpg" not in rows
+    assert rows["train/cat.5.jpg"] == "dog" and rows["train/cat.6.jpg"] == "cat"
+    assert sum(label == "dog" for label in rows.values()) == 12  # 12 dogs - 1 excluded + 1 relabelled
+
+
+def test_header_only_correction_files_change_nothing(dataset, tmp_path):
+    plain, _ = run_prepare(dataset.zip, tmp_path / "plain")
+    corrected, _ = run_prepare(dataset.zip, tmp_path / "corrected", **corrections(tmp_path / "fixes"))
+    assert corrected == plain and plain["excluded"] == 0 and plain["relabelled"] == 0
+
+
+@pytest.mark.parametrize(
+    "exclude, relabel, message",
+    [
+        ("path\ntrain/cat.99.jpg\n", None, r"data\.exclude .* line 2: train/cat\.99\.jpg is no labelled image"),
+        (None, "path,label\ntrain/cat.1.jpg,bird\n", r"line 2: 'bird' is no class of the data \(classes: cat, dog\)"),
+        ("file\ntrain/cat.1.jpg\n", None, r"data\.exclude .*: the first row must be the header path"),
+        (None, "path,label\ntrain/cat.1.jpg\n", r"data\.relabel .* line 2: expected path,label"),
+        (
+            None,
+            "path,label\ntrain/cat.1.jpg,dog\ntrain/cat.1.jpg,cat\n",
+            r"line 3: train/cat\.1\.jpg is relabelled twice",
+        ),
+        ("path\ntrain/cat.1.jpg\n", "path,label\ntrain/cat.1.jpg,dog\n", r"excluded by data\.exclude too"),
+    ],
+)
+def test_a_bad_correction_stops_prepare_in_one_line_before_any_work(dataset, tmp_path, exclude, relabel, message):
+    fixes = corrections(tmp_path / "fixes", **{k: v for k, v in (("exclude", exclude), ("relabel", relabel)) if v})
+    with pytest.raises(CatdogError, match=message) as info:
+        run_prepare(dataset.zip, tmp_path / "out", **fixes)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out" / "data").exists()
+
+
+def test_a_missing_correction_file_is_named(dataset, tmp_path):
+    fixes = {**corrections(tmp_path / "fixes"), "data.relabel": str(tmp_path / "nowhere.csv")}
+    with pytest.raises(CatdogError, match=r"data\.relabel .*nowhere\.csv not found"):
+        run_prepare(dataset.zip, tmp_path / "out", **fixes)
+
+
+def test_relabelling_to_a_class_of_data_classes_only(tmp_path):
+    """With data.classes fixed, a new label must be one of them, even if the source has others."""
+    classes, listed = ["bird", "cat", "dog"], {"data.classes": ["cat", "dog"]}
+    images = build_image_set(tmp_path / "set", "class_folders", classes, 6)
+    labels = layout_files("class_folders", classes, 6)[1]
+    cat, bird = (next(path for path, label in sorted(labels.items()) if label == name) for name in ("cat", "bird"))
+    with pytest.raises(CatdogError, match=r"'bird' is no class of the data \(classes: cat, dog\)"):
+        run_prepare(
+            images.source, tmp_path / "a", **listed, **corrections(tmp_path / "f1", relabel=f"path,label\n{cat},bird\n")
+        )
+    fixes = corrections(tmp_path / "f2", relabel=f"path,label\n{bird},cat\n")
+    summary, paths = run_prepare(images.source, tmp_path / "b", **listed, **fixes)
+    assert summary["relabelled"] == 1 and {r["path"]: r["label"] for r in read_csv(paths.manifest)}[bird] == "cat"

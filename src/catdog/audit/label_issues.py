@@ -56,7 +56,10 @@ def audit(
     present = np.unique(labels[kept])  # cleanlab wants the labels 0..K-1 of the audited classes
     given = np.searchsorted(present, labels[kept])
     probabilities = out_of_fold_probabilities(features[kept], given, folds, c, seed)
-    flagged = find_label_issues(given, probabilities, filter_by=filter_by, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: cleanlab's worker pool would fork the stage's signal handlers (and it is quick anyway)
+    flagged = find_label_issues(
+        given, probabilities, filter_by=filter_by, return_indices_ranked_by="self_confidence", n_jobs=1
+    )
     scores = get_label_quality_scores(given, probabilities, method="self_confidence")[flagged]
     rows = np.flatnonzero(kept)
     duplicate_sets, outliers = neighbourhood_issues(features[kept])
