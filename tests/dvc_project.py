@@ -32,7 +32,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv pytest runs from: python, dvc, mlflow, catdog live here
-STAGES = ("prepare", "train", "evaluate", "export")
+STAGES = ("prepare", "audit", "train", "evaluate", "export")
 EXPERIMENT = "catdog"
 PER_CLASS = 16
 COLOURS = {"cat": (200, 70, 40), "dog": (40, 90, 210)}  # class-separable mean colours

@@ -159,12 +159,25 @@ def test_stage_metrics_files(project: Project):
     assert details["n"] == sum(summary["splits"]["test"].values())
     assert details["accuracy"] == evaluate["accuracy"] and len(details) > len(evaluate), details
 
+    audit = project.json("reports/audit/metrics.json")  # every prepared image, audited before train
+    assert audit["audited_images"] == summary["images"] and audit["folds"] == 5, audit
+    assert set(audit) == {
+        "audited_images",
+        "flagged",
+        "near_duplicate_groups",
+        "near_duplicate_images",
+        "outliers",
+        "folds",
+    }
+    issues = list(csv.DictReader((project.root / "reports/audit/label_issues.csv").open()))
+    assert len(issues) == audit["flagged"] and all(row["given"] != row["suggested"] for row in issues), issues
+
     export = project.json("models/export/parity.json")
     tolerance = project.params()["export"]["tolerance"]
     assert export["onnx_max_abs_diff"] <= tolerance and export["pt2_max_abs_diff"] <= tolerance, export
     assert export["onnx_accuracy"] == export["pt2_accuracy"] == export["eager_accuracy"], export
 
-    for png in ("reports/train/curves.png", "reports/evaluate/confusion_matrix.png"):
+    for png in ("reports/audit/label_issues.png", "reports/train/curves.png", "reports/evaluate/confusion_matrix.png"):
         assert (project.root / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png} is not a PNG"
 
 
@@ -184,13 +197,14 @@ def test_dvc_metrics_show(project: Project):
         pytest.fail(f"`dvc metrics show --json` printed no JSON:\n{_describe(proc)}")
     files = shown[""]["data"]  # "" = the workspace
     assert sorted(files) == [
+        "reports/audit/metrics.json",
         "reports/evaluate/metrics.json",
         "reports/prepare/metrics.json",
         "reports/train/metrics.json",
     ], sorted(files)
     for name in files:
         assert "error" not in files[name], f"{name}: {files.get(name)}"
-    assert sum(len(f["data"]) for f in files.values()) == 11, "the headline figures only"
+    assert sum(len(f["data"]) for f in files.values()) == 17, "the headline figures only"
     evaluate = project.json("reports/evaluate/metrics.json")
     assert files["reports/evaluate/metrics.json"]["data"]["accuracy"] == evaluate["accuracy"]
 
@@ -216,6 +230,7 @@ def test_one_mlflow_run_in_the_project_store_with_params_metrics_and_lineage(pro
     assert "test/accuracy" in run.data.metrics
     assert run.data.metrics["test/accuracy"] == project.json("reports/evaluate/metrics.json")["accuracy"]
     assert "export/onnx_max_abs_diff" in run.data.metrics
+    assert run.data.metrics["audit/flagged"] == project.json("reports/audit/metrics.json")["flagged"]
 
     tags = run.data.tags
     assert tags.get("mlflow.source.git.commit") == project.git("rev-parse", "HEAD")
@@ -252,6 +267,8 @@ def test_mlflow_logged_model_and_artifacts(project: Project):
         "lineage/dvc.yaml",
         "plots/curves.png",
         "plots/confusion_matrix.png",
+        "audit/label_issues.csv",  # the audit ran before this run existed: evaluate logged its files
+        "audit/label_issues.png",
     }
     assert expected <= artifacts, f"missing: {sorted(expected - artifacts)}; have {sorted(artifacts)}"
     assert not {"export/model.onnx", "export/model.pt2"} & artifacts  # the model files live in logged models

@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.neighbors import NearestNeighbors
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import StandardScaler, normalize
 
 from catdog.core.errors import CatdogError
 
@@ -105,8 +105,9 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, folds: i
 def neighbourhood_issues(features: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
     """(sets of near-duplicate rows, outlier rows) from the cosine k-NN graph, by Datalab's rules."""
     k = min(NEIGHBOURS, len(features) - 1)
-    graph = NearestNeighbors(n_neighbors=k, metric="cosine").fit(features).kneighbors_graph(mode="distance")
-    distances = graph.data.reshape(len(features), k)  # each row's k neighbours, nearest first
+    # cosine distance = squared euclidean distance / 2 between unit vectors: the euclidean search is 2x faster
+    graph = NearestNeighbors(n_neighbors=k).fit(normalize(features)).kneighbors_graph(mode="distance")
+    distances = graph.data.reshape(len(features), k) ** 2 / 2  # each row's k neighbours, nearest first
     close = graph.copy()
     close.data = (distances < NEAR_DUPLICATE * np.median(distances[:, 0])).ravel()
     close.eliminate_zeros()
