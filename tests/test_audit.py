@@ -43,7 +43,8 @@ def flipped_class_folders(folder, seed: int = 0) -> set[str]:
 def test_the_audit_finds_flipped_labels_of_real_photos(tmp_path):
     """Issue 27's measure: >= 90% of the flipped images flagged, at >= 80% precision."""
     flipped = flipped_class_folders(tmp_path / "photos")
-    params = build_params({"data.source": str(tmp_path / "photos"), "data.cache_size": 160, "train.image_size": 160})
+    backbone = {"train.arch": "efficientnet_lite2", "train.image_size": 260, "data.cache_size": 260}  # the default
+    params = build_params({"data.source": str(tmp_path / "photos"), **backbone})
     paths = Paths.under(tmp_path / "project")
     prepare.run(params, paths)
     metrics = audit_stage.run(params, paths)
@@ -79,9 +80,11 @@ def test_a_class_smaller_than_the_folds_lowers_them_and_is_named():
 def test_a_class_of_one_image_is_left_out_and_named():
     features, labels = separable([30, 1, 30])
     findings = audit(features, labels, ["cat", "dog", "fox"], 5, 1.0, "prune_by_noise_rate", 0)
-    assert findings.folds == 5 and findings.notes == [
-        "class 'dog' has 1 image: too few for cross-validation, left out of the audit"
-    ]
+    assert (
+        findings.folds == 5
+        and findings.audited == 60
+        and findings.notes == ["class 'dog' has 1 image: too few for cross-validation, left out of the audit"]
+    )
     assert 30 not in findings.issues and 30 not in findings.outliers  # the dog's row
 
 

@@ -14,6 +14,7 @@ from conftest import REPO_ROOT
 COMPARISONS = {
     *("features", "extraction", "top_epoch", "predict", "predict_naive", "epoch", "prepare"),
     *("classes_prepare", "classes_extraction", "classes_predict"),
+    "audit",
 }
 
 
@@ -54,6 +55,8 @@ def test_benchmark_measures_every_comparison_and_writes_json(make_dataset, tmp_p
     for what in ("prepare", "extraction", "predict"):  # 10 classes vs 2, same images
         assert results[f"classes_{what}"]["target"] == 0.9
     assert results["classes_predict"]["count"] == 30
+    assert results["audit"]["count"] == 30 and results["audit"]["flipped"] == 1  # 4% of every prepared image
+    assert 0 <= results["audit"]["recall"] <= 1 and 0 <= results["audit"]["precision"] <= 1
     assert results["predict"]["peak_rss_mb"] > 0 and report["peak_rss_mb"] > 0
     assert report["machine"]["usable_cores"] >= 1 and report["date"]
     assert "ratio" in run.stdout and "peak RSS" in run.stdout  # the printed table

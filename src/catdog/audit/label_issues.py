@@ -38,6 +38,7 @@ class Findings:
     suggested: np.ndarray  # the class index the head prefers for each flagged row
     near_duplicate_sets: list[np.ndarray]  # row numbers of each group of near-identical images
     outliers: np.ndarray  # row numbers of atypical images
+    audited: int  # rows audited (all but those of classes left out)
     folds: int
     notes: list[str]
 
@@ -69,6 +70,7 @@ def audit(
         suggested=present[probabilities[flagged].argmax(axis=1)],
         near_duplicate_sets=[rows[group] for group in duplicate_sets],
         outliers=rows[outliers],
+        audited=len(rows),
         folds=folds,
         notes=notes,
     )

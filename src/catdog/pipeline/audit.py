@@ -49,13 +49,13 @@ def run(params: Params, paths: Paths) -> dict:
         tqdm.write(f"audit: {note}")
     classes = everything.classes
     rows = [
-        (everything.paths[i], split_names[i], classes[everything.labels[i]], classes[suggested], score)
+        (everything.paths[i], split_names[i], classes[everything.labels[i]], classes[suggested], round(float(score), 4))
         for i, suggested, score in zip(findings.issues, findings.suggested, findings.scores)
     ]
-    reports.write_csv(paths.label_issues, CSV_COLUMNS, ([*row[:4], round(float(row[4]), 4)] for row in rows))
+    reports.write_csv(paths.label_issues, CSV_COLUMNS, rows)
     _gallery(paths, rows[: a.gallery_size], everything.rows[findings.issues[: a.gallery_size]])
     metrics = {
-        "audited_images": len(everything.rows),
+        "audited_images": findings.audited,
         "flagged": len(rows),
         "near_duplicate_groups": len(findings.near_duplicate_sets),
         "near_duplicate_images": sum(len(group) for group in findings.near_duplicate_sets),
