@@ -140,7 +140,6 @@ def extract_images(source: Path, count: int, folder: Path) -> Path:
 def timed_prepare(source: Path, root: Path, size: int, workers: int = 0) -> float:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"].update(source=str(source), workers=workers, cache_size=size, min_per_class=3)
-    raw["data"].update({key: str(ROOT / raw["data"][key]) for key in ("exclude", "relabel")})  # the repo's
     started = time.perf_counter()
     prepare_run(parse_params(raw), Paths.under(root))
     return time.perf_counter() - started

@@ -258,5 +258,5 @@ def test_flat_of_several_and_all_sections():
     assert {"evaluate.batch_size", "export.opset", "export.tolerance"} <= set(both)
     assert not any(key.startswith(("train.", "data.")) for key in both)
     every = params.flat()
-    assert {key.split(".")[0] for key in every} == {"data", "train", "evaluate", "export", "tracking"}
+    assert {key.split(".")[0] for key in every} == {"data", "audit", "train", "evaluate", "export", "tracking"}
     assert every["data.seed"] == 42 and every["tracking.experiment_name"] == "catdog"

@@ -4,7 +4,8 @@
 prepare's summary). ``data.relabel`` is a CSV with the header ``path,label``: those images get that
 label instead of the source's. Paths are the manifest's ``path`` (what reports/audit/label_issues.csv
 shows), so rows can be copied across. catdog never changes a label by itself. Both files are DVC deps
-of prepare, so the committed defaults hold only their header. Every row is checked first: a path that
+of prepare, so the committed defaults hold only their header (a missing file, possible outside DVC
+only, corrects nothing and is said in one line). Every row is checked first: a path that
 is no labelled image of the source, a label that is no class, a path in both files or relabelled twice,
 or a file that is not such a CSV stops prepare in one line naming the file and line.
 """
@@ -14,6 +15,8 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from tqdm import tqdm
 
 from catdog.core.errors import CatdogError
 from catdog.data.layouts import Candidate
@@ -54,10 +57,11 @@ def apply_corrections(
 def _rows(path: Path, key: str, header: list[str], known: set[str]) -> list[tuple[int, list[str]]]:
     """(line number, cells) of each non-empty row after the header; each names a labelled image."""
     what = f"{key} {path}"
+    if not path.is_file():  # under DVC a missing dep stops `dvc repro` first; run from Python, none
+        tqdm.write(f"prepare: {what} not found: no correction from it")
+        return []
     try:
         rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
-    except FileNotFoundError:
-        raise CatdogError(f"{what} not found: a CSV with the header {','.join(header)} (header only: none)") from None
     except (UnicodeDecodeError, csv.Error) as exc:
         raise CatdogError(f"{what} cannot be read as a UTF-8 CSV: {exc}") from None
     if not rows or [cell.strip() for cell in rows[0]] != header:
