@@ -61,6 +61,12 @@ def test_the_audit_finds_flipped_labels_of_real_photos(tmp_path):
     for row in rows:  # given as in the manifest, suggested the other class
         assert row["given"] == row["path"].split("/")[0] and row["suggested"] != row["given"]
     assert paths.label_issues_plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    others = list(csv.DictReader(paths.other_issues.open()))
+    assert sum(row["issue"] == "near_duplicate" for row in others) == metrics["near_duplicate_images"]
+    assert sum(row["issue"] == "outlier" for row in others) == metrics["outliers"]
+    assert {row["group"] for row in others if row["issue"] == "near_duplicate"} == {
+        str(n) for n in range(1, metrics["near_duplicate_groups"] + 1)
+    }
 
 
 def separable(counts: list[int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -110,4 +116,5 @@ def test_disabled_the_audit_writes_its_files_empty(tmp_path, dataset):
     prepare.run(params, paths)
     assert audit_stage.run(params, paths) == {"audited_images": 0}
     assert paths.label_issues.read_text() == "path,split,given,suggested,score\n"
+    assert paths.other_issues.read_text() == "issue,group,path,split,label\n"
     assert paths.label_issues_plot.is_file()

@@ -209,6 +209,19 @@ def test_dvc_metrics_show(project: Project):
     assert files["reports/evaluate/metrics.json"]["data"]["accuracy"] == evaluate["accuracy"]
 
 
+def test_the_correction_files_are_deps_of_prepare(project: Project):
+    """An edited data/exclude.csv (params.yaml's data.exclude) makes prepare, and all after it, stale."""
+    exclude = project.root / "data" / "exclude.csv"
+    committed = exclude.read_text()
+    try:
+        exclude.write_text(committed + "train/cat.3.jpg\n")
+        status = json.loads(project.dvc("status", "--json").stdout)
+    finally:
+        exclude.write_text(committed)
+    assert {"changed deps": {"data/exclude.csv": "modified"}} in status["prepare"], status
+    assert json.loads(project.dvc("status", "--json").stdout) == {}
+
+
 def test_one_mlflow_run_in_the_project_store_with_params_metrics_and_lineage(project: Project):
     assert (project.root / "mlflow.db").is_file(), "the default store is <project>/mlflow.db"
     runs = project.runs()
@@ -269,6 +282,7 @@ def test_mlflow_logged_model_and_artifacts(project: Project):
         "plots/confusion_matrix.png",
         "audit/label_issues.csv",  # the audit ran before this run existed: evaluate logged its files
         "audit/label_issues.png",
+        "audit/other_issues.csv",
     }
     assert expected <= artifacts, f"missing: {sorted(expected - artifacts)}; have {sorted(artifacts)}"
     assert not {"export/model.onnx", "export/model.pt2"} & artifacts  # the model files live in logged models

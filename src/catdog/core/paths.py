@@ -73,6 +73,9 @@ class Paths:
         _AUDIT, "label_issues.csv", doc="One row per flagged image, most likely wrong first: path, split, given, ..."
     )
     label_issues_plot = _at(_AUDIT, "label_issues.png", doc="The most likely mislabelled images, given vs suggested.")
+    other_issues = _at(
+        _AUDIT, "other_issues.csv", doc="Near-duplicate sets and outliers: issue, group, path, split, label."
+    )
 
     # train
     checkpoint = _at("models/checkpoint.pt")

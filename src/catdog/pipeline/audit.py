@@ -8,8 +8,9 @@ cleanlab). catdog changes no label: the user reads the report and decides (``dat
 
 Writes ``reports/audit/``: label_issues.csv (one row per flagged image, most likely wrong first: path
 as in the manifest, split, given and suggested label, score = the out-of-fold probability of the given
-label), label_issues.png (the first ``audit.gallery_size`` of them) and metrics.json (headline counts:
-DVC metrics). The audit runs before train opens the pipeline's MLflow run, so evaluate, the first stage
+label), label_issues.png (the first ``audit.gallery_size`` of them), other_issues.csv (each near-duplicate
+set, numbered, and each outlier: issue, group, path, split, label) and metrics.json (headline counts: DVC
+metrics). The audit runs before train opens the pipeline's MLflow run, so evaluate, the first stage
 to log into that run, logs these files there (``catdog.pipeline.evaluate``).
 """
 
@@ -31,6 +32,7 @@ from catdog.models.factory import create_model
 from catdog.models.frozen import cached_activations, split_for_training
 
 CSV_COLUMNS = ("path", "split", "given", "suggested", "score")
+OTHER_COLUMNS = ("issue", "group", "path", "split", "label")
 FEATURE_BATCH = 64
 
 
@@ -40,6 +42,7 @@ def run(params: Params, paths: Paths) -> dict:
     everything, split_names = all_rows(paths)
     if not a.enabled:
         reports.write_csv(paths.label_issues, CSV_COLUMNS, [])
+        reports.write_csv(paths.other_issues, OTHER_COLUMNS, [])
         plots.gallery([], [], paths.label_issues_plot, "", empty="The audit is off (audit.enabled: false)")
         reports.write_json(paths.audit_metrics, {"audited_images": 0})
         return {"audited_images": 0}
@@ -54,6 +57,7 @@ def run(params: Params, paths: Paths) -> dict:
     ]
     reports.write_csv(paths.label_issues, CSV_COLUMNS, rows)
     _gallery(paths, rows[: a.gallery_size], everything.rows[findings.issues[: a.gallery_size]])
+    _write_other_issues(paths, findings, everything, split_names)
     metrics = {
         "audited_images": findings.audited,
         "flagged": len(rows),
@@ -64,6 +68,17 @@ def run(params: Params, paths: Paths) -> dict:
     }
     reports.write_json(paths.audit_metrics, metrics)
     return metrics
+
+
+def _write_other_issues(paths: Paths, findings, everything: Split, split_names: list[str]) -> None:
+    """Each near-duplicate set (numbered from 1) and each outlier, one row per image."""
+    issues = [("near_duplicate", n, i) for n, group in enumerate(findings.near_duplicate_sets, start=1) for i in group]
+    issues += [("outlier", "", i) for i in findings.outliers]
+    rows = (
+        [kind, n, everything.paths[i], split_names[i], everything.classes[everything.labels[i]]]
+        for kind, n, i in issues
+    )
+    reports.write_csv(paths.other_issues, OTHER_COLUMNS, rows)
 
 
 def _frozen_features(paths: Paths, params: Params) -> np.ndarray:

@@ -96,7 +96,7 @@ def log_audit(mlflow_run: tracking.Run, paths: Paths) -> None:
     if not paths.audit_metrics.is_file():
         return
     mlflow_run.log_metrics("audit", json.loads(paths.audit_metrics.read_text()))
-    for report in (paths.label_issues, paths.label_issues_plot):
+    for report in (paths.label_issues, paths.label_issues_plot, paths.other_issues):
         mlflow_run.log_artifact(report, "audit")
 
 
