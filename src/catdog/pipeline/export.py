@@ -46,6 +46,7 @@ def run(params: Params, paths: Paths) -> dict:
     model, config = load_checkpoint(paths.checkpoint)
     integrity.check_classes(config["classes"], paths, str(paths.checkpoint.relative_to(paths.root)))
     paths.exported.mkdir(parents=True, exist_ok=True)
+    variants.clear(paths)
     size = config["image_size"]
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # saved in model.pt2
     if p.opset == CACHE_OPSET:  # the cached backbone graph and the head: seconds instead of a full export

@@ -29,7 +29,7 @@ from catdog.models.variants import Runtime, VariantUnavailable, cpu_name, open_r
 
 BATCH_SIZE = 32  # test images per timed batch, each run by every precision in turn
 CALIBRATION_BATCH = 16
-VARIANT_FILES = {"int8": INT8_FILE, "bf16": ONNX_FILE}  # bf16: OpenVINO compiles the fp32 file
+VARIANT_FILES = {"fp32": ONNX_FILE, "int8": INT8_FILE, "bf16": ONNX_FILE}  # bf16: OpenVINO compiles the fp32 file
 
 
 @dataclass
@@ -42,7 +42,6 @@ class VariantReport:
 def build(params: Params, paths: Paths, test: Split, image_size: int) -> VariantReport:
     """The variants of ``export.precision``, checked on ``test``; variants.json and variant_speed.json."""
     p = params.export
-    paths.int8_model.unlink(missing_ok=True)  # a variant not built now must not ship from an earlier run
     report = VariantReport()
     runtimes = {"fp32": open_runtime("fp32", paths.onnx_model)}
     for precision in p.precision:
@@ -70,6 +69,12 @@ def build(params: Params, paths: Paths, test: Split, image_size: int) -> Variant
     write_manifest(paths, report.shipped)
     _write_speed(paths, report.images_per_s, len(reference))
     return report
+
+
+def clear(paths: Paths) -> None:
+    """No variant of an earlier export: its variants.json would name another model.onnx's md5."""
+    paths.variants.unlink(missing_ok=True)
+    paths.int8_model.unlink(missing_ok=True)
 
 
 def calibration_batches(paths: Paths, image_size: int, p) -> list[np.ndarray]:
@@ -121,8 +126,8 @@ def _skip(report: VariantReport, precision: str, why: str) -> None:
 
 
 def write_manifest(paths: Paths, shipped: list[str]) -> None:
-    """variants.json: each shipped variant's file (beside model.onnx) and md5, which serving checks."""
-    files = {precision: VARIANT_FILES[precision] for precision in shipped}
+    """variants.json: the file (beside model.onnx) and md5 of fp32 and each shipped variant, which serving checks."""
+    files = {precision: VARIANT_FILES[precision] for precision in ["fp32", *shipped]}
     variants = {name: {"file": file, "md5": integrity.file_md5(paths.exported / file)} for name, file in files.items()}
     reports.write_json(paths.variants, {"variants": variants})
 

@@ -28,7 +28,8 @@ def beside(model_file: Path, name: str) -> Path | None:
 
 
 def shipped_variants(model_file: Path) -> dict[str, dict]:
-    """``{precision: {"file": ..., "md5": ...}}`` from variants.json (none for exports made before it)."""
+    """``{precision: {"file": ..., "md5": ...}}`` from variants.json, fp32's model.onnx included (empty
+    for exports made before it)."""
     manifest = beside(model_file, VARIANTS_FILE)
     return json.loads(manifest.read_text())["variants"] if manifest else {}
 
@@ -38,11 +39,13 @@ def choose_runtime(model_file: Path, precision: str) -> Runtime:
     if precision not in CHOICES:
         raise CatdogError(f"precision {precision!r} is none of {', '.join(CHOICES)}")
     shipped = shipped_variants(model_file)
+    if "fp32" in shipped:  # the model itself, as export wrote it, or no model at all
+        verified(model_file.parent, shipped["fp32"], f"cannot load {model_file} as an ONNX model")
     if precision not in ("auto", "fp32", *shipped):
-        have = ", ".join(["fp32", *shipped])
+        have = ", ".join(dict.fromkeys(["fp32", *shipped]))
         raise CatdogError(f"{model_file} has no {precision} variant (it has {have}): use one of those, or auto")
     order = auto_order() if precision == "auto" else [precision, *auto_order()]
-    faster = [p for p in dict.fromkeys(order[: order.index("fp32")]) if p in shipped]  # what beats fp32 here
+    faster = [p for p in dict.fromkeys(order[: order.index("fp32")]) if p in shipped]  # those before fp32 here
     for candidate, following in zip(faster, [*faster[1:], "fp32"]):
         try:
             return open_runtime(candidate, verified(model_file.parent, shipped[candidate]))
@@ -51,11 +54,15 @@ def choose_runtime(model_file: Path, precision: str) -> Runtime:
     return open_runtime("fp32", model_file)  # unloadable: a one-line CatdogError, as ever
 
 
-def verified(folder: Path, entry: dict) -> Path:
-    """The variant's file, as export wrote it (md5 of variants.json); VariantUnavailable else."""
+def verified(folder: Path, entry: dict, context: str | None = None) -> Path:
+    """The file of ``entry`` in ``folder``, as export wrote it (its md5 in variants.json); else
+    VariantUnavailable, its message after ``context`` if given."""
     path = folder / entry["file"]
+    problem = None
     if not path.is_file():
-        raise VariantUnavailable(f"{path} is missing")
-    if file_md5(path) != entry["md5"]:
-        raise VariantUnavailable(f"{path} differs from what export wrote (md5 in {VARIANTS_FILE}): corrupted")
+        problem = f"{path} is missing"
+    elif file_md5(path) != entry["md5"]:
+        problem = f"{path} differs from what export wrote (md5 in {VARIANTS_FILE}): corrupted"
+    if problem:
+        raise VariantUnavailable(f"{context}: {problem}" if context else problem)
     return path
