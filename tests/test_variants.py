@@ -81,7 +81,7 @@ def test_export_ships_checked_variants_with_their_figures(pipeline):
 
 def test_int8_quantisation_is_deterministic(pipeline, tmp_path):
     again = tmp_path / "again.int8.onnx"
-    batches = variants.calibration_batches(pipeline.paths, 64, pipeline.params.export)
+    batches = variants.calibration_batches(pipeline.paths, 64, pipeline.params.export.calibration_images)
     quantize_int8(pipeline.paths.onnx_model, again, batches)
     assert again.read_bytes() == pipeline.paths.int8_model.read_bytes()
 

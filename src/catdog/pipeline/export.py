@@ -109,7 +109,8 @@ def register(
             example_jpeg(paths, test),
             Path(scratch),
         )
-        registration = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name, score, p.promote_champion)
+        with pyfunc.silent_loads():
+            registration = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name, score, p.promote_champion)
     if registration is None:
         return {}
     if registration.incomparable_champion:

@@ -47,7 +47,8 @@ def build(params: Params, paths: Paths, test: Split, image_size: int) -> Variant
     for precision in p.precision:
         try:
             if precision == "int8":
-                quantize_int8(paths.onnx_model, paths.int8_model, calibration_batches(paths, image_size, p))
+                calibration = calibration_batches(paths, image_size, p.calibration_images)
+                quantize_int8(paths.onnx_model, paths.int8_model, calibration)
             runtimes[precision] = open_runtime(precision, paths.exported / VARIANT_FILES[precision])
         except VariantUnavailable as exc:
             _skip(report, precision, f"not built: {exc}")
@@ -77,11 +78,11 @@ def clear(paths: Paths) -> None:
     paths.int8_model.unlink(missing_ok=True)
 
 
-def calibration_batches(paths: Paths, image_size: int, p) -> list[np.ndarray]:
-    """``export.calibration_images`` train images, spread evenly over the train split (every class)."""
+def calibration_batches(paths: Paths, image_size: int, count: int) -> list[np.ndarray]:
+    """``count`` train images (``export.calibration_images``), spread evenly over the train split."""
     train = load_split(paths, "train")
     images = CachedImages(paths, train, eval_preset(image_size))
-    picks = np.unique(np.linspace(0, len(images) - 1, min(p.calibration_images, len(images))).astype(int))
+    picks = np.unique(np.linspace(0, len(images) - 1, min(count, len(images))).astype(int))
     return [
         torch.stack([images[int(i)][0] for i in picks[start : start + CALIBRATION_BATCH]]).numpy()
         for start in range(0, len(picks), CALIBRATION_BATCH)

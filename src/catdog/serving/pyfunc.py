@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
+import logging
 import modulefinder
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow.models
@@ -36,6 +39,7 @@ from catdog.serving.predict import ExportedModel
 
 IMAGE_COLUMN = "image"
 BATCH_SIZE = 64
+LOAD_LOG = logging.getLogger("catdog.registered_model")  # which precision a load chose
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
@@ -46,11 +50,31 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         asked = os.environ.get(precision.ENV) or "auto"
         self.model = ExportedModel.load(context.artifacts["onnx_model"], asked)
-        print(f"catdog: the registered model runs {self.model.precision} ({precision.ENV}={asked})", file=sys.stderr)
+        _announce(f"catdog: the registered model runs {self.model.precision} ({precision.ENV}={asked})")
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         column = model_input[IMAGE_COLUMN] if IMAGE_COLUMN in model_input else model_input.iloc[:, 0]
         return classify(self.model, column.tolist())
+
+
+def _announce(line: str) -> None:
+    """One line on stderr (a scoring server's log), through a logger: export silences it (``silent_loads``)."""
+    if not LOAD_LOG.handlers:
+        LOAD_LOG.addHandler(logging.StreamHandler(sys.stderr))
+        LOAD_LOG.setLevel(logging.INFO)
+        LOAD_LOG.propagate = False
+    LOAD_LOG.info(line)
+
+
+@contextlib.contextmanager
+def silent_loads() -> Iterator[None]:
+    """MLflow loads the model once while logging it (to check the input example): no load to announce.
+    By the logger's name: that load runs a fresh copy of this file, not this module."""
+    LOAD_LOG.disabled = True
+    try:
+        yield
+    finally:
+        LOAD_LOG.disabled = False
 
 
 def classify(model: ExportedModel, images: list[bytes | str]) -> pd.DataFrame:
