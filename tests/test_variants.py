@@ -55,6 +55,19 @@ def copy(pipeline, tmp_path):
     return folder
 
 
+@pytest.mark.parametrize(
+    "flags, order",
+    [
+        ({"amx_bf16", "avx512_bf16", "avx512_vnni"}, ["bf16", "int8", "fp32"]),  # Intel Xeon, Sapphire Rapids on
+        ({"avx512_bf16", "avx512_vnni"}, ["int8", "bf16", "fp32"]),  # AMD EPYC Zen 4: VNNI, bf16 without AMX
+        ({"avx_vnni", "avx2"}, ["int8", "fp32"]),
+        ({"avx2", "fma"}, ["fp32"]),  # int8 without VNNI: little gain, saturation risk
+    ],
+)
+def test_auto_tries_the_fastest_precision_of_the_cpu_first(flags, order):
+    assert auto_order(frozenset(flags)) == order
+
+
 def test_export_ships_checked_variants_with_their_figures(pipeline):
     paths = pipeline.paths
     shipped = shipped_variants(paths.onnx_model)

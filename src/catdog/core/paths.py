@@ -17,6 +17,7 @@ LABELS_FILE = "labels.json"
 PREPROCESS_FILE = "preprocess.json"
 CARD_FILE = "MODEL_CARD.md"
 INT8_FILE = "model.int8.onnx"  # the int8 variant (catdog.models.variants)
+CLASSES_METADATA = "classes"  # model.onnx metadata_props: the class names in output order, as JSON
 VARIANTS_FILE = "variants.json"  # the variants that passed export's check against fp32, with each file's md5
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import platform
 import tempfile
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 
 from catdog.core import atomic
 from catdog.core.errors import CatdogError
+from catdog.core.paths import CLASSES_METADATA
 from catdog.models.onnx_runtime import create_session, usable_cores
 
 PRECISIONS = ("fp32", "int8", "bf16")
@@ -164,14 +166,19 @@ def _openvino_bf16(model_file: Path) -> Runtime:
         compiled = core.compile_model(model, "CPU", {**config, "INFERENCE_NUM_THREADS": usable_cores()})
     except Exception as exc:  # OpenVINO raises RuntimeError with a multi-line report
         raise VariantUnavailable(f"OpenVINO cannot compile {model_file}: {str(exc).strip().splitlines()[0]}") from None
-    request = compiled.create_infer_request()
+    request, lock = compiled.create_infer_request(), threading.Lock()  # a request serves one call at a time
+
+    def logits(batch: np.ndarray) -> np.ndarray:
+        with lock:
+            return request.infer({0: batch})[0].copy()  # copy: the request reuses its output buffer
+
     metadata = {}
-    if model.has_rt_info(["framework", "classes"]):  # OpenVINO keeps ONNX metadata_props under "framework"
-        metadata["classes"] = model.get_rt_info(["framework", "classes"]).astype(str)
+    if model.has_rt_info(["framework", CLASSES_METADATA]):  # OpenVINO keeps ONNX metadata_props there
+        metadata[CLASSES_METADATA] = model.get_rt_info(["framework", CLASSES_METADATA]).astype(str)
     width = model.outputs[0].get_partial_shape()[-1]
     return Runtime(
         "bf16",
-        lambda batch: request.infer({0: batch})[0].copy(),  # copy: the request reuses its output buffer
+        logits,
         metadata,
         width.get_length() if width.is_static else None,
     )

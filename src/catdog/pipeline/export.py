@@ -26,7 +26,7 @@ from catdog import tracking
 from catdog.core import atomic, reports
 from catdog.core.errors import CatdogError
 from catdog.core.params import Params
-from catdog.core.paths import Paths
+from catdog.core.paths import CLASSES_METADATA, Paths
 from catdog.data import integrity
 from catdog.data.dataset import CachedImages, Split, load_split, split_digest
 from catdog.data.transforms import eval_preset
@@ -36,7 +36,7 @@ from catdog.models.onnx_runtime import CACHE_OPSET, export_onnx
 from catdog.pipeline import variants
 from catdog.pipeline.model_card import model_card
 from catdog.serving import pyfunc
-from catdog.serving.predict import CLASSES_METADATA, ExportedModel
+from catdog.serving.predict import ExportedModel
 
 
 def run(params: Params, paths: Paths) -> dict:

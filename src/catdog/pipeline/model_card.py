@@ -7,9 +7,8 @@ import json
 
 from catdog import tracking
 from catdog.core.params import Params
-from catdog.core.paths import LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, PT2_FILE, Paths
+from catdog.core.paths import CLASSES_METADATA, LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, PT2_FILE, Paths
 from catdog.data import integrity
-from catdog.serving.predict import CLASSES_METADATA
 
 
 def model_card(params: Params, config: dict, test: dict, parity: dict, paths: Paths) -> str:

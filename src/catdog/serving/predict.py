@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from catdog.core.errors import CatdogError
-from catdog.core.paths import LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, Paths, find_root
+from catdog.core.paths import CLASSES_METADATA, LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, Paths, find_root
 from catdog.data.images import BadImage, check_size, decode_image, read_file, resize
 from catdog.models.onnx_runtime import usable_cores
 from catdog.models.variants import Runtime
@@ -22,7 +22,6 @@ from catdog.serving.precision import beside, choose_runtime
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_MODEL = Paths(Path(".")).onnx_model  # relative to the project root
-CLASSES_METADATA = "classes"  # model.onnx metadata_props: the class names in output order, as JSON
 
 
 @dataclass(frozen=True)
