@@ -58,18 +58,19 @@ def main() -> None:
 def heldout_figures(folder: str, model: str, precision: str, classes: list[str]) -> dict:
     """`catdog predict --precision PRECISION` on ``folder``: accuracy, log loss (two classes), speed."""
     started = time.perf_counter()
-    output = subprocess.run(
+    proc = subprocess.run(
         ["catdog", "predict", folder, "--model", model, "--precision", precision],
         capture_output=True,
         text=True,
         check=True,
-    ).stdout
+    )
     seconds = time.perf_counter() - started
-    results = [json.loads(line) for line in output.splitlines()]
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
     predicted = [r for r in results if "label" in r]
     truth = [kaggle_label(r["path"]) for r in predicted]
     correct = sum(r["label"] == label for r, label in zip(predicted, truth))
-    figures = {"images": len(results), "accuracy": round(correct / len(results), 4)}
+    # what ran: predict's last stderr line ends with it (a variant this CPU cannot run falls back)
+    figures = {"ran": proc.stderr.split()[-1], "images": len(results), "accuracy": round(correct / len(results), 4)}
     if len(classes) == 2:  # P(second class) follows from the confidence of the predicted one
         second = classes[1]
         p_second = [r["confidence"] if r["label"] == second else 1 - r["confidence"] for r in predicted]
