@@ -43,7 +43,7 @@ def build(params: Params, paths: Paths, test: Split, image_size: int) -> Variant
     """The variants of ``export.precision``, checked on ``test``; variants.json and variant_speed.json."""
     p = params.export
     report = VariantReport()
-    runtimes = {"fp32": open_runtime("fp32", paths.onnx_model)}
+    runtimes = {}
     for precision in p.precision:
         try:
             if precision == "int8":
@@ -52,6 +52,11 @@ def build(params: Params, paths: Paths, test: Split, image_size: int) -> Variant
             runtimes[precision] = open_runtime(precision, paths.exported / VARIANT_FILES[precision])
         except VariantUnavailable as exc:
             _skip(report, precision, f"not built: {exc}")
+    if not runtimes:  # fp32 alone: nothing to check or time
+        paths.int8_model.unlink(missing_ok=True)
+        write_manifest(paths, [])
+        return report
+    runtimes = {"fp32": open_runtime("fp32", paths.onnx_model), **runtimes}
     logits, report.images_per_s = run_on_split(runtimes, CachedImages(paths, test, eval_preset(image_size)))
     reference = logits.pop("fp32").argmax(1)
     fp32_accuracy = float((reference == test.labels).mean())
