@@ -13,6 +13,10 @@ project throughput / baseline throughput; ``target`` where the project promises 
   predict         `catdog predict` on the folder (a subprocess: start-up, decode, inference) vs the
                   exported model on ONNX Runtime alone on pre-decoded tensors (target 0.8)
   predict_naive   `catdog predict` vs PyTorch eager, one image at a time, sequential decode
+  variant_<p>     each reduced-precision variant (int8; bf16 where the CPU has bf16 units) vs fp32 on
+                  ONNX Runtime, on the same pre-decoded batches, in turn (catdog.pipeline.variants)
+  predict_auto    `catdog predict` end to end with `--precision auto` vs `--precision fp32`, same
+                  files (target 1.6 on a CPU with VNNI); its peak RSS too
   epoch           one pass over prepare's uint8 cache vs decoding every JPEG again
   prepare         prepare's parallel decode (all cores) vs one process
   audit           the label audit's own work (k-fold logistic head, cleanlab, k-NN graph) on the frozen
@@ -29,6 +33,7 @@ and writes every figure as JSON to ``--out`` (with the machine and the date).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -59,6 +64,8 @@ from catdog.models.engine import train_one_epoch
 from catdog.models.factory import create_model
 from catdog.models.frozen import cached_activations, split_for_training
 from catdog.models.onnx_runtime import export_onnx, usable_cores
+from catdog.models.variants import VariantUnavailable, auto_order, open_runtime, quantize_int8
+from catdog.pipeline import variants
 from catdog.pipeline.audit import all_rows
 from catdog.pipeline.prepare import run as prepare_run
 from catdog.serving.predict import ExportedModel
@@ -97,12 +104,13 @@ def main(argv: list[str] | None = None) -> dict:
         prepared, prepare_result = bench_prepare(folder, tmp, args.image_size)
         model = create_model(args.arch, pretrained=args.arch != "simple_cnn", image_size=args.image_size).eval()
         classes = load_split(prepared, "train").classes
-        export_dir = export_model(model, classes, args.image_size, tmp / "export")
+        export_dir = export_model(model, classes, args.image_size, prepared.exported)
         results = [
             bench_features(model, args, prepared),
             bench_extraction(model, args, prepared),
             bench_top_epoch(model, args, prepared),
             *bench_predict(export_dir, folder, files, model, args.image_size, args.model_images),
+            *bench_variants(prepared, args, folder, files),
             bench_epoch(prepared, files),
             prepare_result,
             bench_audit(model, args, prepared),
@@ -274,11 +282,12 @@ def bench_top_epoch(model, args, prepared: Paths) -> dict:
     return {**result, "prefix_once_s": round(prefix_s, 3)}
 
 
-def timed_predict(model_file: Path, folder: Path, expected: int) -> tuple[float, float]:
+def timed_predict(model_file: Path, folder: Path, expected: int, precision: str = "fp32") -> tuple[float, float]:
     """Seconds of a `catdog predict` subprocess on ``folder`` (start-up and model load included), peak RSS MB."""
+    command = [str(Path(sys.executable).parent / "catdog"), "predict", str(folder), "--model", str(model_file)]
     started = time.perf_counter()
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "catdog"), "predict", str(folder), "--model", str(model_file)],
+        [*command, "--precision", precision],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -322,6 +331,32 @@ def bench_predict(
         "predict_naive", "catdog predict", project_s, "PyTorch eager, one image at a time", naive_s, len(files)
     )
     return [{**limit, "peak_rss_mb": predict_rss}, naive]
+
+
+def bench_variants(prepared: Paths, args, folder: Path, files: list[Path]) -> list[dict]:
+    """int8 and (where this CPU has bf16 units) bf16 built as export builds them, each timed against fp32
+    on the same batches; then `catdog predict` with auto vs fp32. Speed only: the random head's agreement
+    with fp32 says nothing, so every variant built is listed in variants.json (held-out accuracy per
+    variant, on a trained model: scripts/heldout_accuracy.py)."""
+    images = split_images(prepared, args)
+    calibration = variants.calibration_batches(prepared, args.image_size, 128)
+    quantize_int8(prepared.onnx_model, prepared.int8_model, calibration)
+    runtimes = {"fp32": open_runtime("fp32", prepared.onnx_model), "int8": open_runtime("int8", prepared.int8_model)}
+    with contextlib.suppress(VariantUnavailable):  # no bf16 units, or OpenVINO does not compile here
+        runtimes["bf16"] = open_runtime("bf16", prepared.onnx_model)
+    _, per_second = variants.run_on_split(runtimes, images)
+    variants.write_manifest(prepared, [name for name in runtimes if name != "fp32"])
+    count, fp32_s = len(images), len(images) / per_second["fp32"]
+    results = [
+        comparison(f"variant_{name}", f"{name} model", count / rate, "fp32 ONNX Runtime", fp32_s, count)
+        for name, rate in per_second.items()
+        if name != "fp32"
+    ]
+    auto_s, auto_rss = timed_predict(prepared.onnx_model, folder, len(files), "auto")
+    fp32_s, _ = timed_predict(prepared.onnx_model, folder, len(files), "fp32")
+    auto = comparison("predict_auto", "catdog predict (auto)", auto_s, "--precision fp32", fp32_s, len(files), 1.6)
+    runs = next(name for name in auto_order() if name in runtimes)
+    return [*results, {**auto, "project": f"catdog predict (auto: {runs})", "peak_rss_mb": auto_rss}]
 
 
 def bench_classes(files: list[Path], args, tmp: Path) -> list[dict]:

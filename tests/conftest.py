@@ -57,6 +57,7 @@ SMALL_OVERRIDES = {
     "train.batch_size": 8,
     "train.workers": 0,
     "evaluate.batch_size": 16,
+    "export.precision": [],  # quantising and compiling variants costs seconds: only where a test checks them
 }
 
 _COLOURS = {"cat": (200, 70, 50), "dog": (50, 80, 200)}  # reddish cats, bluish dogs
@@ -322,6 +323,7 @@ PIPELINE_OVERRIDES = {
     "train.lr": 0.02,
     "tracking.experiment_name": "catdog-test",
     "tracking.log_pytorch_model": True,  # the opt-in path; tests/test_pipeline.py runs the default
+    "export.precision": ["int8", "bf16"],  # predict, serving and the registry tests see the variants
 }
 
 

@@ -362,6 +362,7 @@ TINY_PARAMS = {  # what every real-pipeline test here starts from: ~15 s per sta
     },
     "train": {"arch": "efficientnet_lite0", "image_size": 64, "epochs": 2, "batch_size": 8, "lr": 0.001, "workers": 0},
     "evaluate": {"batch_size": 16},
+    "export": {"precision": []},  # int8/bf16 variants: tests/test_variants.py and the session pipeline
 }
 BASELINE_LR = TINY_PARAMS["train"]["lr"]
 WORKSPACE_EXP, WORKSPACE_LR = "ws-lr", 0.003

@@ -43,6 +43,7 @@ UNDECLARED_PATHS = {
     "dvc_yaml",  # the pipeline itself; export logs it as the run's lineage
     "dvc_lock",  # DVC's record of the run; export logs it, train's dataset digest reads prepare's entry
     "train_state",  # train's resumable state: deliberately not an out (see dvc.yaml)
+    "variant_speed",  # export's images/s per precision: a timing, so no DVC output (git-ignored)
 }
 MODULE_LEVEL = "<module>"
 

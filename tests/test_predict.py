@@ -272,7 +272,15 @@ def test_tta_averages_with_the_mirrored_image(pipeline):
     image = pipeline.root / "tta-dog.jpg"
     image.write_bytes(jpeg_bytes("dog", 800))
     with_tta = json_lines(
-        catdog("predict", str(image), "--tta", "--model", str(pipeline.paths.exported / "model.onnx")).stdout
+        catdog(
+            "predict",
+            str(image),
+            "--tta",
+            "--precision",
+            "fp32",
+            "--model",
+            str(pipeline.paths.exported / "model.onnx"),
+        ).stdout
     )[0]
     expected = model.probabilities(model.preprocess(image.read_bytes())[None], tta=True)[0]
     assert with_tta["confidence"] == pytest.approx(float(expected.max()), abs=1e-5)

@@ -19,7 +19,9 @@ import yaml
 from test_export import THREE_CLASS_CAP, THREE_CLASSES, class_jpeg, export_three_classes
 
 from catdog.data.images import BadImage
+from catdog.models.variants import auto_order
 from catdog.serving import pyfunc
+from catdog.serving.precision import shipped_variants
 from catdog.serving.predict import ExportedModel
 
 from conftest import CATDOG_BIN, client_for, jpeg_bytes
@@ -57,8 +59,10 @@ def test_champion_classifies_encoded_images_with_a_per_row_error(champion, pipel
     # None, not NaN: the scoring server writes NaN as the invalid JSON `NaN`
     assert all(result.loc[i, column] is None for i in bad for column in ("label", "p_cat", "p_dog"))
     assert result.loc[0, "error"] is None and set(result.dtypes) == {np.dtype(object)}
-    # the same preprocessing and numbers as `catdog predict`
-    exported = ExportedModel.load(pipeline.paths.exported / "model.onnx")
+    # the same preprocessing and numbers as `catdog predict` at the precision it chose (auto: a variant here)
+    ran = champion.unwrap_python_model().model.precision
+    assert ran == auto_precision(pipeline.paths.exported / "model.onnx")
+    exported = ExportedModel.load(pipeline.paths.exported / "model.onnx", ran)
     expected = exported.probabilities(exported.preprocess(dog)[None])[0]
     assert result.loc[0, ["p_cat", "p_dog"]].tolist() == pytest.approx(expected.tolist(), abs=1e-6)
 
@@ -107,7 +111,12 @@ def test_registered_model_carries_signature_example_and_pinned_requirements(pipe
     requirements = (folder / "requirements.txt").read_text().split()
     for package in ("mlflow", "onnxruntime", "numpy", "pandas", "pillow"):
         assert any(r.startswith(f"{package}==") for r in requirements), requirements
-    assert {"model.onnx", "labels.json", "preprocess.json"} <= {f.name for f in (folder / "artifacts").iterdir()}
+    artifacts = {"model.onnx", "labels.json", "preprocess.json", "variants.json", "model.int8.onnx"}
+    assert artifacts <= {f.name for f in (folder / "artifacts").iterdir()}
+    # each model file stored once: the int8 variant has its own, bf16 compiles model.onnx
+    assert sorted(f.name for f in folder.rglob("*.onnx")) == ["model.int8.onnx", "model.onnx"]
+    shipped = json.loads((folder / "artifacts" / "variants.json").read_text())["variants"]
+    assert any(r.startswith("openvino==") for r in requirements) == ("bf16" in shipped), requirements
     assert (folder / "code" / "catdog" / "serving" / "predict.py").is_file()  # loadable where catdog is not installed
     assert not (folder / "code" / "catdog" / "serving" / "pyfunc.py").exists()  # stored once, as the model's code
 
@@ -214,16 +223,28 @@ def _refuse_constant(name: str):
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_strict_json_with_null_for_unreadable_rows(pipeline, tmp_path):
     cat = jpeg_bytes("cat", 721)
+    dog = jpeg_bytes("dog", 720)
     with served(pipeline.root / "mlflow.db", tmp_path / "serve.log") as url:
-        predictions = post(url, [b64(jpeg_bytes("dog", 720)), b64(cat[: len(cat) // 2]), "%%%%"])
+        predictions = post(url, [b64(dog), b64(cat[: len(cat) // 2]), "%%%%"])
     assert [p["label"] for p in predictions] == ["dog", None, None], predictions
     assert predictions[0]["p_dog"] > 0.5 and predictions[0]["error"] is None
+    # the server ran the variant auto picks on this CPU, and says so
+    ran = auto_precision(pipeline.paths.exported / "model.onnx")
+    assert f"catdog: the registered model runs {ran} (CATDOG_PRECISION=auto)" in (tmp_path / "serve.log").read_text()
+    exported = ExportedModel.load(pipeline.paths.exported / "model.onnx", ran)
+    assert predictions[0]["p_dog"] == pytest.approx(float(exported.probabilities(exported.preprocess(dog)[None])[0, 1]))
     assert predictions[1]["error"].startswith("corrupt") and predictions[2]["error"].startswith("not_base64")
     assert predictions[1]["p_cat"] is None and predictions[2]["p_dog"] is None
 
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def auto_precision(model_file: Path) -> str:
+    """What ``auto`` runs on this CPU: the first of its order that export shipped (fp32 at the latest)."""
+    shipped = shipped_variants(model_file)
+    return next(p for p in auto_order() if p in shipped or p == "fp32")
 
 
 # --- a 3-class model: the class names come from the model ----------------------------------------

@@ -194,6 +194,16 @@ class ExportParams(_Section):
     parity_images: int = Field(ge=1)  # test images the exported models are checked on
     registered_model_name: str | None  # null: skip the model registry
     promote_champion: bool  # move alias 'champion' when test accuracy beats it
+    precision: list[Literal["int8", "bf16"]]  # variants beside the fp32 model (catdog.models.variants)
+    calibration_images: int = Field(ge=1)  # train images the int8 variant's activation ranges come from
+    variant_min_agreement: Float = Field(gt=0, le=1)  # top-1 agreement with fp32 on the test split, at least
+    variant_max_accuracy_drop: Float = Field(ge=0, le=1)  # test accuracy below fp32's by at most this
+
+    @field_validator("precision")
+    @classmethod
+    def _distinct_precisions(cls, precision: list[str]) -> list[str]:
+        _check(len(set(precision)) == len(precision), "export.precision", "must not repeat a precision", precision)
+        return precision
 
 
 class TrackingParams(_Section):

@@ -16,6 +16,9 @@ PT2_FILE = "model.pt2"
 LABELS_FILE = "labels.json"
 PREPROCESS_FILE = "preprocess.json"
 CARD_FILE = "MODEL_CARD.md"
+INT8_FILE = "model.int8.onnx"  # the int8 variant (catdog.models.variants)
+CLASSES_METADATA = "classes"  # model.onnx metadata_props: the class names in output order, as JSON
+VARIANTS_FILE = "variants.json"  # the variants that passed export's check against fp32, with each file's md5
 
 
 def find_root(start: Path) -> Path | None:
@@ -112,3 +115,9 @@ class Paths:
     labels = _at(_EXPORTED, LABELS_FILE)
     preprocess = _at(_EXPORTED, PREPROCESS_FILE)
     model_card = _at(_EXPORTED, CARD_FILE)
+    int8_model = _at(_EXPORTED, INT8_FILE)
+    variants = _at(_EXPORTED, VARIANTS_FILE, doc="The shipped reduced-precision variants, their files and md5s.")
+    variant_speed = _at(
+        "models/variant_speed.json",
+        doc="Images/s of each precision at export: a timing, so git-ignored and not a DVC output (also in MLflow).",
+    )

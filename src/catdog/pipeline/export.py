@@ -6,7 +6,8 @@ more than ``export.tolerance``, or its test accuracy differs: a model that deplo
 differently from how it was evaluated is worse than no model. The ONNX model, wrapped in the
 pyfunc of :mod:`catdog.serving.pyfunc` (encoded images in, labels out), is then logged to MLflow and
 registered (alias ``candidate``; ``champion`` moves only when the test accuracy beats the
-current champion's on the same test images).
+current champion's on the same test images). Reduced-precision variants (``export.precision``) are
+built and checked by :mod:`catdog.pipeline.variants`, the card written by :mod:`catdog.pipeline.model_card`.
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ from catdog import tracking
 from catdog.core import atomic, reports
 from catdog.core.errors import CatdogError
 from catdog.core.params import Params
-from catdog.core.paths import LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, PT2_FILE, Paths
+from catdog.core.paths import CLASSES_METADATA, Paths
 from catdog.data import integrity
 from catdog.data.dataset import CachedImages, Split, load_split, split_digest
 from catdog.data.transforms import eval_preset
 from catdog.models.factory import load_checkpoint
 from catdog.models.frozen import export_whole_model
 from catdog.models.onnx_runtime import CACHE_OPSET, export_onnx
+from catdog.pipeline import variants
+from catdog.pipeline.model_card import model_card
 from catdog.serving import pyfunc
-from catdog.serving.predict import CLASSES_METADATA, ExportedModel
+from catdog.serving.predict import ExportedModel
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -43,6 +46,7 @@ def run(params: Params, paths: Paths) -> dict:
     model, config = load_checkpoint(paths.checkpoint)
     integrity.check_classes(config["classes"], paths, str(paths.checkpoint.relative_to(paths.root)))
     paths.exported.mkdir(parents=True, exist_ok=True)
+    variants.clear(paths)
     size = config["image_size"]
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # saved in model.pt2
     if p.opset == CACHE_OPSET:  # the cached backbone graph and the head: seconds instead of a full export
@@ -57,36 +61,56 @@ def run(params: Params, paths: Paths) -> dict:
 
     test = load_split(paths, "test")
     results = check_parity(model, exported, paths, test, p.parity_images, p.tolerance)
+    shipped = variants.build(params, paths, test, size)
+    reports.write_json(paths.parity, {**results, "variants": shipped.figures})
     with tracking.stage_run(params, paths, "export") as mlflow_run:
         test_metrics = json.loads(paths.evaluate_metrics.read_text())
-        atomic.write_text(paths.model_card, model_card(params, config, test_metrics, results, paths))
+        card = model_card(params, config, test_metrics, results, paths)
+        atomic.write_text(paths.model_card, f"{card}\n{variants.card_section(shipped)}\n")
         # model.onnx, labels and preprocessing live in the logged model; model.pt2 only in DVC's cache
         mlflow_run.log_artifact(paths.model_card, "export")
         # dvc.lock as it stands now: every upstream stage's hashes (export's own entry lands after this)
         for lineage_file in (paths.params_file, paths.dvc_yaml, paths.dvc_lock):
             mlflow_run.log_artifact(lineage_file, "lineage")
         mlflow_run.log_metrics("export", {k: v for k, v in results.items() if k != "parity_images"})
-        registry = register(mlflow_run, params, config["classes"], paths, test, test_metrics["accuracy"])
-        mlflow_run.log_facts({"parity_images": results["parity_images"], **registry})
+        mlflow_run.log_metrics("export", variants.run_metrics(shipped))
+        registry = register(mlflow_run, params, config["classes"], paths, test, test_metrics["accuracy"], shipped)
+        precisions = ",".join(["fp32", *shipped.shipped])
+        mlflow_run.log_facts({"parity_images": results["parity_images"], "precisions": precisions, **registry})
         results.update(registry)
     return results
 
 
 def register(
-    mlflow_run: tracking.Run, params: Params, classes: list[str], paths: Paths, test: Split, accuracy: float
+    mlflow_run: tracking.Run,
+    params: Params,
+    classes: list[str],
+    paths: Paths,
+    test: Split,
+    accuracy: float,
+    shipped: variants.VariantReport,
 ) -> dict:
-    """The ONNX model as the run's pyfunc (catdog.serving.pyfunc), registered as ``export.registered_model_name``
-    (if set); the registry figures for the stage's results."""
+    """The ONNX model (and its shipped variants) as the run's pyfunc (catdog.serving.pyfunc), registered as
+    ``export.registered_model_name`` (if set); the registry figures for the stage's results."""
     p = params.export
     score = tracking.Score(accuracy, split_digest(test))
+    artifacts = {
+        "onnx_model": paths.onnx_model,
+        "labels": paths.labels,
+        "preprocess": paths.preprocess,
+        "variants": paths.variants,
+    }
+    if "int8" in shipped.shipped:  # bf16 runs model.onnx: no file of its own
+        artifacts["int8_model"] = paths.int8_model
     with tempfile.TemporaryDirectory() as scratch:
         classifier = pyfunc.pyfunc_model(
-            {"onnx_model": paths.onnx_model, "labels": paths.labels, "preprocess": paths.preprocess},
+            artifacts,
             classes,
             example_jpeg(paths, test),
             Path(scratch),
         )
-        registration = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name, score, p.promote_champion)
+        with pyfunc.silent_loads():
+            registration = mlflow_run.log_pyfunc_model(classifier, p.registered_model_name, score, p.promote_champion)
     if registration is None:
         return {}
     if registration.incomparable_champion:
@@ -113,7 +137,7 @@ def check_parity(
         eager = model(batch).numpy()
     results = {"parity_images": count, "eager_accuracy": _accuracy(eager, targets)}
     for name, logits in (
-        ("onnx", exported.session.run(None, {exported.input_name: batch.numpy()})[0]),
+        ("onnx", exported.runtime.logits(batch.numpy())),
         ("pt2", pt2_logits(paths.pt2_model, batch)),
     ):
         results[f"{name}_max_abs_diff"] = float(np.abs(logits - eager).max())
@@ -179,112 +203,6 @@ def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Non
 def pt2_logits(path: Path, batch: torch.Tensor) -> np.ndarray:
     with torch.inference_mode():
         return torch.export.load(str(path)).module()(batch).numpy()
-
-
-def model_card(params: Params, config: dict, test: dict, parity: dict, paths: Paths) -> str:
-    """Only what the model's inputs determine: the same checkpoint, data and params give the same card
-    (no run id, commit or date: the card is a DVC output, and those differ per run)."""
-    summary = json.loads(paths.prepare_summary.read_text())
-    classes = config["classes"]
-    names = ", ".join(f"`{name}`" for name in classes)
-    sections = [
-        f"# Model card: catdog {config['arch']}",
-        f"Image classifier over {len(classes)} classes ({names}), fine-tuned from ImageNet weights.",
-        _card_use(config),
-        _card_data(params, summary, paths),
-        _card_classes(classes, summary, paths),
-        _card_training(params),
-        _card_test(test, parity, summary),
-        _card_lineage(paths),
-        _card_limits(classes),
-    ]
-    return "\n\n".join(sections) + "\n"
-
-
-def _card_use(config: dict) -> str:
-    return f"""## Use
-- Input: one RGB photo. Decoding as in prepare: EXIF rotation applied, converted to RGB,
-  squashed to {config["cache_size"]}x{config["cache_size"]} (bilinear),
-  then {config["image_size"]}x{config["image_size"]};
-  float32 NCHW in [0, 1]. Normalisation is inside the model.
-- Output: logits for `{config["classes"]}` (in this order; also in `{ONNX_FILE}`'s metadata `{CLASSES_METADATA}`);
-  softmax gives the confidence.
-- Files: `{ONNX_FILE}` (ONNX, dynamic batch; `catdog predict` uses it), `{PT2_FILE}` (torch.export),
-  `{LABELS_FILE}`, `{PREPROCESS_FILE}`.
-- Intended use: sorting photos into the classes above. Not for any decision about people,
-  animal welfare or safety."""
-
-
-def _card_data(params: Params, summary: dict, paths: Paths) -> str:
-    splits = ", ".join(f"{name} {sum(counts.values())}" for name, counts in summary["splits"].items())
-    return f"""## Data
-- Source: `{params.data.source}` ({summary["images"]} usable images; {splits}).
-- Rejected files: {summary["rejected_total"]};
-  duplicate groups kept within one split: {summary["duplicate_groups_merged"]}.
-- Data hash (md5 of `data/prepared/content.json`: size and md5 of the image cache and manifest):
-  `{integrity.data_hash(paths)}`."""
-
-
-def _card_classes(classes: list[str], summary: dict, paths: Paths) -> str:
-    return f"""## Classes (images per split; test precision, recall and F1 of each class)
-| class | train | val | test | precision | recall | F1 |
-|---|---|---|---|---|---|---|
-{class_rows(classes, summary["splits"], json.loads(paths.evaluate_details.read_text()))}"""
-
-
-def _card_training(params: Params) -> str:
-    train_rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in params.flat("train").items())
-    return f"""## Training params
-| param | value |
-|---|---|
-{train_rows}"""
-
-
-def _card_test(test: dict, parity: dict, summary: dict) -> str:
-    metric_rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in test.items())
-    return f"""## Test metrics ({sum(summary["splits"]["test"].values())} held-out images)
-| metric | value |
-|---|---|
-{metric_rows}
-
-Export parity over {parity["parity_images"]} test images: ONNX max |logit diff| {parity["onnx_max_abs_diff"]:.2e},
-torch.export max |logit diff| {parity["pt2_max_abs_diff"]:.2e}; accuracy identical to the eager model."""
-
-
-def _card_lineage(paths: Paths) -> str:
-    return f"""## Lineage
-- Checkpoint md5: `{integrity.file_md5(paths.checkpoint)}`, as in the `dvc.lock` of the commit that produced
-  this model (its code and params). Its MLflow runs carry the tag `{tracking.CHECKPOINT_TAG}` with this value
-  (UI search: `tags."{tracking.CHECKPOINT_TAG}" = '...'`)."""
-
-
-def _card_limits(classes: list[str]) -> str:
-    return f"""## Known limits
-- Closed set: every input gets one of the {len(classes)} classes, including photos of none of them.
-- Labels of the source data carry their own noise (Kaggle's Dogs vs. Cats has mislabelled files and
-  some that show no animal); test metrics carry that noise.
-- Trained on the photos of the source data (Kaggle's: at most ~500 px, mostly one animal, centred);
-  drawings, several animals or unusual viewpoints are less reliable. Confidence is calibrated only
-  as far as the reliability diagram of the evaluate stage shows."""
-
-
-def class_rows(classes: list[str], splits: dict[str, dict[str, int]], details: dict) -> str:
-    """One table row per class: its images per split and its test figures from evaluate's details.json
-    (``per_class[<class>][precision|recall|f1]`` for more than two classes, flat ``precision_<class>``...
-    for two; a figure it lacks shows as "-")."""
-
-    def figure(name: str, kind: str) -> str:
-        value = details.get("per_class", {}).get(name, {}).get(kind, details.get(f"{kind}_{name}"))
-        return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
-
-    return "\n".join(
-        f"| `{name}` | "
-        + " | ".join(str(splits.get(split, {}).get(name, 0)) for split in ("train", "val", "test"))
-        + " | "
-        + " | ".join(figure(name, kind) for kind in ("precision", "recall", "f1"))
-        + " |"
-        for name in classes
-    )
 
 
 def _accuracy(logits: np.ndarray, targets: np.ndarray) -> float:

@@ -14,47 +14,47 @@ from pathlib import Path
 import numpy as np
 
 from catdog.core.errors import CatdogError
-from catdog.core.paths import LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, Paths, find_root
+from catdog.core.paths import CLASSES_METADATA, LABELS_FILE, ONNX_FILE, PREPROCESS_FILE, Paths, find_root
 from catdog.data.images import BadImage, check_size, decode_image, read_file, resize
-from catdog.models.onnx_runtime import create_session, usable_cores
+from catdog.models.onnx_runtime import usable_cores
+from catdog.models.variants import Runtime
+from catdog.serving.precision import beside, choose_runtime
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 DEFAULT_MODEL = Paths(Path(".")).onnx_model  # relative to the project root
-CLASSES_METADATA = "classes"  # model.onnx metadata_props: the class names in output order, as JSON
 
 
 @dataclass(frozen=True)
 class ExportedModel:
-    session: object
-    input_name: str
+    runtime: Runtime  # the precision that runs: fp32 model.onnx, or a variant (catdog.models.variants)
     classes: list[str]  # labels.json: the model's output order
     cache_size: int
     image_size: int
     min_image_size: int = 1  # prepare's data.min_image_size (exports before it was recorded: 1)
     max_image_bytes: int | None = None  # data.max_image_bytes (exports before it was recorded: no cap)
 
+    @property
+    def precision(self) -> str:
+        return self.runtime.precision
+
     @classmethod
-    def load(cls, spec: str | Path) -> ExportedModel:
-        """``spec``: an exported ``model.onnx`` (labels.json and preprocess.json beside it) or a
-        registry URI such as ``models:/catdog@champion``."""
+    def load(cls, spec: str | Path, precision: str = "fp32") -> ExportedModel:
+        """``spec``: an exported ``model.onnx`` (labels.json, preprocess.json and variants.json beside it)
+        or a registry URI such as ``models:/catdog@champion``; ``precision``: fp32, int8, bf16 or auto
+        (:func:`catdog.serving.precision.choose_runtime`)."""
         path = _download_registered(str(spec)) if str(spec).startswith("models:/") else Path(spec)
         if not path.is_file():
             raise CatdogError(f"model {path} not found: run `dvc repro` first or pass --model")
         config = {}
         for name in (LABELS_FILE, PREPROCESS_FILE):
-            # export writes them beside the model; a registered MLflow model keeps them in extra_files/
-            found = [f for f in (path.parent / name, path.parent / "extra_files" / name) if f.is_file()]
-            if not found:
+            found = beside(path, name)
+            if found is None:
                 raise CatdogError(f"{name} not found beside {path}: the export stage writes it")
-            config.update(json.loads(found[0].read_text()))
-        try:
-            session = create_session(path)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
-            raise CatdogError(f"cannot load {path} as an ONNX model: {str(exc).splitlines()[0]}") from None
-        _check_classes(path, session, config["classes"])
+            config.update(json.loads(found.read_text()))
+        runtime = choose_runtime(path, precision)
+        _check_classes(path, runtime, config["classes"])
         return cls(
-            session,
-            session.get_inputs()[0].name,
+            runtime,
             config["classes"],
             config["cache_size"],
             config["image_size"],
@@ -75,24 +75,24 @@ class ExportedModel:
         return pixels.transpose(2, 0, 1).astype(np.float32) / 255.0
 
     def probabilities(self, batch: np.ndarray, tta: bool = False) -> np.ndarray:
-        probabilities = _softmax(self.session.run(None, {self.input_name: batch})[0])
+        probabilities = _softmax(self.runtime.logits(batch))
         if tta:  # average with the left-right mirror image, as evaluate.tta does
             mirrored = np.ascontiguousarray(batch[..., ::-1])
-            probabilities = (probabilities + _softmax(self.session.run(None, {self.input_name: mirrored})[0])) / 2
+            probabilities = (probabilities + _softmax(self.runtime.logits(mirrored))) / 2
         return probabilities
 
 
-def _check_classes(path: Path, session, listed: list[str]) -> None:
+def _check_classes(path: Path, runtime: Runtime, listed: list[str]) -> None:
     """Refuse a labels.json that does not name the model's outputs: other classes than the model's
     own metadata (export stamps them, ``CLASSES_METADATA``), or another number of them."""
-    stamped = session.get_modelmeta().custom_metadata_map.get(CLASSES_METADATA)
+    stamped = runtime.metadata.get(CLASSES_METADATA)
     if stamped is not None and json.loads(stamped) != list(listed):
         raise CatdogError(
             f"{path} was exported for classes {json.loads(stamped)}, its {LABELS_FILE} lists {list(listed)}: "
             "export it again (dvc repro export)"
         )
-    width = session.get_outputs()[0].shape[-1]
-    if isinstance(width, int) and width != len(listed):
+    width = runtime.outputs
+    if width is not None and width != len(listed):
         raise CatdogError(
             f"{path} has {width} outputs, its {LABELS_FILE} lists {len(listed)} classes: "
             "export it again (dvc repro export)"

@@ -18,8 +18,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import json
+import logging
 import modulefinder
+import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow.models
@@ -28,21 +34,47 @@ import numpy as np
 import pandas as pd
 
 from catdog.data.images import BadImage
+from catdog.serving import precision
 from catdog.serving.predict import ExportedModel
 
 IMAGE_COLUMN = "image"
 BATCH_SIZE = 64
+LOAD_LOG = logging.getLogger("catdog.registered_model")  # which precision a load chose
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
-    """``artifacts``: ``onnx_model`` (model.onnx), with labels.json and preprocess.json beside it."""
+    """``artifacts``: ``onnx_model`` (model.onnx), with labels.json, preprocess.json, variants.json and
+    the variants' files beside it. At load, the precision is ``$CATDOG_PRECISION`` or ``auto``: the
+    fastest shipped variant this CPU runs (:mod:`catdog.serving.precision`); one line on stderr names it."""
 
     def load_context(self, context) -> None:
-        self.model = ExportedModel.load(context.artifacts["onnx_model"])
+        asked = os.environ.get(precision.ENV) or "auto"
+        self.model = ExportedModel.load(context.artifacts["onnx_model"], asked)
+        _announce(f"catdog: the registered model runs {self.model.precision} ({precision.ENV}={asked})")
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         column = model_input[IMAGE_COLUMN] if IMAGE_COLUMN in model_input else model_input.iloc[:, 0]
         return classify(self.model, column.tolist())
+
+
+def _announce(line: str) -> None:
+    """One line on stderr (a scoring server's log), through a logger: export silences it (``silent_loads``)."""
+    if not LOAD_LOG.handlers:
+        LOAD_LOG.addHandler(logging.StreamHandler(sys.stderr))
+        LOAD_LOG.setLevel(logging.INFO)
+        LOAD_LOG.propagate = False
+    LOAD_LOG.info(line)
+
+
+@contextlib.contextmanager
+def silent_loads() -> Iterator[None]:
+    """MLflow loads the model once while logging it (to check the input example): no load to announce.
+    By the logger's name: that load runs a fresh copy of this file, not this module."""
+    LOAD_LOG.disabled = True
+    try:
+        yield
+    finally:
+        LOAD_LOG.disabled = False
 
 
 def classify(model: ExportedModel, images: list[bytes | str]) -> pd.DataFrame:
@@ -95,16 +127,18 @@ def decode_base64(text: str) -> bytes:
 
 def pyfunc_model(artifacts: dict[str, Path], classes: list[str], example_image: bytes, scratch: Path) -> dict:
     """What ``mlflow.pyfunc.log_model`` needs to log it: this file as the model's code, ``artifacts``
-    (``onnx_model`` with the labels and preprocessing files beside it), a copy of the catdog package
-    made in ``scratch`` (so it loads where catdog is not installed), a signature, ``example_image`` as
-    input example and pinned requirements."""
+    (``onnx_model`` with the labels, preprocessing and variants files beside it, and ``int8_model`` if
+    shipped; each file once), a copy of the catdog package made in ``scratch`` (so it loads where catdog
+    is not installed), a signature, ``example_image`` as input example and pinned requirements (OpenVINO's
+    too when a bf16 variant ships)."""
+    variants = json.loads(Path(artifacts["variants"]).read_text())["variants"] if "variants" in artifacts else {}
     return {
         "python_model": __file__,
         "artifacts": {key: str(path) for key, path in artifacts.items()},
         "code_paths": [str(_copy_imported_code(scratch))],
         "signature": signature(classes),
         "input_example": pd.DataFrame({IMAGE_COLUMN: [example_image]}),
-        "pip_requirements": requirements(),
+        "pip_requirements": requirements(bf16="bf16" in variants),
     }
 
 
@@ -145,11 +179,12 @@ def signature(classes: list[str]):
     )
 
 
-def requirements() -> list[str]:
+def requirements(bf16: bool = False) -> list[str]:
     """What loading and serving it imports, pinned to the versions it was exported with."""
     from importlib.metadata import version
 
-    return [f"{package}=={version(package)}" for package in ("mlflow", "onnxruntime", "numpy", "pandas", "pillow")]
+    packages = ("mlflow", "onnxruntime", "numpy", "pandas", "pillow", *(("openvino",) if bf16 else ()))
+    return [f"{package}=={version(package)}" for package in packages]
 
 
 mlflow.models.set_model(ImageClassifier())  # what MLflow loads from this file (see the module docstring)
