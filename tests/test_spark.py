@@ -40,6 +40,7 @@ BROKEN = {
 
 @pytest.fixture(scope="module")
 def spark(tmp_path_factory):
+    from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
     scratch = tmp_path_factory.mktemp("spark")
@@ -58,6 +59,11 @@ def spark(tmp_path_factory):
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
+    gateway = SparkContext._gateway  # the JVM would live on for the rest of the test session: end it
+    gateway.shutdown()
+    gateway.proc.stdin.close()  # PySpark's JVM exits when its stdin closes
+    gateway.proc.wait(60)
+    SparkContext._gateway = SparkContext._jvm = None
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +175,8 @@ def test_a_killed_job_leaves_no_parquet_at_output(model, images, tmp_path):
     args = [str(CATDOG_BIN), "spark-predict", str(images), str(output), "--model", str(model), "--master", "local[1]"]
     log = tmp_path / "spark-predict.log"
     with log.open("w") as handle:
-        job = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=clean_env(), start_new_session=True)
+        env = clean_env(SPARK_LOCAL_IP="127.0.0.1")  # its driver and web UI on loopback
+        job = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while not partial.exists() and job.poll() is None and time.monotonic() < deadline:
