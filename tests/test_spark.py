@@ -175,7 +175,9 @@ def test_a_killed_job_leaves_no_parquet_at_output(model, images, tmp_path):
     args = [str(CATDOG_BIN), "spark-predict", str(images), str(output), "--model", str(model), "--master", "local[1]"]
     log = tmp_path / "spark-predict.log"
     with log.open("w") as handle:
-        env = clean_env(SPARK_LOCAL_IP="127.0.0.1")  # its driver and web UI on loopback
+        # its driver and web UI on loopback; its scratch files, which a killed job leaves, in tmp_path
+        scratch = {"SPARK_LOCAL_DIRS": str(tmp_path), "TMPDIR": str(tmp_path)}
+        env = clean_env(SPARK_LOCAL_IP="127.0.0.1", SPARK_SUBMIT_OPTS=f"-Djava.io.tmpdir={tmp_path}", **scratch)
         job = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
