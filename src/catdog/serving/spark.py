@@ -60,7 +60,7 @@ class SparkModel:
         # nothing else; an error is "<cause>: <detail>", never "None")
         error = F.nullif(F.col(f"{_ANSWER}.error"), F.lit("None"))
         fields = [
-            (error if name == "error" else F.when(error.isNull(), F.col(f"{_ANSWER}.`{name}`"))).alias(name)
+            (error if name == "error" else F.when(error.isNull(), F.col(_ANSWER).getField(name))).alias(name)
             for name in udf.returnType.fieldNames()
         ]
         return answered.select(*frame.columns, *fields)
