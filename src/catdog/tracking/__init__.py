@@ -6,7 +6,8 @@ in an ``outbox`` while the server is lost, ``writes``; the lineage tags, ``linea
 (``registry``: the logged models, aliases, champion promotion) and the dataset record
 (``datasets``). It may import mlflow and catdog's integrity, lifecycle, params, paths and errors;
 only it and the registered model's own module (``catdog.serving.pyfunc``) import mlflow. The rest of the
-code calls the names below.
+code calls the names below; ``catdog.serving.spark`` imports ``spark`` itself (the model fetched for
+Spark, ``mlflow.pyfunc.spark_udf``), so the stages do not depend on it.
 """
 
 from catdog.tracking.datasets import prepared_dataset, prepared_digest
