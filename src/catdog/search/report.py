@@ -60,16 +60,18 @@ def best_table(study: optuna.Study, metric: str) -> str:
 
 
 def study_figures(study: optuna.Study) -> dict:
-    """The optimisation history and, from two complete trials on, the params' importances (file name -> figure)."""
+    """The optimisation history (from one complete trial) and the params' importances (from two), by file name."""
     from optuna.visualization import matplotlib as optuna_plots
 
+    complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    plots = [
+        ("optimization_history.png", optuna_plots.plot_optimization_history),
+        ("param_importances.png", optuna_plots.plot_param_importances),
+    ][: min(complete, 2)]
     figures = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        plots = {"optimization_history.png": optuna_plots.plot_optimization_history}
-        if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= 2:
-            plots["param_importances.png"] = optuna_plots.plot_param_importances
-        for name, plot in plots.items():
+    with warnings.catch_warnings():  # experimental API, an empty legend: nothing the user can act on
+        warnings.simplefilter("ignore")
+        for name, plot in plots:
             try:
                 figures[name] = plot(study).figure
             except (ValueError, RuntimeError) as exc:  # e.g. every complete trial has the same params

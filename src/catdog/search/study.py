@@ -118,15 +118,17 @@ def _open_study(search: Search) -> optuna.Study:
             search.storage or default_storage(search.root), heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
         )
     sampler = optuna.samplers.TPESampler(seed=search.seed, constant_liar=True)  # liar: shared studies spread out
-    study = optuna.create_study(
-        storage=storage, study_name=search.study, sampler=sampler, direction=search.direction, load_if_exists=True
-    )
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=search.study, sampler=sampler, direction=search.direction
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=search.study, storage=storage, sampler=sampler)
+        # Resumed, or a second process: a seed of its own, or it would draw the first process's trials again.
+        sampler.reseed_rng()
     if study.direction.name.lower() != search.direction:
         raise CatdogError(f"study {search.study!r} {study.direction.name.lower()}s its objective: pass --direction")
     _fail_killed_trials(study)
-    # A resumed or second process: another seed, or TPE's random start repeats the first process's draws.
-    if study.trials:
-        sampler.reseed_rng()
     return study
 
 

@@ -92,16 +92,24 @@ def experiment_ref(root: Path, name: str) -> str:
 
 
 def _run(command: list[str], root: Path, env: dict[str, str], log: Path) -> int:
-    """The command's exit code; a stop signal (Ctrl-C) reaches it too, and this waits for it to end."""
+    """The command's exit code. A stop (Ctrl-C, SIGTERM: KeyboardInterrupt here) is passed on as SIGINT to
+    its process group, dvc and the stage it runs (dvc itself ignores SIGINT while a stage runs), and
+    this waits for them to end."""
     with log.open("w") as out:
         process = subprocess.Popen(
-            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            command,
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the stop below reaches dvc and its stage
+            preexec_fn=_die_with_parent,
         )
         try:
             return process.wait()
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGINT)
+                os.killpg(process.pid, signal.SIGINT)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(_STOP_WAIT_S)
             raise
