@@ -29,7 +29,7 @@ from catdog.core.errors import CatdogError
 from catdog.core.params import ParamsError, parse_params
 from catdog.search.report import close_figures, study_figures, summarise
 from catdog.search.space import load_space, sample, with_values
-from catdog.search.trials import TrialFailed, check_visible, run_trial
+from catdog.search.trials import TrialFailed, check_visible, forget_killed, run_trial
 from catdog.tracking import study as study_run
 
 OPTUNA_DB = "optuna.db"  # beside mlflow.db: git-ignored, like it
@@ -62,7 +62,7 @@ def tune(search: Search) -> optuna.Study:
     params = parse_params(base)
     entries = load_space(search.space, base)
     check_visible(search.root, params.data.source)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial prints its own line
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial prints its own line, Ctrl-C no traceback
     study = _open_study(search)
     parent = study_run.open_study_run(
         search.root, params.tracking.experiment_name, search.study, search.space.read_text(), _budget_tags(search)
@@ -128,18 +128,20 @@ def _open_study(search: Search) -> optuna.Study:
         sampler.reseed_rng()
     if study.direction.name.lower() != search.direction:
         raise CatdogError(f"study {search.study!r} {study.direction.name.lower()}s its objective: pass --direction")
-    _fail_killed_trials(study)
+    _fail_killed_trials(study, search.root)
     return study
 
 
-def _fail_killed_trials(study: optuna.Study) -> None:
-    """RUNNING trials whose ``catdog tune`` process (on this host) is gone become FAILED now; those of
-    other hosts once their heartbeat is older than the grace period (Optuna)."""
+def _fail_killed_trials(study: optuna.Study, root: Path) -> None:
+    """RUNNING trials whose ``catdog tune`` process (on this host) is gone become FAILED now, their DVC
+    experiment's leftovers removed; those of other hosts once their heartbeat is older than the grace
+    period (Optuna). Optuna has no public call to fail one trial: its storage's, as fail_stale_trials."""
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         process = trial.user_attrs.get("process", {})
         if process.get(lifecycle.HOST_TAG) == socket.gethostname() and lifecycle.process_gone(process):
             study._storage.set_trial_user_attr(trial._trial_id, "error", "its catdog tune process was killed")
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            forget_killed(root, trial.user_attrs.get("experiment", ""))
             print(f"tune: trial {trial.number} marked FAILED: its catdog tune process was killed", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -75,6 +75,21 @@ def check_visible(root: Path, source: str) -> None:
         )
 
 
+def forget_killed(root: Path, name: str) -> None:
+    """What a killed ``dvc exp run --temp -n name`` could not clean up: its copy of the project, which
+    ``dvc exp show`` would list as running for ever. Done as DVC's own clean-up does it (the temp
+    executor's), its run marked FAILED rather than FINISHED."""
+    from dvc.repo.experiments.executor.base import ExecutorInfo, TaskStatus
+    from dvc.utils.fs import remove
+
+    for infofile in (root / ".dvc" / "tmp" / "exps" / "run").glob("*/*.run"):
+        info = ExecutorInfo.load_json(str(infofile))
+        if info.name == name and info.location == "tempdir" and info.status < TaskStatus.FAILED:
+            info.status = TaskStatus.FAILED
+            info.dump_json(str(infofile))
+            remove(info.root_dir)
+
+
 def last_error_line(output: str) -> str:
     """The line that says what went wrong: the last ``error`` line of the stages or of DVC."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
