@@ -164,7 +164,11 @@ def test_two_processes_share_one_study_of_dvc_experiments_and_mlflow_runs(projec
 def stop_during_train(proj: Project, process: subprocess.Popen, log: Path, experiment: str, signum: int) -> int:
     """Send ``signum`` to the tune process (only it) once ``experiment``'s train stage has its MLflow run."""
     deadline = time.monotonic() + TUNE_TIMEOUT
-    while not any(r.info.run_name == experiment for r in _runs_if_any(proj)):
+
+    def started() -> bool:  # the store exists once the trial runs (reading it earlier races its creation)
+        return f"tune: {experiment} running" in log.read_text() and experiment in {r.info.run_name for r in proj.runs()}
+
+    while not started():
         assert process.poll() is None and time.monotonic() < deadline, dp.tail(log.read_text())
         time.sleep(1)
     process.send_signal(signum)
@@ -210,10 +214,6 @@ def test_two_processes_share_a_study_on_postgresql(project, postgres, tmp_path):
     assert set(children(project, parent_run(project, "pg").info.run_id)) == {"pg-0", "pg-1"}
     password = postgres.split(":")[2].split("@")[0]
     assert password not in parent_run(project, "pg").data.tags["catdog.storage"]
-
-
-def _runs_if_any(proj: Project) -> list:
-    return proj.runs() if (proj.root / "mlflow.db").exists() and proj.client().get_experiment_by_name("catdog") else []
 
 
 def test_the_budget_and_study_name_are_checked_by_the_cli(project):
