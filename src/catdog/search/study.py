@@ -28,7 +28,7 @@ from catdog.core import lifecycle
 from catdog.core.errors import CatdogError
 from catdog.core.params import ParamsError, parse_params
 from catdog.search.report import close_figures, study_figures, summarise
-from catdog.search.space import load_space, sample, with_values
+from catdog.search.space import Entry, load_space, sample, with_values
 from catdog.search.trials import TrialFailed, check_visible, forget_killed, run_trial
 from catdog.tracking import study as study_run
 
@@ -67,34 +67,7 @@ def tune(search: Search) -> optuna.Study:
     parent = study_run.open_study_run(
         search.root, params.tracking.experiment_name, search.study, search.space.read_text(), _budget_tags(search)
     )
-    base_flat = params.flat()
-    log_dir = search.root / ".dvc" / "tmp" / "tune" / search.study
-
-    def objective(trial: optuna.Trial) -> float:
-        trial.set_user_attr("process", lifecycle.process_tags())
-        name = f"{search.study}-{trial.number}"
-        trial.set_user_attr("experiment", name)
-        overrides = sample(trial, entries, base_flat)
-        trial.set_user_attr("params", overrides)  # params.yaml keys (a set choice expanded)
-        _prune_if_refused(trial, base, overrides, name)
-        _prune_if_duplicate(trial, name)
-        print(f"tune: {name} running: " + " ".join(f"{k}={v}" for k, v in overrides.items()), flush=True)
-        try:
-            result = run_trial(search.root, name, overrides, parent, log_dir / f"{name}.log")
-        except TrialFailed as failed:
-            trial.set_user_attr("error", str(failed))
-            print(f"tune: {name} failed: {failed}", flush=True)
-            return math.nan  # Optuna marks it FAILED and the study goes on
-        except KeyboardInterrupt:
-            trial.set_user_attr("error", "interrupted: catdog tune was stopped")
-            raise
-        trial.set_user_attr("test", result.evaluate)
-        if search.metric not in result.train:
-            trial.set_user_attr("error", f"{search.metric} not in reports/train/metrics.json ({sorted(result.train)})")
-            return math.nan
-        print(f"tune: {name} {search.metric} {result.train[search.metric]}", flush=True)
-        return result.train[search.metric]
-
+    objective = _Objective(search, entries, base, params.flat(), parent)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
     status = "FINISHED"
     try:
@@ -109,6 +82,47 @@ def tune(search: Search) -> optuna.Study:
         study_run.end_study_run(search.root, parent, status)
         close_figures(figures)
     return study
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """One trial: its params sampled, checked (pruned when refused or already tried), run, its value."""
+
+    search: Search
+    entries: list[Entry]
+    base: dict  # params.yaml as read
+    base_flat: dict[str, object]  # the same, validated, by dotted key
+    parent_run_id: str
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("process", lifecycle.process_tags())
+        name = f"{self.search.study}-{trial.number}"
+        trial.set_user_attr("experiment", name)
+        overrides = sample(trial, self.entries, self.base_flat)
+        trial.set_user_attr("params", overrides)  # params.yaml keys (a set choice expanded)
+        _prune_if_refused(trial, self.base, overrides, name)
+        _prune_if_duplicate(trial, name)
+        print(f"tune: {name} running: " + " ".join(f"{k}={v}" for k, v in overrides.items()), flush=True)
+        log = self.search.root / ".dvc" / "tmp" / "tune" / self.search.study / f"{name}.log"
+        try:
+            result = run_trial(self.search.root, name, overrides, self.parent_run_id, log)
+        except TrialFailed as failed:
+            return _failed(trial, name, str(failed))
+        except KeyboardInterrupt:
+            trial.set_user_attr("error", "interrupted: catdog tune was stopped")
+            raise
+        trial.set_user_attr("test", result.evaluate)
+        metric = self.search.metric
+        if metric not in result.train:
+            return _failed(trial, name, f"{metric} not in reports/train/metrics.json ({sorted(result.train)})")
+        print(f"tune: {name} {metric} {result.train[metric]}", flush=True)
+        return result.train[metric]
+
+
+def _failed(trial: optuna.Trial, name: str, error: str) -> float:
+    trial.set_user_attr("error", error)
+    print(f"tune: {name} failed: {error}", flush=True)
+    return math.nan  # Optuna marks the trial FAILED and the study goes on
 
 
 def _open_study(search: Search) -> optuna.Study:
