@@ -31,9 +31,11 @@ from catdog.search.report import close_figures, study_figures, summarise
 from catdog.search.space import Entry, load_space, sample, with_values
 from catdog.search.trials import TrialFailed, check_visible, forget_killed, run_trial
 from catdog.tracking import study as study_run
+from catdog.tracking.store import sqlite_lock
 
 OPTUNA_DB = "optuna.db"  # beside mlflow.db: git-ignored, like it
 HEARTBEAT_S, GRACE_S = 30, 120  # a trial without a heartbeat for GRACE_S is stale (killed on another host)
+SQLITE_WAIT_S = 60
 _ALL_DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -126,20 +128,24 @@ def _failed(trial: optuna.Trial, name: str, error: str) -> float:
 
 
 def _open_study(search: Search) -> optuna.Study:
-    with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
+    url = search.storage or default_storage(search.root)
+    sqlite = url.startswith("sqlite:")  # wait for another process's write instead of failing at sqlite's 5 s
+    engine = {"connect_args": {"timeout": SQLITE_WAIT_S}} if sqlite else None
+    sampler = optuna.samplers.TPESampler(seed=search.seed, constant_liar=True)  # liar: shared studies spread out
+    # Two processes meeting a new sqlite file both create its tables ("table studies already exists").
+    with sqlite_lock(url), warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = optuna.storages.RDBStorage(
-            search.storage or default_storage(search.root), heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
+            url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
         )
-    sampler = optuna.samplers.TPESampler(seed=search.seed, constant_liar=True)  # liar: shared studies spread out
-    try:
-        study = optuna.create_study(
-            storage=storage, study_name=search.study, sampler=sampler, direction=search.direction
-        )
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=search.study, storage=storage, sampler=sampler)
-        # Resumed, or a second process: a seed of its own, or it would draw the first process's trials again.
-        sampler.reseed_rng()
+        try:
+            study = optuna.create_study(
+                storage=storage, study_name=search.study, sampler=sampler, direction=search.direction
+            )
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=search.study, storage=storage, sampler=sampler)
+            # Resumed, or a second process: a seed of its own, or it would draw the first process's trials again.
+            sampler.reseed_rng()
     if study.direction.name.lower() != search.direction:
         raise CatdogError(f"study {search.study!r} {study.direction.name.lower()}s its objective: pass --direction")
     _fail_killed_trials(study, search.root)
