@@ -15,11 +15,13 @@ import os
 import signal
 import socket
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
@@ -36,6 +38,7 @@ from catdog.tracking.store import sqlite_lock
 OPTUNA_DB = "optuna.db"  # beside mlflow.db: git-ignored, like it
 HEARTBEAT_S, GRACE_S = 30, 120  # a trial without a heartbeat for GRACE_S is stale (killed on another host)
 SQLITE_WAIT_S = 60
+_CREATE_TRIES = 5
 _ALL_DONE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -135,9 +138,7 @@ def _open_study(search: Search) -> optuna.Study:
     # Two processes meeting a new sqlite file both create its tables ("table studies already exists").
     with sqlite_lock(url), warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(
-            url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
-        )
+        storage = _storage(url, engine)
         try:
             study = optuna.create_study(
                 storage=storage, study_name=search.study, sampler=sampler, direction=search.direction
@@ -150,6 +151,24 @@ def _open_study(search: Search) -> optuna.Study:
         raise CatdogError(f"study {search.study!r} {study.direction.name.lower()}s its objective: pass --direction")
     _fail_killed_trials(study, search.root)
     return study
+
+
+def _storage(url: str, engine: dict | None) -> optuna.storages.RDBStorage:
+    """Optuna's storage at ``url``, its tables created on first use. Two processes creating them on one
+    database server at once collide (PostgreSQL: duplicate type "studydirection"): the one that loses
+    finds them made when it tries again."""
+
+    def create() -> optuna.storages.RDBStorage:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
+        )
+
+    for attempt in range(_CREATE_TRIES - 1):
+        try:
+            return create()
+        except sqlalchemy.exc.SQLAlchemyError:
+            time.sleep(1 + attempt)
+    return create()
 
 
 def _fail_killed_trials(study: optuna.Study, root: Path) -> None:
