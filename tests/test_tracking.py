@@ -15,6 +15,8 @@ from catdog.core.errors import CatdogError
 from catdog.core.paths import Paths
 from catdog.data import integrity
 from catdog.serving import pyfunc
+from catdog.tracking import study
+from catdog.tracking.copies import derive_run
 
 from conftest import build_params, client_for, jpeg_bytes, read_csv, run_id, seed_store
 
@@ -154,6 +156,32 @@ def test_dvc_experiment_name_is_tag_and_run_name(mlflow_store, tmp_path, params,
     assert logged.data.tags["dvc.exp_name"] == "gusty-lamb"
     assert logged.data.tags["dvc.baseline_rev"] == "0123abcd"
     assert logged.info.run_name == "gusty-lamb"
+
+
+def test_a_tune_trial_run_is_a_child_of_its_study_run(mlflow_store, tmp_path, params, monkeypatch):
+    """catdog tune passes the parent in CATDOG_PARENT_RUN_ID; a run derived from the trial's takes the
+    parent of its own process, not its source's."""
+    root = tmp_path
+    parent = study.open_study_run(root, params.tracking.experiment_name, "s", "train.lr: [0.1]\n", {"k": "v"})
+    assert study.open_study_run(root, params.tracking.experiment_name, "s", "", {}) == parent  # found, not new
+    monkeypatch.setenv("CATDOG_PARENT_RUN_ID", parent)
+    with tracking.start_run(params, Paths.under(root)) as run:
+        pass
+    store = client_for(mlflow_store)
+    assert store.get_run(run.run_id).data.tags["mlflow.parentRunId"] == parent
+    monkeypatch.delenv("CATDOG_PARENT_RUN_ID")
+    derived = derive_run(store, run.run_id, drop=set())
+    assert "mlflow.parentRunId" not in store.get_run(derived).data.tags
+    logged = store.get_run(parent)
+    assert logged.data.tags["catdog.study"] == "s" and logged.data.tags["k"] == "v"
+    assert logged.info.status == "RUNNING"
+    summary = {"study": "s", "best": {"experiment": "s-0", "value": 0.5, "params": {"train.lr": 0.1}}}
+    study.record_study(root, parent, {**summary, "trials": {"complete": 1}}, "val_loss", {}, "number,value\n0,0.5\n")
+    study.end_study_run(root, parent)
+    logged = store.get_run(parent)
+    assert logged.data.metrics["best_val_loss"] == 0.5 and logged.data.tags["catdog.best.train.lr"] == "0.1"
+    assert logged.info.status == "FINISHED"
+    assert {a.path for a in store.list_artifacts(parent)} == {"search_space.yaml", "study.json", "trials.csv"}
 
 
 def test_params_hash_changes_with_any_param():

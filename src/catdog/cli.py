@@ -1,11 +1,12 @@
 """The ``catdog`` command: ``catdog predict PATH...``, ``catdog spark-predict SOURCE OUTPUT``,
-``catdog sync``, ``catdog --version``."""
+``catdog tune --space FILE``, ``catdog sync``, ``catdog --version``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 from importlib.metadata import version
 from pathlib import Path
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     spark_cmd.add_argument("--master", default=None, help="Spark master URL (default: spark-submit's, else local[*])")
     spark_cmd.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch an executor holds")
+    _add_tune(commands)
     commands.add_parser(
         "sync",
         help="send the MLflow writes a tracking-server outage held back",
@@ -93,14 +95,65 @@ class _HelpFormatter(argparse.HelpFormatter):
             self._action_max_length = max(self._action_max_length, longest + self._current_indent + 2)
 
 
+def _add_tune(commands) -> None:
+    tune_cmd = commands.add_parser(
+        "tune",
+        help="search params.yaml for the best model: an Optuna study, each trial a DVC experiment",
+        description="Run an Optuna study (TPE) over a search space: each trial is `dvc exp run --temp` with its "
+        "params (a DVC experiment <study>-<k>, the workspace untouched) and an MLflow run under the study's parent "
+        "run. Stopped and started again with the same --study, it continues. See docs/search.md.",
+    )
+    tune_cmd.add_argument("--space", type=Path, required=True, help="YAML search space (e.g. params/search-cpu.yaml)")
+    tune_cmd.add_argument("--study", type=_study_name, help="study name (default: the space file's name)")
+    tune_cmd.add_argument("--trials", type=_positive_int, help="the study's total number of trials")
+    tune_cmd.add_argument("--timeout", type=_positive_float, metavar="MINUTES", help="stop starting trials after this")
+    tune_cmd.add_argument("--metric", default="val_loss", help="key of reports/train/metrics.json (default val_loss)")
+    tune_cmd.add_argument(
+        "--direction", choices=("minimize", "maximize"), help="default: minimize a *loss metric, else maximize"
+    )
+    tune_cmd.add_argument("--storage", help="Optuna RDB URL (default: sqlite optuna.db beside mlflow.db)")
+    tune_cmd.add_argument("--seed", type=int, default=42, help="the sampler's seed (default 42)")
+    tune_cmd.add_argument("--json", action="store_true", help="end with one JSON line: the study's summary")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "tune" and args.trials is None and args.timeout is None:
+        parser.error("tune needs a budget: --trials N and/or --timeout MINUTES")
     try:
-        commands = {"sync": lambda _: sync(), "predict": _predict, "spark-predict": _spark_predict}
+        commands = {"sync": lambda _: sync(), "predict": _predict, "spark-predict": _spark_predict, "tune": _tune}
         return commands[args.command](args)
     except CatdogError as exc:
         print(f"catdog: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from catdog.search import report
+    from catdog.search.study import Search, tune
+
+    metric = args.metric
+    search = Search(
+        root=_project_root("run catdog tune inside the project"),
+        space=args.space.resolve(),
+        study=args.study or _default_study(args.space),
+        trials=args.trials,
+        timeout_min=args.timeout,
+        metric=metric,
+        direction=args.direction or ("minimize" if metric.endswith("loss") else "maximize"),
+        storage=args.storage,
+        seed=args.seed,
+    )
+    try:
+        study = tune(search)
+    except KeyboardInterrupt:
+        print(f"catdog: tune stopped; `catdog tune --study {search.study} ...` continues it", file=sys.stderr)
+        return 130
+    print(report.best_table(study, metric))
+    if args.json:
+        print(json.dumps(report.summarise(study)))
+    return 0
 
 
 def sync() -> int:
@@ -172,6 +225,30 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
     return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text!r}")
+    return value
+
+
+def _study_name(text: str) -> str:
+    """Also the prefix of its DVC experiments' names (git refs): letters, digits, ``-_.``."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text):
+        raise argparse.ArgumentTypeError(f"must be letters, digits, '-', '_' or '.', got {text!r}")
+    return text
+
+
+def _default_study(space: Path) -> str:
+    try:
+        return _study_name(space.stem)
+    except argparse.ArgumentTypeError as exc:
+        raise CatdogError(f"--study: the space file's name {exc}: pass --study NAME") from None
 
 
 def default_model() -> Path:

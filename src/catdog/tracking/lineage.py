@@ -17,6 +17,9 @@ CHECKPOINT_TAG = "catdog.checkpoint_md5"
 CLASSES_PARAM = "catdog.classes"  # JSON list of the class names, as the model outputs them
 FAILED_STAGE_TAG = "catdog.failed_stage"
 REUSED_TAG = "catdog.reused_from"
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: the UI nests the run under its parent
+# Set by `catdog tune` for each trial's `dvc exp run`: the study's parent run (catdog.tracking.study).
+PARENT_RUN_ENV = "CATDOG_PARENT_RUN_ID"
 RESULTS_TAG = "catdog.results."  # + stage name: "logged" or "copied"
 RUN_OWN_TAGS = {
     "mlflow.runName",
@@ -28,6 +31,7 @@ RUN_OWN_TAGS = {
     "catdog.stage",
     "catdog.stopped",
     FAILED_STAGE_TAG,
+    PARENT_TAG,  # a derived run takes this process's parent (dvc_exp_tags), never its source's
 }
 # Set by DVC for every stage of `dvc exp run`, in the workspace and in queued runs (.dvc/tmp/exps);
 # not by a plain `dvc repro`.
@@ -50,7 +54,11 @@ def lineage_tags(params: Params, paths: Paths) -> dict[str, str]:
 
 
 def dvc_exp_tags() -> dict[str, str]:
-    return {tag: os.environ[env] for env, tag in DVC_EXP_TAGS.items() if os.environ.get(env)}
+    """The DVC experiment this process runs in and, for a trial of ``catdog tune``, its study's parent run."""
+    tags = {tag: os.environ[env] for env, tag in DVC_EXP_TAGS.items() if os.environ.get(env)}
+    if os.environ.get(PARENT_RUN_ENV):
+        tags[PARENT_TAG] = os.environ[PARENT_RUN_ENV]
+    return tags
 
 
 def copied_tag(key: str) -> bool:

@@ -1,0 +1,223 @@
+"""``catdog tune`` for real: Optuna studies whose trials are ``dvc exp run --temp`` experiments of a
+throwaway copy of the project (tests/dvc_project.py, tiny images, one epoch) and MLflow runs under
+the study's parent run, in the project's sqlite stores and on a throwaway PostgreSQL server.
+
+One project serves the module (DVC's run-cache keeps prepare from running more than once or twice):
+bad spaces and refused combinations first (no run at all), then two processes sharing a study on
+sqlite, a study killed during a trial and started again, two processes sharing a study on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import test_tracking_server
+
+import dvc_project as dp
+from dvc_project import TINY_PARAMS, Project, tool
+
+pytestmark = pytest.mark.slow
+postgres = test_tracking_server.postgres  # the throwaway PostgreSQL cluster (skips without Debian's binaries)
+
+LR_SPACE = "train.lr: {low: 0.0005, high: 0.02, log: true}\n"
+TUNE_TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Project:
+    params = {
+        **TINY_PARAMS,
+        "train": {**TINY_PARAMS["train"], "epochs": 1},
+        "export": {"registered_model_name": None},  # no registry: the trials' runs are what is checked
+    }
+    proj = dp.copy_project(tmp_path_factory.mktemp("tune") / "project", params)
+    (proj.root / "lr.yaml").write_text(LR_SPACE)  # untracked: --temp experiments carry the workspace's changes
+    return proj
+
+
+def tune(proj: Project, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = proj.run(tool("catdog"), "tune", *args, check=False, timeout=TUNE_TIMEOUT, env=env)
+    if check and proc.returncode != 0:
+        pytest.fail(dp.describe(proc), pytrace=False)
+    return proc
+
+
+def start_tune(proj: Project, log: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [tool("catdog"), "tune", *args],
+            cwd=proj.root,
+            env=env or proj.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a kill reaches only it: the test's own process group stays out
+        )
+
+
+def wait(process: subprocess.Popen, log: Path) -> str:
+    try:
+        code = process.wait(TUNE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"catdog tune still running after {TUNE_TIMEOUT} s\n{dp.tail(log.read_text())}", pytrace=False)
+    output = log.read_text()
+    assert code == 0, f"catdog tune exited with {code}\n{dp.tail(output)}"
+    return output
+
+
+def study(proj: Project, name: str, storage: str | None = None) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage or f"sqlite:///{proj.root}/optuna.db")
+
+
+def experiments(proj: Project) -> dict[str, dict]:
+    """``dvc exp show``'s experiments: name -> their params.yaml."""
+    shown = json.loads(proj.dvc("exp", "show", "--json").stdout)
+    found = {}
+    for baseline in shown:
+        for exp_range in baseline.get("experiments") or []:
+            for rev in exp_range["revs"]:
+                data = rev.get("data") or {}
+                found[exp_range.get("name") or rev.get("name")] = data["params"]["params.yaml"]["data"]
+    return found
+
+
+def children(proj: Project, parent_id: str) -> dict[str, object]:
+    runs = proj.client().search_runs([proj.experiment_id()], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return {run.info.run_name: run for run in runs}
+
+
+def parent_run(proj: Project, name: str):
+    runs = [r for r in proj.runs() if r.data.tags.get("catdog.study") == name]
+    assert len(runs) == 1, f"{len(runs)} parent runs of study {name!r}"
+    return runs[0]
+
+
+# --------------------------------------------------------------------------- no run at all
+
+
+def test_a_bad_space_stops_before_any_trial(project):
+    """Every kind of bad entry: tests/test_search_space.py; here the command's exit code and one line."""
+    (project.root / "bad.yaml").write_text("train.lr: [0.001]\ntrain.lrr: [0.1]\n")
+    proc = tune(project, "--space", "bad.yaml", "--trials", "1", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "bad.yaml: train.lrr: unknown key" in lines[0], dp.describe(
+        proc
+    )
+    assert not (project.root / "optuna.db").exists(), "a study was opened for a bad space"
+
+
+def test_a_combination_params_refuse_is_pruned_without_a_run(project):
+    (project.root / "refused.yaml").write_text("train.head: [logistic]\ntrain.epochs: [2]\n")  # logistic: epochs 1
+    proc = tune(project, "--space", "refused.yaml", "--trials", "2", "--json")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary == {"study": "refused", "best": None, "trials": {"complete": 0, "failed": 0, "pruned": 2}}
+    for trial in study(project, "refused").trials:  # params validation's own line, naming the key
+        assert trial.user_attrs["reason"].startswith(f"refused-{trial.number}: train.head 'logistic' is fitted once")
+    assert not children(project, parent_run(project, "refused").info.run_id)
+    assert not experiments(project)
+
+
+# --------------------------------------------------------------------------- real trials
+
+
+def test_two_processes_share_one_study_of_dvc_experiments_and_mlflow_runs(project, tmp_path):
+    params_before = (project.root / "params.yaml").read_bytes()
+    args = ("--space", "lr.yaml", "--study", "shared", "--trials", "2", "--json")
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    processes = [start_tune(project, log, *args) for log in logs]
+    outputs = [wait(process, log) for process, log in zip(processes, logs, strict=True)]
+
+    trials = study(project, "shared").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"], outputs
+    names = {t.user_attrs["experiment"] for t in trials}
+    assert names == {"shared-0", "shared-1"}
+    shown = experiments(project)
+    for trial in trials:  # each trial is a DVC experiment with its params
+        assert shown[trial.user_attrs["experiment"]]["train"]["lr"] == pytest.approx(trial.params["train.lr"])
+    assert (project.root / "params.yaml").read_bytes() == params_before, "the workspace's params.yaml changed"
+
+    parent = parent_run(project, "shared")
+    runs = children(project, parent.info.run_id)
+    assert set(runs) == names and all(run.info.status == "FINISHED" for run in runs.values())
+    assert project.artifacts(parent.info.run_id) >= {
+        "search_space.yaml",
+        "trials.csv",
+        "study.json",
+        "optimization_history.png",
+        "param_importances.png",
+    }
+    best = min(trials, key=lambda t: t.value)
+    assert parent.data.tags["catdog.best.experiment"] == best.user_attrs["experiment"]
+    summaries = [json.loads(output.strip().splitlines()[-1]) for output in outputs]
+    assert summaries[-1]["best"]["experiment"] == best.user_attrs["experiment"]
+    assert summaries[-1]["trials"] == {"complete": 2, "failed": 0, "pruned": 0}
+    assert f"dvc exp apply {best.user_attrs['experiment']}" in outputs[-1]
+
+
+def stop_during_train(proj: Project, process: subprocess.Popen, log: Path, experiment: str, signum: int) -> int:
+    """Send ``signum`` to the tune process (only it) once ``experiment``'s train stage has its MLflow run."""
+    deadline = time.monotonic() + TUNE_TIMEOUT
+
+    def started() -> bool:  # the store exists once the trial runs (reading it earlier races its creation)
+        return f"tune: {experiment} running" in log.read_text() and experiment in {r.info.run_name for r in proj.runs()}
+
+    while not started():
+        assert process.poll() is None and time.monotonic() < deadline, dp.tail(log.read_text())
+        time.sleep(1)
+    process.send_signal(signum)
+    return process.wait(120)
+
+
+def test_a_stopped_or_killed_study_continues_without_running_a_trial_twice(project, tmp_path):
+    args = ("--space", "lr.yaml", "--study", "stopped", "--trials", "3", "--seed", "7")
+    log = tmp_path / "first.log"
+    code = stop_during_train(project, start_tune(project, log, *args), log, "stopped-0", signal.SIGINT)  # Ctrl-C
+    assert code == 130 and "tune stopped" in log.read_text(), log.read_text()
+    trial = study(project, "stopped").trials[0]
+    assert trial.state.name == "FAIL" and trial.user_attrs["error"] == "interrupted: catdog tune was stopped"
+    parent = parent_run(project, "stopped")
+    assert parent.info.status == "KILLED"
+    assert children(project, parent.info.run_id)["stopped-0"].info.status == "KILLED"  # the stage stopped too
+
+    log = tmp_path / "second.log"
+    stop_during_train(project, start_tune(project, log, *args), log, "stopped-1", signal.SIGKILL)  # no cleanup
+    # (dvc and the stage follow it: PR_SET_PDEATHSIG, catdog.core.lifecycle)
+
+    proc = tune(project, *args, "--json")
+    trials = study(project, "stopped").trials
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL", "COMPLETE"], proc.stdout
+    assert trials[1].user_attrs["error"] == "its catdog tune process was killed"
+    assert [t.user_attrs["experiment"] for t in trials] == ["stopped-0", "stopped-1", "stopped-2"]
+    shown = experiments(project)
+    assert "stopped-0" not in shown and "stopped-1" not in shown and "stopped-2" in shown
+    runs = children(project, parent_run(project, "stopped").info.run_id)
+    assert runs["stopped-1"].info.status == "KILLED" and runs["stopped-2"].info.status == "FINISHED"
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["trials"] == {"complete": 1, "failed": 2, "pruned": 0}
+
+
+def test_two_processes_share_a_study_on_postgresql(project, postgres, tmp_path):
+    args = ("--space", "lr.yaml", "--study", "pg", "--trials", "2", "--storage", postgres, "--seed", "3")
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    processes = [start_tune(project, log, *args) for log in logs]
+    for process, log in zip(processes, logs, strict=True):
+        wait(process, log)
+    trials = study(project, "pg", storage=postgres).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert {t.user_attrs["experiment"] for t in trials} == {"pg-0", "pg-1"}
+    assert set(children(project, parent_run(project, "pg").info.run_id)) == {"pg-0", "pg-1"}
+    password = postgres.split(":")[2].split("@")[0]
+    assert password not in parent_run(project, "pg").data.tags["catdog.storage"]
+
+
+def test_the_budget_and_study_name_are_checked_by_the_cli(project):
+    proc = tune(project, "--space", "lr.yaml", check=False)
+    assert proc.returncode == 2 and "needs a budget" in proc.stderr
+    proc = tune(project, "--space", "lr.yaml", "--trials", "1", "--study", "no good", check=False)
+    assert proc.returncode == 2 and "--study" in proc.stderr
