@@ -91,7 +91,11 @@ class Paths:
     confusion_matrix_plot = _at(_EVALUATE, "confusion_matrix.png")
     roc_pr_plot = _at(_EVALUATE, "roc_pr_curves.png")
     reliability_plot = _at(_EVALUATE, "reliability.png")
-    confidently_wrong_plot = _at(_EVALUATE, "confidently_wrong.png")
+    confidently_wrong_plot = _at(
+        _EVALUATE, "confidently_wrong.png", doc="Each image beside its heatmaps for the class said and the true class."
+    )
+    heatmaps_plot = _at(_EVALUATE, "heatmaps.png", doc="Confidently right test images per class, with heatmaps.")
+    most_confused = _at(_EVALUATE, "most_confused.csv", doc="true, predicted, count, share of the true class.")
 
     # export
     exported = _at(_EXPORTED)
