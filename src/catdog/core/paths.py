@@ -13,6 +13,7 @@ from pathlib import Path
 # predict finds the labels and preprocessing beside whichever model.onnx it is given.
 ONNX_FILE = "model.onnx"
 PT2_FILE = "model.pt2"
+PT2_EXTRA = "catdog.json"  # inside model.pt2 (a torch.export extra file): its arch, for explanations
 LABELS_FILE = "labels.json"
 PREPROCESS_FILE = "preprocess.json"
 CARD_FILE = "MODEL_CARD.md"

@@ -8,9 +8,6 @@ and in ``torch.export.unflatten`` of its export, so one table serves the checkpo
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 import pytorch_grad_cam
 import torch
@@ -19,6 +16,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from catdog.core.errors import CatdogError
+from catdog.explain.gradients import weights_without_grad
 
 _LITE, _TORCHVISION_FEATURES = "backbone.net._conv_head", "backbone.features"
 TARGET_LAYERS = {
@@ -60,13 +58,16 @@ def activation_maps(
 ) -> np.ndarray:
     """[N, H, W] float32 in [0, 1] (H, W: the input's): where ``images`` (the model's input) show ``classes[i]``.
 
-    Gradients are on for the maps alone: flowing to the input, none to the weights, which stay as they were."""
+    Gradients are on for the maps alone, from the output back to the target layer; the weights stay as they were."""
     if method not in CAM_METHODS:
         raise CatdogError(f"unknown class activation method {method!r}: choose one of {', '.join(CAM_METHODS)}")
     if not len(images):
         return np.zeros((0, *images.shape[-2:]), np.float32)
-    cam = CAM_METHODS[method](model=model.eval(), target_layers=[target_layer(model, arch)])
-    cam.compute_input_gradient = True  # the weights may be frozen: the input carries the graph
+    layer = target_layer(model, arch)
+    # The graph starts at the layer's output (hooked before the library's hooks): the backward pass stops
+    # there, and neither the weights nor the layers below it compute or hold a gradient.
+    graph_start = layer.register_forward_hook(lambda _module, _inputs, output: output.detach().requires_grad_(True))
+    cam = CAM_METHODS[method](model=model.eval(), target_layers=[layer])
     try:
         with torch.enable_grad(), weights_without_grad(model):
             maps = [
@@ -75,20 +76,8 @@ def activation_maps(
             ]
     finally:
         cam.activations_and_grads.release()
+        graph_start.remove()
     return np.concatenate(maps).astype(np.float32)
-
-
-@contextlib.contextmanager
-def weights_without_grad(model: nn.Module) -> Iterator[None]:
-    """No weight gradients are computed or kept; each weight's ``requires_grad`` is restored after."""
-    flags = [(weight, weight.requires_grad) for weight in model.parameters()]
-    try:
-        for weight, _ in flags:
-            weight.requires_grad_(False)
-        yield
-    finally:
-        for weight, flag in flags:
-            weight.requires_grad_(flag)
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray) -> np.ndarray:

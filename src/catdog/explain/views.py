@@ -15,7 +15,7 @@ import torch
 
 from catdog.core import plots
 from catdog.data.images import decode_image, read_file, resize
-from catdog.explain.cam import weights_without_grad
+from catdog.explain.gradients import weights_without_grad
 from catdog.models.factory import Classifier
 
 ACTIVATION_CHANNELS = 8  # the most active channels shown per stage
@@ -39,7 +39,7 @@ def stage_outputs(model: Classifier, images: torch.Tensor) -> list[tuple[int, to
 def load_image(path: Path, config: dict) -> torch.Tensor:
     """One file decoded as prepare and predict do, at the model's input size: [1, 3, H, W] in [0, 1]."""
     pixels = resize(decode_image(read_file(path, MAX_IMAGE_BYTES), config["cache_size"]), config["image_size"])
-    return torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+    return torch.tensor(pixels).permute(2, 0, 1)[None].float() / 255
 
 
 def activations(model: Classifier, image: torch.Tensor, path: Path, title: str) -> Path:
