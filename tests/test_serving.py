@@ -107,7 +107,8 @@ def test_registered_model_carries_signature_example_and_pinned_requirements(pipe
     requirements = (folder / "requirements.txt").read_text().split()
     for package in ("mlflow", "onnxruntime", "numpy", "pandas", "pillow"):
         assert any(r.startswith(f"{package}==") for r in requirements), requirements
-    assert {"model.onnx", "labels.json", "preprocess.json"} <= {f.name for f in (folder / "artifacts").iterdir()}
+    stored = {f.name for f in (folder / "artifacts").iterdir()}
+    assert {"model.onnx", "model.pt2", "labels.json", "preprocess.json"} <= stored  # model.pt2: predict --explain
     assert (folder / "code" / "catdog" / "serving" / "predict.py").is_file()  # loadable where catdog is not installed
     assert not (folder / "code" / "catdog" / "serving" / "pyfunc.py").exists()  # stored once, as the model's code
 
