@@ -14,6 +14,7 @@ from conftest import REPO_ROOT
 COMPARISONS = {
     *("features", "extraction", "top_epoch", "predict", "predict_naive", "epoch", "prepare"),
     *("classes_prepare", "classes_extraction", "classes_predict"),
+    "faithfulness",  # probability drops, not seconds
 }
 
 
@@ -46,6 +47,9 @@ def test_benchmark_measures_every_comparison_and_writes_json(make_dataset, tmp_p
     report = json.loads(out.read_text())
     results = {r["benchmark"]: r for r in report["results"]}
     assert set(results) == COMPARISONS
+    faithfulness = results.pop("faithfulness")
+    assert faithfulness["count"] > 0 and faithfulness["target"] == 1.0
+    assert -1 <= faithfulness["project_drop"] <= 1 and -1 <= faithfulness["baseline_drop"] <= 1
     for r in results.values():
         assert r["project_s"] > 0 and r["baseline_s"] > 0 and r["count"] > 0
         assert r["ratio"] > 0 and r["project_per_s"] > 0 and r["baseline_per_s"] > 0
