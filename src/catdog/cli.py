@@ -78,8 +78,8 @@ def _add_explain_command(commands) -> None:
     activations.add_argument("image", type=Path, metavar="IMAGE")
     filters = views.add_parser("filters", help="the input pattern that most excites a few channels per stage")
     filters.add_argument("--channels", type=_positive_int, default=4, help="channels per stage (default 4)")
-    filters.add_argument("--steps", type=_positive_int, default=40, help="gradient ascent steps (default 40)")
-    filters.add_argument("--size", type=_positive_int, default=128, help="pattern size in pixels (default 128)")
+    filters.add_argument("--steps", type=_positive_int, default=30, help="gradient ascent steps (default 30)")
+    filters.add_argument("--size", type=_positive_int, default=96, help="pattern size in pixels (default 96)")
     for view in (activations, filters):
         view.add_argument("--model", type=Path, metavar="CHECKPOINT", help="default: models/checkpoint.pt")
         view.add_argument("--out", type=Path, metavar="DIR", help=f"default: {DEFAULT_EXPLAIN_OUT} of the project")

@@ -58,7 +58,7 @@ def activations(model: Classifier, image: torch.Tensor, path: Path, title: str) 
     return path
 
 
-def filters(model: Classifier, path: Path, title: str, channels: int = 4, size: int = 128, steps: int = 40) -> Path:
+def filters(model: Classifier, path: Path, title: str, channels: int = 4, size: int = 96, steps: int = 30) -> Path:
     """One figure: per stage, for its first ``channels`` channels, the input that maximises the channel's mean
     activation: Adam on the pixels (kept in [0, 1] by a sigmoid) from seeded noise, the weights untouched."""
     model = model.eval()
