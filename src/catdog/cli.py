@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_explain_command(commands) -> None:
     explain_cmd = commands.add_parser(
         "explain",
-        help="what the trained model's convnet sees: feature maps per stage, the patterns its channels look for",
+        help="what the trained model sees: feature maps, channel patterns",
         description="Figures of the project's trained model (models/checkpoint.pt) or --model CHECKPOINT, written as "
         f"PNGs into --out (default: {DEFAULT_EXPLAIN_OUT} of the project). See docs/explain.md.",
     )
