@@ -25,6 +25,9 @@ project throughput / baseline throughput; ``target`` where the project promises 
                   row's label and JSON (issue 27's target: recall >= 0.9 at precision >= 0.8)
   classes_*       10 classes vs 2 (target 0.9): the same images in 10 or 2 class folders, through
                   prepare, train's extraction, and `catdog predict` with a 10- or 2-output model
+  faithfulness    not a speed: the Grad-CAM maps of the model (features + logistic head fitted on the train
+                  split) on the test split; the mean drop of the predicted class's probability when the 20% most
+                  salient pixels are greyed vs a random 20% (ratio: salient / random; target 1: above chance)
 
 Peak RSS of the benchmark process and of the predict subprocess are reported too. Prints a table
 and writes every figure as JSON to ``--out`` (with the machine and the date).
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -59,10 +63,12 @@ from catdog.data.dataset import CachedImages, Split, load_split, make_loader
 from catdog.data.images import decode_image
 from catdog.data.integrity import file_md5
 from catdog.data.transforms import eval_preset
+from catdog.explain.faithfulness import deletion_test
 from catdog.models.device import resolve_runtime
 from catdog.models.engine import train_one_epoch
 from catdog.models.factory import create_model
 from catdog.models.frozen import cached_activations, split_for_training
+from catdog.models.linear_probe import fit_logistic_head
 from catdog.models.onnx_runtime import export_onnx, usable_cores
 from catdog.models.variants import VariantUnavailable, auto_order, open_runtime, quantize_int8
 from catdog.pipeline import variants
@@ -115,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
             prepare_result,
             bench_audit(model, args, prepared),
             *bench_classes(files, args, tmp / "classes"),
+            bench_faithfulness(model, args, prepared),
         ]
     report = {
         "machine": machine(),
@@ -443,6 +450,30 @@ def bench_epoch(prepared: Paths, files: list[Path]) -> dict:
     return comparison("epoch", "read prepare's uint8 cache", cached_s, "decode every JPEG again", decoded_s, count)
 
 
+def bench_faithfulness(model, args, prepared: Paths) -> dict:
+    """The deletion test of catdog.explain.faithfulness on a copy of ``model`` with a logistic head fitted on
+    the train split's features; its ``project_drop``/``baseline_drop`` are probabilities, not seconds."""
+    model = copy.deepcopy(model).eval()
+    train = split_images(prepared, args)
+    with torch.inference_mode():
+        features = torch.cat([model.embed(batch) for batch in stacked_batches(train, args.batch_size)])
+    fit_logistic_head(model.head, features, torch.as_tensor(train.split.labels), c=0.01)
+    test = load_split(prepared, "test")
+    images = CachedImages(prepared, test, eval_preset(args.image_size))
+    count = min(len(images), args.model_images)
+    deletion = deletion_test(model, args.arch, torch.stack([images[i][0] for i in range(count)]))
+    return {
+        "benchmark": "faithfulness",
+        "count": count,
+        "project": "grey the 20% most salient pixels (Grad-CAM)",
+        "project_drop": round(deletion.salient_drop, 4),
+        "baseline": "grey a random 20%",
+        "baseline_drop": round(deletion.random_drop, 4),
+        "ratio": round(deletion.ratio, 2),
+        "target": 1.0,
+    }
+
+
 def timed(work) -> float:
     started = time.perf_counter()
     work()
@@ -496,11 +527,12 @@ def machine() -> dict:
 
 
 def print_table(report: dict) -> None:
-    print(f"{'benchmark':<14} {'project/s':>10} {'baseline/s':>11} {'ratio':>7} {'target':>7}  project vs baseline")
+    print(f"{'benchmark':<14} {'project':>10} {'baseline':>11} {'ratio':>7} {'target':>7}  project vs baseline")
     for r in report["results"]:
         target = f"{r['target']:.2f}" if r["target"] else ""
+        project, baseline = _figures(r)
         print(
-            f"{r['benchmark']:<14} {r['project_per_s']:>10.1f} {r['baseline_per_s']:>11.1f} {r['ratio']:>7.2f} "
+            f"{r['benchmark']:<14} {project:>10} {baseline:>11} {r['ratio']:>7.2f} "
             f"{target:>7}  {r['project']} vs {r['baseline']}"
         )
     predict = next(r for r in report["results"] if r["benchmark"] == "predict")
@@ -523,11 +555,19 @@ def markdown_table(report: dict) -> str:
     ]
     for r in report["results"]:
         target = f"{r['target']:.2f}: {'met' if r['ratio'] >= r['target'] else '**not met**'}" if r["target"] else ""
+        project, baseline = _figures(r)
         lines.append(
-            f"| {r['benchmark']}: {r['project']} vs {r['baseline']} | {r['project_per_s']:,.1f}/s "
-            f"| {r['baseline_per_s']:,.1f}/s | {r['ratio']:.2f} | {target} |"
+            f"| {r['benchmark']}: {r['project']} vs {r['baseline']} | {project} | {baseline} | {r['ratio']:.2f} "
+            f"| {target} |"
         )
     return "\n".join(lines)
+
+
+def _figures(result: dict) -> tuple[str, str]:
+    """Throughputs (images/s), or faithfulness's probability drops."""
+    if "project_drop" in result:
+        return f"-{result['project_drop']:.4f} p", f"-{result['baseline_drop']:.4f} p"
+    return f"{result['project_per_s']:,.1f}/s", f"{result['baseline_per_s']:,.1f}/s"
 
 
 if __name__ == "__main__":

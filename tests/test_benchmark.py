@@ -16,6 +16,7 @@ COMPARISONS = {
     *("classes_prepare", "classes_extraction", "classes_predict"),
     "audit",
     *("variant_int8", "predict_auto"),
+    "faithfulness",  # probability drops, not seconds
 }
 WHERE_BF16 = {"variant_bf16"}  # only on a CPU with bf16 units
 
@@ -48,7 +49,10 @@ def test_benchmark_measures_every_comparison_and_writes_json(make_dataset, tmp_p
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(out.read_text())
     results = {r["benchmark"]: r for r in report["results"]}
-    assert COMPARISONS <= set(results) <= COMPARISONS | WHERE_BF16
+    faithfulness = results.pop("faithfulness")
+    assert faithfulness["count"] > 0 and faithfulness["target"] == 1.0
+    assert -1 <= faithfulness["project_drop"] <= 1 and -1 <= faithfulness["baseline_drop"] <= 1
+    assert COMPARISONS - {"faithfulness"} <= set(results) <= COMPARISONS | WHERE_BF16
     assert results["predict_auto"]["target"] == 1.6 and results["predict_auto"]["peak_rss_mb"] > 0
     for r in results.values():
         assert r["project_s"] > 0 and r["baseline_s"] > 0 and r["count"] > 0

@@ -162,7 +162,11 @@ def test_evaluate_writes_metrics_predictions_and_confusion_matrix(pipeline):
     metrics = json.loads(reports.joinpath("metrics.json").read_text())
     assert set(metrics) == {"accuracy", "log_loss", "roc_auc", "f1", "ece"}  # the headline DVC metrics
     details = json.loads(pipeline.paths.evaluate_details.read_text())
-    assert details == pytest.approx(pipeline.evaluate, abs=ROUNDED)  # every figure, rounded
+    pairs = details.pop("most_confused")  # catdog.explain: the top confused pairs
+    assert details == pytest.approx({k: v for k, v in pipeline.evaluate.items() if k != "most_confused"}, abs=ROUNDED)
+    assert [(r["true"], r["predicted"], r["count"]) for r in pairs] == [
+        (r["true"], r["predicted"], r["count"]) for r in pipeline.evaluate["most_confused"]
+    ]
     assert details["n"] == 10  # round(20 * 0.25) test images per class
     assert reports.joinpath("confusion_matrix.png").read_bytes()[:8] == PNG_SIGNATURE
 
@@ -189,6 +193,7 @@ def test_evaluate_logs_into_the_train_run(pipeline):
     assert run.data.params["evaluate.batch_size"] == str(pipeline.params.evaluate.batch_size)
     artifacts = {a.path for folder in ("plots", "reports") for a in client.list_artifacts(train_id, folder)}
     assert {"plots/confusion_matrix.png", "reports/predictions.csv"} <= artifacts
+    assert {"plots/confidently_wrong.png", "plots/heatmaps.png", "reports/most_confused.csv"} <= artifacts
 
 
 def test_evaluate_writes_curves_and_diagnostic_plots(pipeline):
@@ -436,6 +441,20 @@ def test_evaluate_three_classes_writes_every_report(three_classes):
     assert list(read_csv(reports / "pr.csv")[0]) == ["recall", "precision"]
     for name in ("confusion_matrix.png", "roc_pr_curves.png", "reliability.png", "confidently_wrong.png"):
         assert (reports / name).read_bytes()[:8] == PNG_SIGNATURE, name
+    # catdog.explain: the heatmaps of right images of every class, the confused pairs as predictions.csv has them
+    assert (reports / "heatmaps.png").read_bytes()[:8] == PNG_SIGNATURE and (
+        reports / "heatmaps.png"
+    ).stat().st_size > 20_000
+    confused = read_csv(paths.most_confused)
+    wrong = [(r["actual"], r["predicted"]) for r in rows if r["actual"] != r["predicted"]]
+    assert sorted((r["true"], r["predicted"], int(r["count"])) for r in confused) == sorted(
+        (pair[0], pair[1], wrong.count(pair)) for pair in set(wrong)
+    )
+    assert [int(r["count"]) for r in confused] == sorted((int(r["count"]) for r in confused), reverse=True)
+    assert details["most_confused"] == [
+        {**r, "count": int(r["count"]), "share": float(r["share"])} for r in confused[:3]
+    ]
+    assert len(results["notes"]) == len(confused[:3])  # the summary's lines (catdog.pipeline.stage.summary_line)
 
 
 def test_evaluate_three_classes_logs_summary_metrics_and_the_table(three_classes):

@@ -2,11 +2,12 @@
 
 A static (AST) check of every ``import`` in ``src/catdog``, lazy ones inside functions too:
 
-    cli -> search -> pipeline -> serving -> tracking, audit -> data, models -> core
+    cli -> search -> pipeline -> serving -> tracking, audit, explain -> data, models -> core
 
 A module may import its own subpackage and any layer below its own; ``data`` and ``models`` are
-siblings that do not import each other, nor do ``tracking`` and ``audit`` (the label-issue audit:
-scikit-learn and cleanlab on features, no MLflow). ``mlflow`` is imported only by ``catdog.tracking`` and by
+siblings that do not import each other, nor do ``tracking``, ``audit`` (the label-issue audit:
+scikit-learn and cleanlab on features, no MLflow) and ``explain`` (the class activation maps and the
+other views of a model: no MLflow in them). ``mlflow`` is imported only by ``catdog.tracking`` and by
 the registered model's own file, ``catdog.serving.pyfunc``.
 """
 
@@ -24,6 +25,7 @@ LAYERS = {
     "models": 1,
     "tracking": 2,
     "audit": 2,
+    "explain": 2,
     "serving": 3,
     "pipeline": 4,
     "search": 5,

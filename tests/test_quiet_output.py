@@ -80,6 +80,15 @@ def test_summary_line_shows_the_headline_figures():
     assert summary_line("train", {"val_accuracy": 0.5, "best_epoch": 2}) == "train: val_accuracy 0.5, best_epoch 2"
 
 
+def test_summary_notes_follow_on_their_own_lines():
+    results = {"accuracy": 0.75, "notes": ["confused a -> b: 3 (60% of a)", "confused b -> a: 1 (10% of b)"]}
+    assert summary_line("evaluate", results).splitlines() == [
+        "evaluate: accuracy 0.75",
+        "evaluate: confused a -> b: 3 (60% of a)",
+        "evaluate: confused b -> a: 1 (10% of b)",
+    ]
+
+
 def test_summary_line_keeps_to_ten_figures():
     line = summary_line("export", {f"figure{i}": i for i in range(12)})
     assert line.count(",") == 9 and line.endswith("figure9 9 (+2 more: CATDOG_DEBUG=1 prints all)")

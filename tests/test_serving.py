@@ -111,7 +111,7 @@ def test_registered_model_carries_signature_example_and_pinned_requirements(pipe
     requirements = (folder / "requirements.txt").read_text().split()
     for package in ("mlflow", "onnxruntime", "numpy", "pandas", "pillow"):
         assert any(r.startswith(f"{package}==") for r in requirements), requirements
-    artifacts = {"model.onnx", "labels.json", "preprocess.json", "variants.json", "model.int8.onnx"}
+    artifacts = {"model.onnx", "model.pt2", "labels.json", "preprocess.json", "variants.json", "model.int8.onnx"}
     assert artifacts <= {f.name for f in (folder / "artifacts").iterdir()}
     # each model file stored once: the int8 variant has its own, bf16 compiles model.onnx
     assert sorted(f.name for f in folder.rglob("*.onnx")) == ["model.int8.onnx", "model.onnx"]

@@ -1,5 +1,5 @@
-"""The ``catdog`` command: ``catdog predict PATH...``, ``catdog spark-predict SOURCE OUTPUT``,
-``catdog tune --space FILE``, ``catdog sync``, ``catdog --version``."""
+"""The ``catdog`` command: ``catdog predict PATH...``, ``catdog explain {activations,filters}``,
+``catdog spark-predict SOURCE OUTPUT``, ``catdog tune --space FILE``, ``catdog sync``, ``catdog --version``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 from catdog.core.errors import CatdogError
-from catdog.core.paths import find_root
+from catdog.core.paths import Paths, find_root
+
+DEFAULT_EXPLAIN_OUT = Path("reports/explain")  # catdog explain's figures, under the project root
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         "has none)",
     )
     predict_cmd.add_argument("--batch-size", type=int, default=16)  # ORT activations: 368 MB peak RSS vs 1.1 GB at 64
+    predict_cmd.add_argument(
+        "--explain",
+        type=Path,
+        metavar="DIR",
+        help="also write, per file, a class activation map (Grad-CAM) over the image (DIR/<name>.png) and the raw "
+        "map (DIR/<name>.npy, float32 HxW in [0, 1] at the model's input size), for the top label",
+    )
+    predict_cmd.add_argument("--explain-class", metavar="NAME", help="with --explain: the map of this class instead")
     spark_cmd = commands.add_parser(
         "spark-predict",
         help="classify a folder, glob or bucket on Spark, into Parquet",
@@ -75,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     spark_cmd.add_argument("--master", default=None, help="Spark master URL (default: spark-submit's, else local[*])")
     spark_cmd.add_argument("--batch-size", type=_positive_int, default=16, help="images per batch an executor holds")
     _add_tune(commands)
+    _add_explain_command(commands)
     commands.add_parser(
         "sync",
         help="send the MLflow writes a tracking-server outage held back",
@@ -116,13 +127,38 @@ def _add_tune(commands) -> None:
     tune_cmd.add_argument("--json", action="store_true", help="end with one JSON line: the study's summary")
 
 
+def _add_explain_command(commands) -> None:
+    explain_cmd = commands.add_parser(
+        "explain",
+        help="what the trained model sees: feature maps, channel patterns",
+        description="Figures of the project's trained model (models/checkpoint.pt) or --model CHECKPOINT, written as "
+        f"PNGs into --out (default: {DEFAULT_EXPLAIN_OUT} of the project). See docs/explain.md.",
+    )
+    views = explain_cmd.add_subparsers(dest="view", required=True, metavar="VIEW")
+    activations = views.add_parser("activations", help="feature maps of one image at each stage of the backbone")
+    activations.add_argument("image", type=Path, metavar="IMAGE")
+    filters = views.add_parser("filters", help="the input pattern that most excites a few channels per stage")
+    filters.add_argument("--channels", type=_positive_int, default=4, help="channels per stage (default 4)")
+    filters.add_argument("--steps", type=_positive_int, default=30, help="gradient ascent steps (default 30)")
+    filters.add_argument("--size", type=_positive_int, default=96, help="pattern size in pixels (default 96)")
+    for view in (activations, filters):
+        view.add_argument("--model", type=Path, metavar="CHECKPOINT", help="default: models/checkpoint.pt")
+        view.add_argument("--out", type=Path, metavar="DIR", help=f"default: {DEFAULT_EXPLAIN_OUT} of the project")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "tune" and args.trials is None and args.timeout is None:
         parser.error("tune needs a budget: --trials N and/or --timeout MINUTES")
     try:
-        commands = {"sync": lambda _: sync(), "predict": _predict, "spark-predict": _spark_predict, "tune": _tune}
+        commands = {
+            "sync": lambda _: sync(),
+            "predict": _predict,
+            "spark-predict": _spark_predict,
+            "tune": _tune,
+            "explain": _explain,
+        }
         return commands[args.command](args)
     except CatdogError as exc:
         print(f"catdog: error: {exc}", file=sys.stderr)
@@ -169,13 +205,15 @@ def _predict(args: argparse.Namespace) -> int:
     from catdog.serving.predict import ExportedModel, expand_paths, predict
 
     model = ExportedModel.load(args.model or default_model(), args.precision)
+    explain, explain_class = _explainer(args, model)
     top_k = min(args.top_k, len(model.classes))
     table = Table(model.classes, top_k)
     if args.format == "table":
         print(table.header())
     predicted = failed = 0
     try:
-        for result in predict(model, expand_paths(args.paths), args.batch_size, args.tta, top_k):
+        files = expand_paths(args.paths)
+        for result in predict(model, files, args.batch_size, args.tta, top_k, explain, explain_class):
             predicted += "label" in result
             failed += "error" in result
             line = json.dumps(result, allow_nan=False) if args.format == "json" else table.row(result)
@@ -194,6 +232,47 @@ def _spark_predict(args: argparse.Namespace) -> int:
     model = args.model or default_registered_model()
     written = spark_predict(args.source, args.output, model, args.master, args.batch_size)
     print(f"catdog: {written.files} files, {written.errors} errors -> {args.output}")
+
+
+def _explainer(args: argparse.Namespace, model) -> tuple:
+    """(the Explainer of --explain or None, the class index of --explain-class or None)."""
+    if args.explain is None:
+        if args.explain_class is not None:
+            raise CatdogError("--explain-class needs --explain DIR")
+        return None, None
+    if args.explain_class is not None and args.explain_class not in model.classes:
+        raise CatdogError(f"unknown --explain-class {args.explain_class!r}: the model's classes are {model.classes}")
+    from catdog.core.paths import PT2_FILE
+    from catdog.explain.exported import Explainer
+
+    chosen = model.classes.index(args.explain_class) if args.explain_class is not None else None
+    return Explainer(model.source.parent / PT2_FILE, args.explain), chosen
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from catdog.data.images import BadImage
+    from catdog.explain import views
+    from catdog.models.factory import load_checkpoint
+
+    root = find_root(Path.cwd())
+    if args.model is None and root is None:
+        raise CatdogError(f"no catdog project here (no dvc.yaml in {Path.cwd()} or above): pass --model CHECKPOINT")
+    checkpoint = args.model or Paths.under(root).checkpoint
+    out = args.out or (root or Path.cwd()) / DEFAULT_EXPLAIN_OUT
+    model, config = load_checkpoint(checkpoint)
+    name = f"{config['arch']} ({checkpoint.name})"
+    if args.view == "activations":
+        try:
+            image = views.load_image(args.image, config)
+        except (OSError, BadImage) as exc:
+            raise CatdogError(f"cannot read {args.image}: {exc}") from None
+        written = views.activations(
+            model, image, out / f"activations-{args.image.stem}.png", f"{name}: feature maps of {args.image.name}"
+        )
+    else:
+        title = f"{name}: inputs that most excite channels of each stage"
+        written = views.filters(model, out / "filters.png", title, args.channels, args.size, args.steps)
+    print(written)
     return 0
 
 

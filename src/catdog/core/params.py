@@ -169,6 +169,18 @@ class EvaluateParams(_Section):
     tta: bool  # average with the horizontally flipped image
     calibration_bins: int = Field(ge=2)
     gallery_size: int = Field(ge=1)  # most confidently wrong test images shown
+    # the grad-cam library's method of the heatmaps (catdog.explain.cam.CAM_METHODS: the same names)
+    cam_method: Literal[
+        "gradcam",
+        "hirescam",
+        "gradcam++",
+        "xgradcam",
+        "layercam",
+        "eigencam",
+        "eigengradcam",
+        "scorecam",
+        "ablationcam",
+    ]
 
 
 class AuditParams(_Section):

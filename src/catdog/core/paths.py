@@ -13,6 +13,7 @@ from pathlib import Path
 # predict finds the labels and preprocessing beside whichever model.onnx it is given.
 ONNX_FILE = "model.onnx"
 PT2_FILE = "model.pt2"
+PT2_EXTRA = "catdog.json"  # inside model.pt2 (a torch.export extra file): its arch, for explanations
 LABELS_FILE = "labels.json"
 PREPROCESS_FILE = "preprocess.json"
 CARD_FILE = "MODEL_CARD.md"
@@ -105,7 +106,11 @@ class Paths:
     confusion_matrix_plot = _at(_EVALUATE, "confusion_matrix.png")
     roc_pr_plot = _at(_EVALUATE, "roc_pr_curves.png")
     reliability_plot = _at(_EVALUATE, "reliability.png")
-    confidently_wrong_plot = _at(_EVALUATE, "confidently_wrong.png")
+    confidently_wrong_plot = _at(
+        _EVALUATE, "confidently_wrong.png", doc="Each image beside its heatmaps for the class said and the true class."
+    )
+    heatmaps_plot = _at(_EVALUATE, "heatmaps.png", doc="Confidently right test images per class, with heatmaps.")
+    most_confused = _at(_EVALUATE, "most_confused.csv", doc="true, predicted, count, share of the true class.")
 
     # export
     exported = _at(_EXPORTED)

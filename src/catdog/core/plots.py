@@ -108,14 +108,16 @@ def reliability_diagram(
 
 
 def gallery(
-    images: list[np.ndarray],
+    images: list[np.ndarray | None],
     captions: list[str],
     path: Path,
     title: str,
     columns: int = 4,
+    panel_inches: float = 3.0,
     empty: str = "No misclassified test images",
 ) -> None:
-    """A grid of images with captions; the note ``empty`` when there is nothing to show."""
+    """A grid of images (HxWx3, or HxW drawn in a colour map) with captions, ``columns`` a row; a None
+    leaves its place blank; the note ``empty`` when there is nothing to show."""
     if not images:
         fig, ax = plt.subplots(figsize=(6, 1.5), constrained_layout=True)
         ax.text(0.5, 0.5, empty, ha="center", va="center", fontsize=13)
@@ -124,12 +126,19 @@ def gallery(
         return
     columns = min(columns, len(images))
     rows = -(-len(images) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=(panel_inches * columns, panel_inches * 1.1 * rows),
+        squeeze=False,
+        constrained_layout=True,
+    )
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, images, captions):
-        ax.imshow(image)
-        ax.set_title(caption, fontsize=9)
+        if image is not None:
+            ax.imshow(image)
+            ax.set_title(caption, fontsize=9)
     fig.suptitle(title)
     _save(fig, path)
 

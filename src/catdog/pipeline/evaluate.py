@@ -3,7 +3,10 @@
 Writes (``paths.evaluate_reports``): metrics.json (the headline figures: DVC metrics, at most 7 for any N, no class
 name in a key), details.json (every figure), per_class.csv (precision, recall, F1 and support of every class: a DVC
 plot and an MLflow artifact), predictions.csv (DVC confusion plot), roc.csv and pr.csv (DVC curve plots), PNGs of the
-confusion matrix (counts and row-normalised), ROC/PR curves, reliability diagram and the most confidently wrong images.
+confusion matrix (counts and row-normalised), ROC/PR curves, reliability diagram, the most confidently wrong images
+beside their class activation maps for the class said and the true class, heatmaps.png (confidently right images of
+each class with their maps: ``catdog.explain.evaluation``) and most_confused.csv (every confused pair, largest first;
+its top ``CONFUSED_IN_SUMMARY`` in details.json, and in the summary for more than two classes).
 
 Two classes (dogs vs cats) keep the keys of the first runs, so old and new runs compare in DVC and MLflow: the
 second class (``classes[1]``) is the positive one of ``precision``, ``recall``, ``f1``, ``roc_auc``, ``pr_auc``;
@@ -34,6 +37,7 @@ from catdog.core.paths import Paths
 from catdog.data import integrity
 from catdog.data.dataset import CachedImages, load_split, make_loader
 from catdog.data.transforms import eval_preset
+from catdog.explain import evaluation
 from catdog.models.device import resolve_runtime
 from catdog.models.engine import predict_probabilities
 from catdog.models.factory import load_checkpoint
@@ -44,6 +48,7 @@ MULTICLASS_HEADLINE = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "
 TOP_K = 5  # top-k accuracy once there are more than k classes
 TOP_K_KEY = f"top{TOP_K}_accuracy"
 PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support")
+CONFUSED_IN_SUMMARY = 3
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -53,38 +58,56 @@ def run(params: Params, paths: Paths) -> dict:
     runtime = resolve_runtime("fp32")  # the deployed model's precision: the champion is chosen on these numbers
     model, config = load_checkpoint(paths.checkpoint)
     integrity.check_classes(config["classes"], paths, str(paths.checkpoint.relative_to(paths.root)))
-    model = inference_module(runtime.prepare_model(model), config["arch"], config["image_size"], runtime)
+    classifier = runtime.prepare_model(model)  # eager: the heatmaps' gradients flow through it
+    model = inference_module(classifier, config["arch"], config["image_size"], runtime)
     test = load_split(paths, "test")
-    loader = make_loader(CachedImages(paths, test, eval_preset(config["image_size"])), p.batch_size, 0)
+    images = CachedImages(paths, test, eval_preset(config["image_size"]))
+    loader = make_loader(images, p.batch_size, 0)
 
     with tracking.stage_run(params, paths, "evaluate") as mlflow_run:
         probabilities, targets = predict_probabilities(model, loader, runtime, tta=p.tta, desc="test")
         probabilities, targets = probabilities.numpy(), targets.numpy()
         results = classification_metrics(targets, probabilities, test.classes, p.calibration_bins)
-        write_reports(
-            paths,
-            test.classes,
-            test.paths,
-            test.rows,
+        matrix = skm.confusion_matrix(targets, probabilities.argmax(1), labels=range(len(test.classes)))
+        confused = evaluation.most_confused(matrix, test.classes)
+        results["most_confused"] = confused[:CONFUSED_IN_SUMMARY]
+        reports.write_csv(paths.most_confused, evaluation.MOST_CONFUSED_COLUMNS, (r.values() for r in confused))
+        evaluation.heatmap_galleries(
+            classifier,
+            config["arch"],
+            images,
             targets,
             probabilities,
-            results,
-            p.calibration_bins,
+            p.cam_method,
             p.gallery_size,
+            (paths.confidently_wrong_plot, paths.heatmaps_plot),
         )
+        write_reports(paths, test.classes, test.paths, targets, probabilities, matrix, results, p.calibration_bins)
         # per class: the CSV (a class name is no metric key once there are more than two)
-        mlflow_run.log_metrics("test", {k: v for k, v in results.items() if k not in ("n", "per_class")})
+        mlflow_run.log_metrics("test", {k: v for k, v in results.items() if isinstance(v, float)})
         mlflow_run.log_facts({"test_images": results["n"]})
         for plot in (
             paths.confusion_matrix_plot,
             paths.roc_pr_plot,
             paths.reliability_plot,
             paths.confidently_wrong_plot,
+            paths.heatmaps_plot,
         ):
             mlflow_run.log_artifact(plot, "plots")
-        for report in (paths.predictions, paths.per_class_report, paths.roc_points, paths.pr_points):
+        for report in (
+            paths.predictions,
+            paths.per_class_report,
+            paths.roc_points,
+            paths.pr_points,
+            paths.most_confused,
+        ):
             mlflow_run.log_artifact(report, "reports")
         log_audit(mlflow_run, paths)
+    if len(test.classes) > 2:  # two classes: the confusion matrix says it all
+        results["notes"] = [
+            f"confused {r['true']} -> {r['predicted']}: {r['count']} ({r['share']:.0%} of {r['true']})"
+            for r in confused[:CONFUSED_IN_SUMMARY]
+        ]
     return results
 
 
@@ -183,18 +206,17 @@ def write_reports(
     paths: Paths,
     classes: list[str],
     files: list[str],
-    rows: np.ndarray,
     targets: np.ndarray,
     probabilities: np.ndarray,
+    matrix: np.ndarray,
     results: dict,
     calibration_bins: int,
-    gallery_size: int,
 ) -> None:
     predicted = probabilities.argmax(1)
     write_predictions(paths.predictions, classes, files, targets, probabilities)
     write_per_class(paths.per_class_report, per_class(targets, predicted, classes))
     plots.confusion_matrix(
-        skm.confusion_matrix(targets, predicted, labels=range(len(classes))),
+        matrix,
         classes,
         paths.confusion_matrix_plot,
         title=f"Test split: accuracy {results['accuracy']:.2%} (n={len(targets)})",
@@ -207,20 +229,6 @@ def write_reports(
         axes = ("Top-class confidence (mean per bin)", "Fraction correct")
     plots.reliability_diagram(
         outcomes, scores, paths.reliability_plot, calibration_bins, ece=results["ece"], name=name, axis_labels=axes
-    )
-
-    wrong = np.flatnonzero(predicted != targets)
-    worst = wrong[np.argsort(-probabilities[wrong].max(1), kind="stable")][:gallery_size]
-    images = np.load(paths.images, mmap_mode="r")
-    plots.gallery(
-        [images[rows[i]] for i in worst],
-        [
-            f"{Path(files[i]).name}\ntrue {classes[targets[i]]}, said {classes[predicted[i]]} "
-            f"({probabilities[i].max():.0%})"
-            for i in worst
-        ],
-        paths.confidently_wrong_plot,
-        title=f"Most confidently wrong test images ({len(wrong)} wrong of {len(targets)})",
     )
     reports.write_json(paths.evaluate_details, results)
     reports.write_json(paths.evaluate_metrics, headline(results, classes))  # last: all else is there

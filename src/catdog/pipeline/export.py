@@ -26,7 +26,7 @@ from catdog import tracking
 from catdog.core import atomic, reports
 from catdog.core.errors import CatdogError
 from catdog.core.params import Params
-from catdog.core.paths import CLASSES_METADATA, Paths
+from catdog.core.paths import CLASSES_METADATA, PT2_EXTRA, Paths
 from catdog.data import integrity
 from catdog.data.dataset import CachedImages, Split, load_split, split_digest
 from catdog.data.transforms import eval_preset
@@ -54,7 +54,7 @@ def run(params: Params, paths: Paths) -> dict:
     else:
         export_onnx(model, example, paths.onnx_model, p.opset, names=("image", "logits"))
     stamp_classes(paths.onnx_model, config["classes"])
-    export_pt2(model, example, paths.pt2_model)
+    export_pt2(model, example, paths.pt2_model, config["arch"])
     write_labels_and_preprocess(params, config, paths)
     exported = ExportedModel.load(paths.onnx_model)  # as `catdog predict` and the registered model load it
     integrity.check_classes(exported.classes, paths, str(paths.onnx_model.relative_to(paths.root)))
@@ -67,7 +67,7 @@ def run(params: Params, paths: Paths) -> dict:
         test_metrics = json.loads(paths.evaluate_metrics.read_text())
         card = model_card(params, config, test_metrics, results, paths)
         atomic.write_text(paths.model_card, f"{card}\n{variants.card_section(shipped)}\n")
-        # model.onnx, labels and preprocessing live in the logged model; model.pt2 only in DVC's cache
+        # model.onnx, model.pt2 (for predict --explain), labels and preprocessing live in the logged model
         mlflow_run.log_artifact(paths.model_card, "export")
         # dvc.lock as it stands now: every upstream stage's hashes (export's own entry lands after this)
         for lineage_file in (paths.params_file, paths.dvc_yaml, paths.dvc_lock):
@@ -96,6 +96,7 @@ def register(
     score = tracking.Score(accuracy, split_digest(test))
     artifacts = {
         "onnx_model": paths.onnx_model,
+        "pt2_model": paths.pt2_model,  # the differentiable copy `catdog predict --explain` needs
         "labels": paths.labels,
         "preprocess": paths.preprocess,
         "variants": paths.variants,
@@ -190,14 +191,14 @@ def example_jpeg(paths: Paths, test: Split) -> bytes:
     return buffer.getvalue()
 
 
-def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """torch.export (the successor of TorchScript): loadable with ``torch.export.load`` alone."""
+def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path, arch: str) -> None:
+    """torch.export, loadable with ``torch.export.load`` alone; ``arch`` inside (``PT2_EXTRA``) for explanations."""
     program = torch.export.export(model.eval(), (example,), dynamic_shapes={"images": {0: _batch_dim()}})
     for node in program.graph.nodes:  # stack traces name this machine's source paths
         node.meta.pop("stack_trace", None)
     # to a file object: torch names the archive's records after a file name (here a temporary one)
     with atomic.replacing(path) as temporary, temporary.open("wb") as handle:
-        torch.export.save(program, handle)
+        torch.export.save(program, handle, extra_files={PT2_EXTRA: json.dumps({"arch": arch})})
 
 
 def pt2_logits(path: Path, batch: torch.Tensor) -> np.ndarray:

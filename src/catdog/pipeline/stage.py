@@ -44,17 +44,22 @@ def main(name: str, run: Callable[[Params, Paths], dict], argv: list[str] | None
 
 
 SUMMARY_FIGURES = 10  # at most, in the summary line; CATDOG_DEBUG=1 prints every result as JSON
+NOTES = "notes"  # a result holding lines for a person (evaluate's most-confused pairs), each printed after the summary
 
 
 def summary_line(name: str, results: dict) -> str:
     """The stage's one line for a person: its headline figures (``name: accuracy 0.9904, log_loss
-    0.0421, ...``). Nested results (per class, per split) and the breakdowns of a figure shown
-    (``precision_<class>`` beside ``precision``) are left to the stage's reports."""
+    0.0421, ...``), then one line per entry of ``results[NOTES]``. Nested results (per class, per split)
+    and the breakdowns of a figure shown (``precision_<class>`` beside ``precision``) are left to the
+    stage's reports."""
+    notes = "".join(f"\n{name}: {note}" for note in results.get(NOTES, []))
+    results = {k: v for k, v in results.items() if k != NOTES}
     scalars = {k: v for k, v in results.items() if isinstance(v, (bool, int, float, str))}
     headline = [k for k in scalars if not any(k.startswith(f"{other}_") for other in scalars if other != k)]
     figures = [f"{key} {_figure(scalars[key])}" for key in headline[:SUMMARY_FIGURES]]
     more = len(results) - len(figures)
-    return f"{name}: {', '.join(figures)}" + (f" (+{more} more: CATDOG_DEBUG=1 prints all)" if more else "")
+    line = f"{name}: {', '.join(figures)}" + (f" (+{more} more: CATDOG_DEBUG=1 prints all)" if more else "")
+    return line + notes
 
 
 def _figure(value: bool | int | float | str) -> str:

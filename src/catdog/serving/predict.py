@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import json
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
@@ -32,6 +32,7 @@ class ExportedModel:
     image_size: int
     min_image_size: int = 1  # prepare's data.min_image_size (exports before it was recorded: 1)
     max_image_bytes: int | None = None  # data.max_image_bytes (exports before it was recorded: no cap)
+    source: Path | None = None  # the model.onnx loaded: the exported folder's other files lie beside it
 
     @property
     def precision(self) -> str:
@@ -60,6 +61,7 @@ class ExportedModel:
             config["image_size"],
             config.get("min_image_size", 1),
             config.get("max_image_bytes"),
+            path,
         )
 
     def read(self, path: Path) -> bytes:
@@ -138,10 +140,18 @@ def expand_paths(paths: Iterable[str]) -> list[Path]:
 
 
 def predict(
-    model: ExportedModel, files: Iterable[Path], batch_size: int = 16, tta: bool = False, top_k: int = 0
+    model: ExportedModel,
+    files: Iterable[Path],
+    batch_size: int = 16,
+    tta: bool = False,
+    top_k: int = 0,
+    explain: Callable[[list[Path], np.ndarray, list[int]], list[dict]] | None = None,
+    explain_class: int | None = None,
 ) -> Iterator[dict]:
     """One result per file, in order: {path, label, confidence} or {path, error}; with ``top_k``, also
-    ``top_k``: the ``top_k`` most probable classes, best first (all of them when there are fewer).
+    ``top_k``: the ``top_k`` most probable classes, best first (all of them when there are fewer); with
+    ``explain`` (``catdog.explain.exported.Explainer``: files, their model input, the class of each -> what it
+    wrote for each), also ``explanation``, for class ``explain_class`` or else the predicted one.
     Files decode in threads up to two batches ahead while ONNX Runtime runs the current one; at most
     those batches are held, so memory depends on the batch size, not on the number of files."""
 
@@ -160,11 +170,15 @@ def predict(
     with ThreadPoolExecutor(max_workers=usable_cores()) as pool:
         for batch in _decoded_ahead(files, load, batch_size, pool):
             good = [i for i, (_, item) in enumerate(batch) if isinstance(item, np.ndarray)]
-            probs = model.probabilities(np.stack([batch[i][1] for i in good]), tta) if good else []
-            by_index = dict(zip(good, probs))
+            inputs = np.stack([batch[i][1] for i in good]) if good else None
+            by_index = dict(zip(good, model.probabilities(inputs, tta) if good else []))
+            if explain is not None and good:
+                chosen = [explain_class if explain_class is not None else int(by_index[i].argmax()) for i in good]
+                explained = dict(zip(good, explain([batch[i][0] for i in good], inputs, chosen)))
             for i, (path, loaded) in enumerate(batch):
                 if i in by_index:
-                    yield {"path": str(path), **_ranked(by_index[i], model.classes, top_k)}
+                    result = {"path": str(path), **_ranked(by_index[i], model.classes, top_k)}
+                    yield {**result, "explanation": explained[i]} if explain is not None else result
                 else:
                     yield {"path": str(path), "error": loaded}
 
