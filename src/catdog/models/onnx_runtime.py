@@ -119,12 +119,17 @@ def content_hash(module, *identity) -> str:
     return digest.hexdigest()[:24]
 
 
-def cached_graph(module, input_shape: tuple[int, ...], *identity) -> Path:
+def graph_hash(module, input_shape: tuple[int, ...], *identity) -> str:
+    """The content hash that names frozen ``module``'s cached graph (and its cached features)."""
+    return content_hash(module, tuple(input_shape[1:]), *identity)
+
+
+def cached_graph(module, input_shape: tuple[int, ...], *identity, known_hash: str | None = None) -> Path:
     """The ONNX graph of frozen ``module`` for inputs of ``input_shape`` (batch dynamic), exported
-    on first use and then found by content hash."""
+    on first use and then found by content hash (``known_hash``: already computed by the caller)."""
     import torch
 
-    path = cache_root() / "onnx" / f"{content_hash(module, tuple(input_shape[1:]), *identity)}.onnx"
+    path = cache_root() / "onnx" / f"{known_hash or graph_hash(module, input_shape, *identity)}.onnx"
     if not path.is_file():
         with torch.random.fork_rng(devices=[]):  # training draws the same random numbers, cache hit or not
             export_onnx(module, torch.rand(2, *input_shape[1:]), path)
