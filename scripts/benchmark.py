@@ -17,6 +17,10 @@ project throughput / baseline throughput; ``target`` where the project promises 
   prepare         prepare's parallel decode (all cores) vs one process
   classes_*       10 classes vs 2 (target 0.9): the same images in 10 or 2 class folders, through
                   prepare, train's extraction, and `catdog predict` with a 10- or 2-output model
+  trial           `dvc exp run -S train.lr=0.001` vs the first `dvc repro`, on ``--trial-source``
+                  (the committed sample): a trial that changes only train params (scripts/trial_benchmark.py)
+  head_trial      `dvc exp run -S train.logistic_c=0.1` vs the first `dvc repro`, on the ``--images``
+                  of ``--source`` (target 5: a head-only change on the full zip in 1/5 of its first run)
 
 Peak RSS of the benchmark process and of the predict subprocess are reported too. Prints a table
 and writes every figure as JSON to ``--out`` (with the machine and the date).
@@ -42,6 +46,7 @@ import numpy as np
 import psutil
 import torch
 import yaml
+from trial_benchmark import SAMPLE, timed_trial
 
 from catdog.core.params import parse_params
 from catdog.core.paths import Paths
@@ -74,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=512,
         help="features, extraction, top_epoch, predict_naive: at most this many images",
     )
+    parser.add_argument("--trial-source", default=str(SAMPLE), help="trial: the images of its DVC project")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument(
         "--markdown", type=Path, metavar="JSON", help="measure nothing: print the docs' table of this report"
@@ -100,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
             bench_epoch(prepared, files),
             prepare_result,
             *bench_classes(files, args, tmp / "classes"),
+            *bench_trials(folder, args, tmp / "trials"),
         ]
     report = {
         "machine": machine(),
@@ -368,6 +375,19 @@ def bench_epoch(prepared: Paths, files: list[Path]) -> dict:
         ]
     )
     return comparison("epoch", "read prepare's uint8 cache", cached_s, "decode every JPEG again", decoded_s, count)
+
+
+def bench_trials(folder: Path, args, tmp: Path) -> list[dict]:
+    """A train-only trial on the sample and a head-only one on ``--source``'s images, each against
+    the first `dvc repro` of its project."""
+    results = []
+    for name, source, change, target in (
+        ("trial", Path(args.trial_source), "train.lr=0.001", None),
+        ("head_trial", folder, "train.logistic_c=0.1", 5.0),
+    ):
+        first_s, trial_s = timed_trial(tmp / name, source, change, args)
+        results.append(comparison(name, f"dvc exp run -S {change}", trial_s, "first dvc repro", first_s, 1, target))
+    return results
 
 
 def timed(work) -> float:
