@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="features, extraction, top_epoch, predict_naive: at most this many images",
     )
     parser.add_argument("--trial-source", default=str(SAMPLE), help="trial: the images of its DVC project")
+    parser.add_argument("--skip-trials", action="store_true", help="leave out trial and head_trial (4 dvc runs)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument(
         "--markdown", type=Path, metavar="JSON", help="measure nothing: print the docs' table of this report"
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
             bench_epoch(prepared, files),
             prepare_result,
             *bench_classes(files, args, tmp / "classes"),
-            *bench_trials(folder, args, tmp / "trials"),
+            *([] if args.skip_trials else bench_trials(folder, args, tmp / "trials")),
         ]
     report = {
         "machine": machine(),

@@ -16,7 +16,7 @@ from catdog.models.engine import predict_probabilities
 from catdog.models.factory import load_checkpoint
 from catdog.models.feature_cache import cached_features, entry_path, feature_key
 from catdog.models.frozen import inference_module, split_for_training
-from catdog.models.linear_probe import C_GRID, choose_c
+from catdog.models.linear_probe import C_GRID, C_TOLERANCE, choose_c
 from catdog.models.onnx_runtime import cache_root
 from catdog.pipeline import evaluate, train
 from catdog.pipeline.features import features_of
@@ -87,7 +87,9 @@ def _assert_c_chosen_on_val_and_logged(paths, params) -> None:
         json.loads(run.data.tags["catdog.logistic_c_val_log_loss"]),
     )
     assert len(losses) == len(C_GRID) and chosen in C_GRID and run.data.params["train.logistic_c"] == "auto"
-    assert losses[f"{chosen:g}"] == min(losses.values())
+    best = min(losses.values())  # the strongest penalty within the tolerance of the best
+    assert losses[f"{chosen:g}"] <= best * (1 + C_TOLERANCE) + 1e-5
+    assert all(loss > best * (1 + C_TOLERANCE) - 1e-5 for c, loss in losses.items() if float(c) < chosen)
     assert json.loads(paths.train_metrics.read_text()).keys() == {"best_epoch", "val_accuracy", "val_loss"}
 
 
@@ -100,7 +102,8 @@ def test_choose_c_prefers_stronger_penalty_for_noisy_features_and_weaker_for_cle
         features = torch.from_numpy(centres[labels] + rng.normal(0, noise, (150, 20)))
         split = [(features[part], torch.from_numpy(labels[part])) for part in (slice(0, 100), slice(100, None))]
         picks[noise], losses = choose_c(*split)
-        assert picks[noise] in C_GRID and losses[picks[noise]] == min(losses.values())
+        best = min(losses.values())
+        assert picks[noise] in C_GRID and losses[picks[noise]] <= best * (1 + C_TOLERANCE)
     assert picks[0.3] > picks[8.0], picks
 
 

@@ -58,14 +58,16 @@ class FrozenPart(nn.Module):
             return self._prefix[0](images)
 
 
-def export_whole_model(model: Classifier, arch: str, image_size: int, path: Path, names: tuple[str, str]) -> None:
-    """The classifier as one ONNX graph: the backbone's cached graph (the one training ran)
-    followed by the head's Linear layer: seconds, where a full export takes 15 s for Lite0."""
+def export_whole_model(
+    model: Classifier, arch: str, image_size: int, path: Path, names: tuple[str, str], metadata: dict[str, str]
+) -> None:
+    """The classifier as one ONNX graph with ``metadata``: the backbone's cached graph (the one training
+    ran) followed by the head's Linear layer: seconds, where a full export takes 15 s for Lite0."""
     prefix, _ = model.split(0)
     graph = cached_graph(prefix, (1, 3, image_size, image_size), *_identity(prefix, arch, image_size))
     linear = model.head[-1]
     weight, bias = (t.detach().cpu().float().numpy() for t in (linear.weight, linear.bias))
-    append_linear(graph, weight, bias, path, names)
+    append_linear(graph, weight, bias, path, names, metadata)
 
 
 def _identity(prefix, arch: str, image_size: int) -> tuple:

@@ -21,6 +21,7 @@ from torch import nn
 from catdog.models.engine import EpochStats
 
 C_GRID = tuple(float(c) for c in np.logspace(-3, 1, 9))  # train.logistic_c auto: 0.001 ... 10, half-decade steps
+C_TOLERANCE = 0.05  # a weaker penalty is chosen only if it lowers the best val log loss by more than 5%
 
 
 def choose_c(
@@ -29,18 +30,20 @@ def choose_c(
     class_weight: str | None = None,
     grid: tuple[float, ...] = C_GRID,
 ) -> tuple[float, dict[float, float]]:
-    """(the C of ``grid`` whose fit on ``train`` (features, labels) has the lowest val log loss,
-    {C: val log loss}); ties go to the smaller C (the stronger penalty). Fitted on train only: val
-    chooses one number among a few, the val figures train reports stay those of a head val never fitted."""
+    """(the chosen C, {C: val log loss}): each C of ``grid`` fitted on ``train`` (features, labels) as
+    ``fit_logistic_head`` fits it, then the smallest C (the strongest penalty) whose val log loss is
+    within ``C_TOLERANCE`` of the lowest: val splits are small, and their losses of neighbouring Cs differ
+    by less than their noise. Fitted on train only: val chooses one number among a few, and the val
+    figures train reports stay those of a head val never fitted."""
     (x, y), (x_val, y_val) = ((f.double().numpy(), labels.numpy()) for f, labels in (train, val))
     scaler = StandardScaler().fit(x)
     x, x_val = scaler.transform(x), scaler.transform(x_val)
-    regression = LogisticRegression(class_weight=class_weight, max_iter=2000, warm_start=True)
     losses = {}
-    for c in sorted(grid):  # strong to weak penalty, each fit started from the last: the path is cheap
-        regression.set_params(C=c).fit(x, y)
+    for c in sorted(grid):
+        regression = LogisticRegression(C=c, class_weight=class_weight, max_iter=2000).fit(x, y)
         losses[c] = log_loss(y_val, regression.predict_proba(x_val), labels=regression.classes_)
-    return min(losses, key=lambda c: (losses[c], c)), losses
+    best = min(losses.values())
+    return min(c for c, loss in losses.items() if loss <= best * (1 + C_TOLERANCE)), losses
 
 
 def fit_logistic_head(

@@ -86,9 +86,16 @@ def export_onnx(
         program.save(str(temporary))
 
 
-def append_linear(graph: Path, weight: np.ndarray, bias: np.ndarray, path: Path, names: tuple[str, str]) -> None:
+def append_linear(
+    graph: Path,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    path: Path,
+    names: tuple[str, str],
+    metadata: dict[str, str] | None = None,
+) -> None:
     """``graph`` (one input, one ``[batch, features]`` output) followed by ``x @ weight.T + bias``,
-    saved at ``path`` with the given (input, output) names."""
+    saved at ``path`` with the given (input, output) names and ``metadata`` (the model's metadata_props)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -106,6 +113,8 @@ def append_linear(graph: Path, weight: np.ndarray, bias: np.ndarray, path: Path,
     del body.output[:]
     body.output.append(helper.make_tensor_value_info(names[1], onnx.TensorProto.FLOAT, [batch, weight.shape[0]]))
     onnx.checker.check_model(model)
+    if metadata:
+        onnx.helper.set_model_props(model, {**{e.key: e.value for e in model.metadata_props}, **metadata})
     with atomic.replacing(path) as temporary:
         onnx.save(model, str(temporary))
 
