@@ -28,6 +28,10 @@ project throughput / baseline throughput; ``target`` where the project promises 
   faithfulness    not a speed: the Grad-CAM maps of the model (features + logistic head fitted on the train
                   split) on the test split; the mean drop of the predicted class's probability when the 20% most
                   salient pixels are greyed vs a random 20% (ratio: salient / random; target 1: above chance)
+  trial           `dvc exp run -S train.lr=0.001` vs the first `dvc repro`, on ``--trial-source``
+                  (the committed sample): a trial that changes only train params (scripts/trial_benchmark.py)
+  head_trial      `dvc exp run -S train.logistic_c=0.1` vs the first `dvc repro`, on the ``--images``
+                  of ``--source`` (target 5: a head-only change on the full zip in 1/5 of its first run)
 
 Peak RSS of the benchmark process and of the predict subprocess are reported too. Prints a table
 and writes every figure as JSON to ``--out`` (with the machine and the date).
@@ -55,6 +59,7 @@ import numpy as np
 import psutil
 import torch
 import yaml
+from trial_benchmark import SAMPLE, timed_trial
 
 from catdog.audit.label_issues import audit
 from catdog.core.params import load_params, parse_params
@@ -93,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
         default=512,
         help="features, extraction, top_epoch, predict_naive: at most this many images",
     )
+    parser.add_argument("--trial-source", default=str(SAMPLE), help="trial: the images of its DVC project")
+    parser.add_argument("--skip-trials", action="store_true", help="leave out trial and head_trial (4 dvc runs)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument(
         "--markdown", type=Path, metavar="JSON", help="measure nothing: print the docs' table of this report"
@@ -122,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
             bench_audit(model, args, prepared),
             *bench_classes(files, args, tmp / "classes"),
             bench_faithfulness(model, args, prepared),
+            *([] if args.skip_trials else bench_trials(folder, args, tmp / "trials")),
         ]
     report = {
         "machine": machine(),
@@ -472,6 +480,19 @@ def bench_faithfulness(model, args, prepared: Paths) -> dict:
         "ratio": round(deletion.ratio, 2),
         "target": 1.0,
     }
+
+
+def bench_trials(folder: Path, args, tmp: Path) -> list[dict]:
+    """A train-only trial on the sample and a head-only one on ``--source``'s images, each against
+    the first `dvc repro` of its project."""
+    results = []
+    for name, source, change, target in (
+        ("trial", Path(args.trial_source), "train.lr=0.001", None),
+        ("head_trial", folder, "train.logistic_c=0.1", 5.0),
+    ):
+        first_s, trial_s = timed_trial(tmp / name, source, change, args)
+        results.append(comparison(name, f"dvc exp run -S {change}", trial_s, "first dvc repro", first_s, 1, target))
+    return results
 
 
 def timed(work) -> float:

@@ -54,6 +54,7 @@ SMALL_OVERRIDES = {
     "data.workers": 1,  # in-process decode: no pool start-up cost
     "train.image_size": 64,
     "train.epochs": 2,
+    "train.head": "gradient",  # the tests of the epoch loops; head auto (logistic, one fit) has its own
     "train.batch_size": 8,
     "train.workers": 0,
     "evaluate.batch_size": 16,

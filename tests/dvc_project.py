@@ -360,7 +360,10 @@ TINY_PARAMS = {  # what every real-pipeline test here starts from: ~15 s per sta
         "limit_per_class": None,
         "workers": 1,
     },
-    "train": {"arch": "efficientnet_lite0", "image_size": 64, "epochs": 2, "batch_size": 8, "lr": 0.001, "workers": 0},
+    "train": {
+        **{"arch": "efficientnet_lite0", "image_size": 64, "epochs": 2, "batch_size": 8, "lr": 0.001, "workers": 0},
+        "head": "gradient",  # epochs and lr matter to these tests (head auto fits a logistic head once)
+    },
     "evaluate": {"batch_size": 16},
     "export": {"precision": []},  # int8/bf16 variants: tests/test_variants.py and the session pipeline
 }

@@ -80,6 +80,10 @@ def test_error_message_names_the_source_file():
         ("train.mode", "finetune", r"train\.mode must be 'features', 'head', 'top' or 'full', got 'finetune'"),
         ("train.precision", "fp16", r"train\.precision must be 'auto', 'fp32' or 'bf16', got 'fp16'"),
         ("train.monitor", "accuracy", r"train\.monitor must be 'val_loss' or 'val_accuracy'"),
+        ("train.head", "linear", r"train\.head must be 'auto', 'gradient' or 'logistic', got 'linear'"),
+        ("train.logistic_c", "best", r"train\.logistic_c must be 'auto' or > 0, got 'best'"),
+        ("train.logistic_c", True, r"train\.logistic_c must be 'auto' or > 0, got True"),
+        ("train.logistic_c", 0, r"train\.logistic_c must be 'auto' or > 0, got 0"),
     ],
 )
 def test_wrong_type_is_rejected(key, value, expected):
@@ -263,3 +267,15 @@ def test_flat_of_several_and_all_sections():
     every = params.flat()
     assert {key.split(".")[0] for key in every} == {"data", "audit", "train", "evaluate", "export", "tracking"}
     assert every["data.seed"] == 42 and every["tracking.experiment_name"] == "catdog"
+
+
+def test_head_auto_is_the_logistic_head_in_features_mode_and_the_gradient_head_elsewhere():
+    default = parse_params(repo_params_raw()).train
+    assert (default.head, default.logistic_c, default.mode) == ("auto", "auto", "features")
+    fitted = parse_params(with_value("train.logistic_c", "1e-2")).train.resolved()
+    assert (fitted.head, fitted.epochs, fitted.logistic_c) == ("logistic", 1, 0.01)  # fitted once
+    for mode in ("head", "top", "full"):
+        resolved = parse_params(with_value("train.mode", mode)).train.resolved()
+        assert (resolved.head, resolved.epochs) == ("gradient", default.epochs)
+    explicit = parse_params(with_value("train.head", "gradient")).train
+    assert explicit.resolved() is explicit

@@ -97,8 +97,9 @@ class TrainParams(_Section):
     class_weights: Literal["balanced"] | None  # inverse-frequency loss weights; val loss stays unweighted
     grad_clip_norm: Float | None = Field(gt=0)  # null: no clipping
     dropout: Float = Field(ge=0, lt=1)
-    head: Literal["gradient", "logistic"]  # logistic: features mode, standardised L2 logistic regression
-    logistic_c: Float = Field(gt=0)  # head logistic: inverse L2 strength (scikit-learn's C)
+    # logistic: features mode, standardised L2 logistic regression; auto: logistic in features mode, else gradient
+    head: Literal["auto", "gradient", "logistic"]
+    logistic_c: Literal["auto"] | Float  # head logistic: inverse L2 strength (scikit-learn's C); auto: chosen on val
     augment: bool
     monitor: Literal["val_loss", "val_accuracy"]  # picks the epoch that is kept
     early_stopping_patience: int | None = Field(ge=1)  # null: off
@@ -116,6 +117,24 @@ class TrainParams(_Section):
 
         _check(arch in ARCHITECTURES, "train.arch", f"must be one of {sorted(ARCHITECTURES)}", arch)
         return arch
+
+    @field_validator("logistic_c", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, value):
+        value = _yaml_number(value)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        positive = number and 0 < value < float("inf")
+        _check(value == "auto" or positive, "train.logistic_c", "must be 'auto' or > 0", value)
+        return value
+
+    def resolved(self) -> TrainParams:
+        """``head: auto`` made concrete: in 'features' mode the logistic head (fitted once: one epoch,
+        no schedule), in the modes where the backbone runs every epoch the gradient head."""
+        if self.head != "auto":
+            return self
+        if self.mode != "features":
+            return self.model_copy(update={"head": "gradient"})
+        return self.model_copy(update={"head": "logistic", "epochs": 1, "warmup_epochs": 0})
 
     @model_validator(mode="after")
     def _options_fit_the_mode(self):
@@ -150,7 +169,7 @@ class TrainParams(_Section):
             self.warmup_epochs,
         )
         _check(
-            self.head == "gradient" or (self.mode == "features" and self.epochs == 1),
+            self.head != "logistic" or (self.mode == "features" and self.epochs == 1),
             "train.head",
             "'logistic' is fitted once on the frozen features: needs mode 'features' and epochs 1",
             self.head,

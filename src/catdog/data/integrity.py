@@ -78,3 +78,9 @@ def file_md5(path) -> str:
     """md5 of a file, read in blocks (the checkpoint, the image cache: any size)."""
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, "md5").hexdigest()
+
+
+def recorded_md5(paths: Paths, name: str) -> str:
+    """The md5 prepare recorded for ``name`` (``images.npy``, ``manifest.csv``): a content key,
+    trusted once ``verify`` has passed."""
+    return json.loads(paths.prepared_content.read_text())[name]["md5"]

@@ -1,16 +1,18 @@
 """Transform presets shared by train and eval (torchvision references style).
 
 Inputs are uint8 CHW tensors from prepare's cache; outputs float32 in [0, 1]
-(normalisation lives in the model).
+(normalisation lives in the model). torchvision is imported when a preset is built: a stage that
+reads cached features instead of images (evaluate, see catdog.pipeline.features) never loads it.
 """
 
 from __future__ import annotations
 
 import torch
-from torchvision.transforms import v2
 
 
-def train_preset(image_size: int, augment: bool) -> v2.Compose:
+def train_preset(image_size: int, augment: bool):
+    from torchvision.transforms import v2
+
     if not augment:
         return eval_preset(image_size)
     return v2.Compose(
@@ -23,7 +25,9 @@ def train_preset(image_size: int, augment: bool) -> v2.Compose:
     )
 
 
-def eval_preset(image_size: int) -> v2.Compose:
+def eval_preset(image_size: int):
+    from torchvision.transforms import v2
+
     return v2.Compose(
         [
             v2.Resize((image_size, image_size), antialias=True),
@@ -42,4 +46,6 @@ def train_transforms(image_size: int, augment: bool, on_device: bool):
     preset = train_preset(image_size, augment)
     if not (augment and on_device):
         return preset, None
+    from torchvision.transforms import v2
+
     return v2.Identity(), lambda batch: torch.stack([preset(image) for image in batch])

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from catdog.models.device import Runtime
 from catdog.models.factory import Classifier
-from catdog.models.onnx_runtime import OrtFunction, append_linear, cached_graph
+from catdog.models.onnx_runtime import OrtFunction, append_linear, cached_graph, graph_hash
 
 
 class FrozenPart(nn.Module):
@@ -26,32 +26,48 @@ class FrozenPart(nn.Module):
     elsewhere the PyTorch prefix under no_grad and the runtime's autocast and memory layout.
     It registers no parameters, so optimizers, DDP and state dicts never see it."""
 
-    def __init__(self, prefix: nn.Module, runtime: Runtime, input_size: int, identity: tuple):
+    def __init__(self, prefix: nn.Module, runtime: Runtime, input_size: int, identity: tuple, whole_backbone: bool):
         super().__init__()
         self.runtime = runtime
         self._prefix = [prefix.eval()]  # a list: not registered as a submodule
-        self.onnx = None
-        if runtime.device.type == "cpu":
-            self.onnx = OrtFunction(cached_graph(prefix, (1, 3, input_size, input_size), *identity))
+        self.input_shape = (1, 3, input_size, input_size)
+        self.identity = identity
+        self.whole_backbone = whole_backbone  # its output: the pooled features (feature_cache keeps those)
+        self.graph_hash = graph_hash(prefix, self.input_shape, *identity)  # arch, size and weights
+        self._onnx = None  # the session starts on first use: a cached-features run never needs it
+
+    @property
+    def variant(self) -> str:
+        """How it computes (a feature cache entry is only valid for the same): ONNX fp32 on a CPU."""
+        return "onnx-fp32" if self.runtime.device.type == "cpu" else f"torch-{self.runtime.describe()}"
+
+    @property
+    def onnx(self) -> OrtFunction | None:
+        if self._onnx is None and self.runtime.device.type == "cpu":
+            graph = cached_graph(self._prefix[0], self.input_shape, *self.identity, known_hash=self.graph_hash)
+            self._onnx = OrtFunction(graph)
+        return self._onnx
 
     def train(self, mode: bool = True) -> FrozenPart:
         return super().train(False)  # BatchNorm statistics of a frozen part never move
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.onnx is not None:
-            return self.onnx(images)
+        if (onnx := self.onnx) is not None:
+            return onnx(images)
         with torch.no_grad(), self.runtime.autocast():
             return self._prefix[0](images)
 
 
-def export_whole_model(model: Classifier, arch: str, image_size: int, path: Path, names: tuple[str, str]) -> None:
-    """The classifier as one ONNX graph: the backbone's cached graph (the one training ran)
-    followed by the head's Linear layer: seconds, where a full export takes 15 s for Lite0."""
+def export_whole_model(
+    model: Classifier, arch: str, image_size: int, path: Path, names: tuple[str, str], metadata: dict[str, str]
+) -> None:
+    """The classifier as one ONNX graph with ``metadata``: the backbone's cached graph (the one training
+    ran) followed by the head's Linear layer: seconds, where a full export takes 15 s for Lite0."""
     prefix, _ = model.split(0)
     graph = cached_graph(prefix, (1, 3, image_size, image_size), *_identity(prefix, arch, image_size))
     linear = model.head[-1]
     weight, bias = (t.detach().cpu().float().numpy() for t in (linear.weight, linear.bias))
-    append_linear(graph, weight, bias, path, names)
+    append_linear(graph, weight, bias, path, names, metadata)
 
 
 def _identity(prefix, arch: str, image_size: int) -> tuple:
@@ -65,8 +81,9 @@ def split_for_training(
     top all but its last ``trainable_blocks`` blocks, full nothing."""
     if mode == "full":
         return None, model
-    prefix, rest = model.split(trainable_blocks if mode == "top" else 0)
-    return FrozenPart(prefix, runtime, image_size, _identity(prefix, arch, image_size)), rest
+    cut = trainable_blocks if mode == "top" else 0
+    prefix, rest = model.split(cut)
+    return FrozenPart(prefix, runtime, image_size, _identity(prefix, arch, image_size), whole_backbone=cut == 0), rest
 
 
 @torch.inference_mode()

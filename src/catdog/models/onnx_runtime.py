@@ -86,9 +86,16 @@ def export_onnx(
         program.save(str(temporary))
 
 
-def append_linear(graph: Path, weight: np.ndarray, bias: np.ndarray, path: Path, names: tuple[str, str]) -> None:
+def append_linear(
+    graph: Path,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    path: Path,
+    names: tuple[str, str],
+    metadata: dict[str, str] | None = None,
+) -> None:
     """``graph`` (one input, one ``[batch, features]`` output) followed by ``x @ weight.T + bias``,
-    saved at ``path`` with the given (input, output) names."""
+    saved at ``path`` with the given (input, output) names and ``metadata`` (the model's metadata_props)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -106,6 +113,8 @@ def append_linear(graph: Path, weight: np.ndarray, bias: np.ndarray, path: Path,
     del body.output[:]
     body.output.append(helper.make_tensor_value_info(names[1], onnx.TensorProto.FLOAT, [batch, weight.shape[0]]))
     onnx.checker.check_model(model)
+    if metadata:
+        onnx.helper.set_model_props(model, {**{e.key: e.value for e in model.metadata_props}, **metadata})
     with atomic.replacing(path) as temporary:
         onnx.save(model, str(temporary))
 
@@ -119,12 +128,17 @@ def content_hash(module, *identity) -> str:
     return digest.hexdigest()[:24]
 
 
-def cached_graph(module, input_shape: tuple[int, ...], *identity) -> Path:
+def graph_hash(module, input_shape: tuple[int, ...], *identity) -> str:
+    """The content hash that names frozen ``module``'s cached graph (and its cached features)."""
+    return content_hash(module, tuple(input_shape[1:]), *identity)
+
+
+def cached_graph(module, input_shape: tuple[int, ...], *identity, known_hash: str | None = None) -> Path:
     """The ONNX graph of frozen ``module`` for inputs of ``input_shape`` (batch dynamic), exported
-    on first use and then found by content hash."""
+    on first use and then found by content hash (``known_hash``: already computed by the caller)."""
     import torch
 
-    path = cache_root() / "onnx" / f"{content_hash(module, tuple(input_shape[1:]), *identity)}.onnx"
+    path = cache_root() / "onnx" / f"{known_hash or graph_hash(module, input_shape, *identity)}.onnx"
     if not path.is_file():
         with torch.random.fork_rng(devices=[]):  # training draws the same random numbers, cache hit or not
             export_onnx(module, torch.rand(2, *input_shape[1:]), path)

@@ -24,16 +24,13 @@ from catdog.core import plots, reports
 from catdog.core.params import Params
 from catdog.core.paths import Paths
 from catdog.data import integrity
-from catdog.data.dataset import CachedImages, Split, load_split, make_loader
+from catdog.data.dataset import Split, load_split
 from catdog.data.layouts import SPLITS
-from catdog.data.transforms import eval_preset
 from catdog.models.device import resolve_runtime
-from catdog.models.factory import create_model
-from catdog.models.frozen import cached_activations, split_for_training
+from catdog.pipeline.features import frozen_features
 
 CSV_COLUMNS = ("path", "split", "given", "suggested", "score")
 OTHER_COLUMNS = ("issue", "group", "path", "split", "label")
-FEATURE_BATCH = 64
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -46,7 +43,7 @@ def run(params: Params, paths: Paths) -> dict:
         plots.gallery([], [], paths.label_issues_plot, "", empty="The audit is off (audit.enabled: false)")
         reports.write_json(paths.audit_metrics, {"audited_images": 0})
         return {"audited_images": 0}
-    features = _frozen_features(paths, params)
+    features = _frozen_features(paths, params, everything.rows)
     findings = audit(features, everything.labels, everything.classes, a.folds, a.c, a.filter_by, a.seed)
     for note in findings.notes:
         tqdm.write(f"audit: {note}")
@@ -81,17 +78,11 @@ def _write_other_issues(paths: Paths, findings, everything: Split, split_names: 
     reports.write_csv(paths.other_issues, OTHER_COLUMNS, rows)
 
 
-def _frozen_features(paths: Paths, params: Params) -> np.ndarray:
-    """[N_rows, D]: the frozen backbone's features of every prepared image, in images.npy row order.
-    The one place that computes them: the shared feature cache replaces this body."""
+def _frozen_features(paths: Paths, params: Params, rows: np.ndarray) -> np.ndarray:
+    """[len(rows), D]: the frozen backbone's features of those prepared rows, through the shared cache
+    (catdog.pipeline.features): train's features mode then reads the same entry, never computing them again."""
     p = params.train
-    everything, _ = all_rows(paths)
-    runtime = resolve_runtime()
-    model = runtime.prepare_model(create_model(p.arch, p.pretrained, len(everything.classes), p.weights, p.image_size))
-    frozen, _ = split_for_training(model, p.arch, p.image_size, "features", 0, runtime)
-    loader = make_loader(CachedImages(paths, everything, eval_preset(p.image_size)), FEATURE_BATCH, 0)
-    features, _ = cached_activations(frozen, loader, desc="frozen features (audit)")
-    return features.numpy()
+    return frozen_features(paths, p.arch, p.image_size, p.pretrained, p.weights, resolve_runtime())[rows]
 
 
 def all_rows(paths: Paths) -> tuple[Split, list[str]]:

@@ -28,20 +28,23 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn import metrics as skm
+from torch.utils.data import TensorDataset
 
 from catdog import tracking
 from catdog.core import plots, reports
-from catdog.core.params import Params
+from catdog.core.params import EvaluateParams, Params
 from catdog.core.paths import Paths
 from catdog.data import integrity
-from catdog.data.dataset import CachedImages, load_split, make_loader
+from catdog.data.dataset import CachedImages, Split, load_split, make_loader
 from catdog.data.transforms import eval_preset
 from catdog.explain import evaluation
-from catdog.models.device import resolve_runtime
+from catdog.models.device import Runtime, resolve_runtime
 from catdog.models.engine import predict_probabilities
 from catdog.models.factory import load_checkpoint
-from catdog.models.frozen import inference_module
+from catdog.models.frozen import inference_module, split_for_training
+from catdog.pipeline.features import cached_features_of
 
 HEADLINE = ("accuracy", "log_loss", "roc_auc", "f1", "ece")  # two classes
 MULTICLASS_HEADLINE = ("accuracy", "balanced_accuracy", "f1_macro", "roc_auc", "log_loss", "ece")
@@ -59,13 +62,10 @@ def run(params: Params, paths: Paths) -> dict:
     model, config = load_checkpoint(paths.checkpoint)
     integrity.check_classes(config["classes"], paths, str(paths.checkpoint.relative_to(paths.root)))
     classifier = runtime.prepare_model(model)  # eager: the heatmaps' gradients flow through it
-    model = inference_module(classifier, config["arch"], config["image_size"], runtime)
     test = load_split(paths, "test")
-    images = CachedImages(paths, test, eval_preset(config["image_size"]))
-    loader = make_loader(images, p.batch_size, 0)
 
     with tracking.stage_run(params, paths, "evaluate") as mlflow_run:
-        probabilities, targets = predict_probabilities(model, loader, runtime, tta=p.tta, desc="test")
+        probabilities, targets = test_probabilities(classifier, config, paths, test, p, runtime)
         probabilities, targets = probabilities.numpy(), targets.numpy()
         results = classification_metrics(targets, probabilities, test.classes, p.calibration_bins)
         matrix = skm.confusion_matrix(targets, probabilities.argmax(1), labels=range(len(test.classes)))
@@ -75,7 +75,7 @@ def run(params: Params, paths: Paths) -> dict:
         evaluation.heatmap_galleries(
             classifier,
             config["arch"],
-            images,
+            CachedImages(paths, test, eval_preset(config["image_size"])),
             targets,
             probabilities,
             p.cam_method,
@@ -121,6 +121,22 @@ def log_audit(mlflow_run: tracking.Run, paths: Paths) -> None:
     mlflow_run.log_metrics("audit", json.loads(paths.audit_metrics.read_text()))
     for report in (paths.label_issues, paths.label_issues_plot, paths.other_issues):
         mlflow_run.log_artifact(report, "audit")
+
+
+def test_probabilities(model, config: dict, paths: Paths, test: Split, p: EvaluateParams, runtime: Runtime):
+    """(probabilities, targets) of the test split. When the checkpoint's backbone is the one whose
+    features are cached (features/head mode: the pretrained backbone, unchanged), only the head runs
+    on them; else (or with TTA, which needs mirrored images) the whole model runs on the images."""
+    size = config["image_size"]
+    if not p.tta:
+        frozen, head = split_for_training(model, config["arch"], size, "features", 0, runtime)
+        features = cached_features_of(frozen, paths)
+        if features is not None:
+            cached = TensorDataset(torch.from_numpy(features[test.rows]), torch.from_numpy(test.labels))
+            return predict_probabilities(head, make_loader(cached, p.batch_size, 0), runtime, False, "test (features)")
+    model = inference_module(model, config["arch"], size, runtime)
+    loader = make_loader(CachedImages(paths, test, eval_preset(size)), p.batch_size, 0)
+    return predict_probabilities(model, loader, runtime, tta=p.tta, desc="test")
 
 
 def classification_metrics(

@@ -50,10 +50,11 @@ def run(params: Params, paths: Paths) -> dict:
     size = config["image_size"]
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))  # saved in model.pt2
     if p.opset == CACHE_OPSET:  # the cached backbone graph and the head: seconds instead of a full export
-        export_whole_model(model, config["arch"], size, paths.onnx_model, names=("image", "logits"))
+        stamp = {CLASSES_METADATA: json.dumps(list(config["classes"]))}  # as stamp_classes writes it
+        export_whole_model(model, config["arch"], size, paths.onnx_model, ("image", "logits"), stamp)
     else:
         export_onnx(model, example, paths.onnx_model, p.opset, names=("image", "logits"))
-    stamp_classes(paths.onnx_model, config["classes"])
+        stamp_classes(paths.onnx_model, config["classes"])
     export_pt2(model, example, paths.pt2_model, config["arch"])
     write_labels_and_preprocess(params, config, paths)
     exported = ExportedModel.load(paths.onnx_model)  # as `catdog predict` and the registered model load it

@@ -61,7 +61,7 @@ def run(params: Params, paths: Paths) -> dict:
 
 
 def _train(params: Params, paths: Paths, world: World) -> dict:
-    p = params.train
+    p = params.train.resolved()  # head 'auto' made concrete
     started = time.perf_counter()
     generator = seed_everything(p.seed + world.rank)  # ranks draw different augmentations
     runtime = resolve_runtime(p.precision)
@@ -87,6 +87,8 @@ def _train(params: Params, paths: Paths, world: World) -> dict:
             mlflow_run.set_tags({"catdog.runtime": runtime.describe(), "catdog.processes": str(world.world_size)})
             if fit.class_weights is not None:
                 mlflow_run.log_facts({"class_weights": json.dumps(fit.class_weights)})
+            if fit.head_facts:
+                mlflow_run.log_facts(fit.head_facts)
             steps_done = len(progress.history) * len(fit.train_loader)
             fit.on_step = _step_logger(mlflow_run, state, p, steps_done)
         _fit_epochs(fit, progress, paths, mlflow_run, fingerprint, started)

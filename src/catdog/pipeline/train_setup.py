@@ -8,6 +8,7 @@ resumable state that a killed run left.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,8 +29,10 @@ from catdog.models.device import Runtime
 from catdog.models.distributed import World
 from catdog.models.factory import Classifier
 from catdog.models.frozen import FrozenPart, cached_activations
+from catdog.models.linear_probe import choose_c
 from catdog.models.optim import create_optimizer, create_scheduler
 from catdog.pipeline import train_state
+from catdog.pipeline.features import features_of
 
 
 @dataclass
@@ -53,6 +56,7 @@ class Fit:
     scaler: torch.amp.GradScaler | None
     criterion: nn.Module
     class_weights: dict[str, float] | None  # train.class_weights 'balanced': the weight of each class
+    head_facts: dict[str, object]  # train.logistic_c auto: the C chosen on val, for MLflow
     on_step: Callable[[float], None] | None = None  # rank 0: step-level train loss to MLflow
 
 
@@ -71,7 +75,7 @@ def set_up(
     train_split, val_split = splits
     note(
         world,
-        f"train: {p.arch}, mode {p.mode}, {runtime.describe()}, {world.world_size} process(es), "
+        f"train: {p.arch}, mode {p.mode}, head {p.head}, {runtime.describe()}, {world.world_size} process(es), "
         f"{len(train_split.rows)} train / {len(val_split.rows)} val images",
     )
     if p.compile and runtime.device.type != "cuda":
@@ -82,6 +86,7 @@ def set_up(
     train_loader, val_loader, sampler, batch_transform = _loaders(
         frozen if cached else None, paths, train_split, val_images, p, runtime, world, generator
     )
+    p, head_facts = _choose_logistic_c(p, train_loader, val_loader, world)
     optimizer = create_optimizer(model, p)
     class_weights = _class_weights(p, train_split, world)
     weight = None if class_weights is None else torch.tensor(list(class_weights.values()), device=runtime.device)
@@ -103,7 +108,19 @@ def set_up(
         scaler=torch.amp.GradScaler() if runtime.needs_grad_scaler else None,
         criterion=nn.CrossEntropyLoss(weight=weight, label_smoothing=p.label_smoothing),
         class_weights=class_weights,
+        head_facts=head_facts,
     )
+
+
+def _choose_logistic_c(p: TrainParams, train_loader, val_loader, world: World) -> tuple[TrainParams, dict]:
+    """``train.logistic_c: auto``: the params with the C chosen on the val split (linear_probe.choose_c),
+    and the choice as MLflow facts (the C, and each C's val log loss); otherwise as they are, no facts."""
+    if p.head != "logistic" or p.logistic_c != "auto":
+        return p, {}
+    c, losses = choose_c(train_loader.dataset.tensors, val_loader.dataset.tensors, p.class_weights)
+    note(world, f"train: logistic_c auto: C {c:g} of {min(losses):g}..{max(losses):g} (val log loss {losses[c]:.4f})")
+    val_losses = json.dumps({f"{grid_c:g}": round(loss, 5) for grid_c, loss in losses.items()})
+    return p.model_copy(update={"logistic_c": c}), {"logistic_c": c, "logistic_c_val_log_loss": val_losses}
 
 
 def _class_weights(p: TrainParams, train_split: Split, world: World) -> dict[str, float] | None:
@@ -134,7 +151,7 @@ def _loaders(
     loader_transform, batch_transform = train_transforms(p.image_size, p.augment, on_device=on_cuda)
     train_images = CachedImages(paths, train_split, loader_transform)
     if frozen is not None:
-        return (*_activation_loaders(frozen, train_images, val_images, p, generator), None, None)
+        return (*_activation_loaders(frozen, paths, train_images, val_images, p, generator), None, None)
     sampler = (
         DistributedSampler(train_images, world.world_size, world.rank, shuffle=True, seed=p.seed)
         if world.distributed
@@ -159,13 +176,20 @@ def _loaders(
     return train_loader, val_loader, sampler, batch_transform
 
 
-def _activation_loaders(frozen: FrozenPart, train_images, val_images, p: TrainParams, generator: torch.Generator):
+def _activation_loaders(
+    frozen: FrozenPart, paths: Paths, train_images, val_images, p: TrainParams, generator: torch.Generator
+):
     """The frozen part's activations of every train/val image, computed once; then each epoch runs
-    only what trains. A resumed run computes them again: the same frozen weights give the same ones."""
+    only what trains. The whole backbone's come from the feature cache (catdog.pipeline.features),
+    shared with evaluate and other experiments; a partial prefix's ('top') are computed here."""
+    every_row = features_of(frozen, paths, p.batch_size, p.workers) if frozen.whole_backbone else None
     loaders = []
     for name, images in (("train", train_images), ("val", val_images)):
-        loader = make_loader(images, p.batch_size, p.workers)
-        features, labels = cached_activations(frozen, loader, desc=f"frozen activations ({name})")
+        if every_row is not None:
+            features, labels = torch.from_numpy(every_row[images.split.rows]), torch.from_numpy(images.split.labels)
+        else:
+            loader = make_loader(images, p.batch_size, p.workers)
+            features, labels = cached_activations(frozen, loader, desc=f"frozen activations ({name})")
         loaders.append(
             make_loader(TensorDataset(features, labels), p.batch_size, 0, shuffle=name == "train", generator=generator)
         )
