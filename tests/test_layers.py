@@ -58,7 +58,7 @@ def imports(path: Path) -> set[str]:
 
 
 def layer(module: str) -> str | None:
-    """The layer of a catdog module (its subpackage, or ``cli``); None for the package itself."""
+    """The layer of a catdog module (its subpackage, ``cli`` included); None for the package itself."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else None
 
