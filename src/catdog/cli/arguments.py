@@ -111,7 +111,7 @@ def _add_spark_predict(commands) -> None:
 def _add_tune(commands) -> None:
     tune_cmd = commands.add_parser(
         "tune",
-        help="search params.yaml for the best model (Optuna, DVC experiments)",
+        help="search params.yaml: an Optuna study over DVC experiments",
         description="Run an Optuna study (TPE) over a search space: each trial is `dvc exp run --temp` with its "
         "params (a DVC experiment <study>-<k>, the workspace untouched) and an MLflow run under the study's parent "
         "run. Stopped and started again with the same --study, it continues. See docs/search.md.",
