@@ -77,5 +77,5 @@ def test_benchmark_measures_every_comparison_and_writes_json(make_dataset, tmp_p
     )
     assert table.returncode == 0, table.stderr
     rows = [line for line in table.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert {row.split(":")[0].removeprefix("| ") for row in rows} == set(results), table.stdout
+    assert {row.split(":")[0].removeprefix("| ") for row in rows} == {*results, "faithfulness"}, table.stdout
     assert report["date"][:10] in table.stdout and report["machine"]["cpu"] in table.stdout
