@@ -17,7 +17,7 @@ from catdog.core.params import load_params
 from conftest import REPO_PARAMS, REPO_ROOT, repo_params_raw
 from dvc_project import clean_env, describe, tool
 
-RECIPES = sorted(path.stem for path in (REPO_ROOT / "params").glob("*.yaml"))
+RECIPES = recipe.recipe_names(REPO_ROOT)
 
 
 def project_with_recipe(root, name: str, body: dict):

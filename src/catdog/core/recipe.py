@@ -6,7 +6,8 @@
 
 A recipe is applied as ``dvc exp run -S key=value`` for each of its keys, so DVC records every
 value as a param of the experiment; params.yaml keeps the defaults. The recipe is checked
-against params.yaml first: an unknown key or a bad value stops with one line.
+against params.yaml first: an unknown key or a bad value stops with one line. ``params/search-*.yaml``
+beside them are ``catdog tune``'s search spaces, not recipes.
 """
 
 from __future__ import annotations
@@ -23,16 +24,23 @@ from catdog.core.errors import CatdogError
 from catdog.core.params import load_params, parse_params
 from catdog.core.paths import Paths
 
+SEARCH_SPACE_PREFIX = "search-"  # params/search-*.yaml: catdog tune's search spaces (docs/search.md)
+
 
 def recipes_dir(root: Path) -> Path:
     return root / "params"
 
 
+def recipe_names(root: Path = Path(".")) -> list[str]:
+    """The recipes in ``params/``, sorted (the search spaces beside them left out)."""
+    return sorted(p.stem for p in recipes_dir(root).glob("*.yaml") if not p.stem.startswith(SEARCH_SPACE_PREFIX))
+
+
 def overrides(name: str, root: Path = Path(".")) -> dict[str, object]:
     """The recipe's keys, flattened (``{"train.mode": "full", ...}``), validated against params.yaml."""
     path = recipes_dir(root) / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in recipes_dir(root).glob("*.yaml"))
+    if not path.is_file() or name.startswith(SEARCH_SPACE_PREFIX):
+        known = recipe_names(root)
         raise CatdogError(f"no recipe {name!r} ({path}); known: {', '.join(known) or 'none'}")
     flat = _flatten(yaml.safe_load(path.read_text()) or {})
     defaults = load_params(Paths(root).params_file).model_dump()
