@@ -273,23 +273,10 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise ParamsError(f"{source}: " + "; ".join(_describe(error) for error in exc.errors())) from None
+        raise ParamsError(f"{source}: " + "; ".join(describe_error(error) for error in exc.errors())) from None
 
 
-def value_error(raw: dict, key: str, value: object) -> str | None:
-    """What validation says of the dotted ``key`` set to ``value`` in ``raw`` (its own type and range,
-    not how it combines with other keys), in one line; None when it takes the value."""
-    section, _, option = key.partition(".")
-    candidate = {**raw, section: {**raw.get(section, {}), option: value}}
-    try:
-        Params.model_validate(candidate)
-    except ValidationError as exc:
-        own = [error for error in exc.errors() if tuple(error["loc"][:2]) == (section, option)]
-        return "; ".join(_describe(error) for error in own) or None
-    return None
-
-
-def _describe(error) -> str:
+def describe_error(error) -> str:
     """One pydantic error as ``key rule, got value``."""
     key = ".".join(str(part) for part in error["loc"] if not isinstance(part, int))
     kind, value = error["type"], error.get("input")

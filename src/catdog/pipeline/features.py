@@ -10,6 +10,7 @@ whose backbone is still that graph: only the head runs) and any stage that needs
 from __future__ import annotations
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from catdog.core.paths import Paths
@@ -47,7 +48,10 @@ def features_of(frozen: FrozenPart, paths: Paths, batch_size: int, workers: int)
     def compute() -> np.ndarray:
         every_row = Split("all", np.arange(rows), np.zeros(rows, dtype=np.int64), [], [])
         images = CachedImages(paths, every_row, eval_preset(frozen.input_shape[-1]))
-        return cached_activations(frozen, make_loader(images, batch_size, workers), "frozen features")[0].numpy()
+        # the loader draws its base seed from torch's global RNG: forked, so that training draws the same
+        # random numbers (dropout, shuffling) whether the features were cached or computed now
+        with torch.random.fork_rng(devices=[]):
+            return cached_activations(frozen, make_loader(images, batch_size, workers), "frozen features")[0].numpy()
 
     features, from_cache = cached_features(_key(frozen, paths), rows, compute)
     tqdm.write(f"features: {rows} rows x {features.shape[1]} {'from the cache' if from_cache else 'computed, cached'}")

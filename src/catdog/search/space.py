@@ -28,9 +28,10 @@ from pathlib import Path
 
 import optuna
 import yaml
+from pydantic import ValidationError
 
 from catdog.core.errors import CatdogError
-from catdog.core.params import value_error
+from catdog.core.params import Params, describe_error
 
 _RANGE_KEYS = {"low", "high", "log", "step", "when"}
 _CHOICE_KEYS = {"choices", "when"}
@@ -178,6 +179,12 @@ def _only(spec: dict, allowed: set[str]) -> None:
 
 
 def _valid(base: dict, key: str, value: object) -> None:
-    problem = value_error(base, key, value)
-    if problem:
-        raise SpaceError(f"wrong value for params.yaml: {problem}")
+    """What params validation says of the dotted ``key`` set to ``value`` in ``base``: its own type and
+    range, not how it combines with other keys (a combination is pruned per trial, not refused here)."""
+    section, _, option = key.partition(".")
+    try:
+        Params.model_validate({**base, section: {**base.get(section, {}), option: value}})
+    except ValidationError as exc:
+        own = [error for error in exc.errors() if tuple(error["loc"][:2]) == (section, option)]
+        if own:
+            raise SpaceError(f"wrong value for params.yaml: {'; '.join(describe_error(e) for e in own)}") from None
