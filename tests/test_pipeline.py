@@ -47,6 +47,7 @@ TINY_PARAMS = {  # the shared tiny project's params, with this module's epochs, 
     "data": {**SHARED_TINY_PARAMS["data"], "workers": 2},
     "train": {**SHARED_TINY_PARAMS["train"], "epochs": EPOCHS, "lr": FIRST_LR},
     "evaluate": {"batch_size": FIRST_EVAL_BATCH},
+    "export": SHARED_TINY_PARAMS["export"],  # fp32 only: predict then runs what evaluate measured
 }
 
 
