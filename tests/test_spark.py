@@ -74,9 +74,9 @@ def model(pipeline, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("champion") / "model"
     version = client_for(pipeline.root).get_model_version_by_alias("catdog", "champion")
     store = f"sqlite:///{pipeline.root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(store)  # the process-wide URI an earlier test may have pointed elsewhere:
-    # MLflow resolves the version's models:/m-... source against it, whatever tracking_uri says
-    mlflow.artifacts.download_artifacts(version.source, dst_path=str(folder), tracking_uri=store)
+    mlflow.set_tracking_uri(store)  # the process-wide URIs earlier tests may have pointed elsewhere
+    mlflow.set_registry_uri(store)
+    mlflow.artifacts.download_artifacts(version.source, dst_path=str(folder), tracking_uri=store, registry_uri=store)
     preprocess = folder / "artifacts" / "preprocess.json"
     preprocess.write_text(json.dumps({**json.loads(preprocess.read_text()), "max_image_bytes": CAP}))
     return folder
