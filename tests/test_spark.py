@@ -74,8 +74,7 @@ def model(pipeline, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("champion") / "model"
     version = client_for(pipeline.root).get_model_version_by_alias("catdog", "champion")
     store = f"sqlite:///{pipeline.root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(store)  # the process-wide URIs earlier tests may have pointed elsewhere
-    mlflow.set_registry_uri(store)
+    mlflow.set_tracking_uri(store)  # the process-wide URI earlier tests may have pointed elsewhere (as test_serving)
     mlflow.artifacts.download_artifacts(version.source, dst_path=str(folder), tracking_uri=store, registry_uri=store)
     preprocess = folder / "artifacts" / "preprocess.json"
     preprocess.write_text(json.dumps({**json.loads(preprocess.read_text()), "max_image_bytes": CAP}))
