@@ -127,4 +127,7 @@ def test_the_shipped_cpu_space_loads():
     assert len(entries) >= 5
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     for _ in range(40):  # every draw is a valid params.yaml: no trial of it is pruned
-        parse_params(with_values(BASE, sample(study.ask(), entries, BASE_FLAT)))
+        drawn = sample(study.ask(), entries, BASE_FLAT)
+        train = parse_params(with_values(BASE, drawn)).train
+        if train.mode != "features" or train.head == "gradient":  # what trains by gradient: its optimiser searched
+            assert {"train.epochs", "train.lr", "train.weight_decay"} <= drawn.keys(), drawn
