@@ -31,7 +31,8 @@ project throughput / baseline throughput; ``target`` where the project promises 
   trial           `dvc exp run -S train.lr=0.001` vs the first `dvc repro`, on ``--trial-source``
                   (the committed sample): a trial that changes only train params (scripts/trial_benchmark.py)
   head_trial      `dvc exp run -S train.logistic_c=0.1` vs the first `dvc repro`, on the ``--images``
-                  of ``--source`` (target 5: a head-only change on the full zip in 1/5 of its first run)
+                  (or ``--head-trial-images``) of ``--source`` (target 5: a head-only change on the full
+                  zip in 1/5 of its first run)
 
 Peak RSS of the benchmark process and of the predict subprocess are reported too. Prints a table
 and writes every figure as JSON to ``--out`` (with the machine and the date).
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--trial-source", default=str(SAMPLE), help="trial: the images of its DVC project")
     parser.add_argument("--skip-trials", action="store_true", help="leave out trial and head_trial (4 dvc runs)")
+    parser.add_argument(
+        "--head-trial-images", type=int, help="head_trial: this many of --source's images (default --images)"
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument(
         "--markdown", type=Path, metavar="JSON", help="measure nothing: print the docs' table of this report"
@@ -486,6 +490,8 @@ def bench_trials(folder: Path, args, tmp: Path) -> list[dict]:
     """A train-only trial on the sample and a head-only one on ``--source``'s images, each against
     the first `dvc repro` of its project."""
     results = []
+    if args.head_trial_images not in (None, args.images):  # the issue's figure is on the whole zip
+        folder = extract_images(Path(args.source), args.head_trial_images, tmp / "head-trial-images")
     for name, source, change, target in (
         ("trial", Path(args.trial_source), "train.lr=0.001", None),
         ("head_trial", folder, "train.logistic_c=0.1", 5.0),

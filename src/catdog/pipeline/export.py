@@ -30,6 +30,7 @@ from catdog.core.paths import CLASSES_METADATA, PT2_EXTRA, Paths
 from catdog.data import integrity
 from catdog.data.dataset import CachedImages, Split, load_split, split_digest
 from catdog.data.transforms import eval_preset
+from catdog.models.exported_program import export_program
 from catdog.models.factory import load_checkpoint
 from catdog.models.frozen import export_whole_model
 from catdog.models.onnx_runtime import CACHE_OPSET, export_onnx
@@ -194,9 +195,7 @@ def example_jpeg(paths: Paths, test: Split) -> bytes:
 
 def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path, arch: str) -> None:
     """torch.export, loadable with ``torch.export.load`` alone; ``arch`` inside (``PT2_EXTRA``) for explanations."""
-    program = torch.export.export(model.eval(), (example,), dynamic_shapes={"images": {0: _batch_dim()}})
-    for node in program.graph.nodes:  # stack traces name this machine's source paths
-        node.meta.pop("stack_trace", None)
+    program = export_program(model, example, {"images": {0: _batch_dim()}})  # traced once per architecture
     # to a file object: torch names the archive's records after a file name (here a temporary one)
     with atomic.replacing(path) as temporary, temporary.open("wb") as handle:
         torch.export.save(program, handle, extra_files={PT2_EXTRA: json.dumps({"arch": arch})})
