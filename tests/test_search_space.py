@@ -19,7 +19,7 @@ BASE_FLAT = parse_params(BASE).flat()
 def space(tmp_path, text: str):
     path = tmp_path / "space.yaml"
     path.write_text(text)
-    return load_space(path, BASE)
+    return load_space(path, BASE).entries
 
 
 def error(tmp_path, text: str) -> str:
@@ -115,6 +115,41 @@ def test_a_bad_entry_stops_in_one_line_naming_it(tmp_path, text, says):
     assert says in error(tmp_path, text)
 
 
+def test_start_points_are_drawn_first_and_the_rest_sampled(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "train.head: [gradient, logistic]\n"
+        "train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n"
+        "start:\n  - {train.head: logistic, train.lr: 0.005}\n  - {train.lr: 0.0002}\n"
+    )
+    loaded = load_space(path, BASE)
+    assert [e.key for e in loaded.entries] == ["train.head", "train.lr"]
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=4))
+    for point in loaded.start:
+        study.enqueue_trial(point)  # as catdog tune does for a new study
+    first, second = (sample(study.ask(), loaded.entries, BASE_FLAT) for _ in range(2))
+    assert first == {"train.head": "logistic", "train.lr": 0.005}
+    assert second["train.lr"] == 0.0002 and second["train.head"] in ("gradient", "logistic")
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("start:\n  - {train.lrr: 0.1}\n", "start[0]: train.lrr: not an entry of the space"),
+        ("start:\n  - {train.lr: 0.5}\n", "start[0]: train.lr: 0.5 is not one of its values"),
+        ("start:\n  - {train.head: ridge}\n", "start[0]: train.head: 'ridge' is not one of its values"),
+        ("start: {train.lr: 0.001}\n", "start: must be a list of points"),
+    ],
+)
+def test_a_bad_start_point_stops_in_one_line_naming_it(tmp_path, text, says):
+    entries = "train.head: [gradient, logistic]\ntrain.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n"
+    assert says in error(tmp_path, entries + text)
+
+
+def test_a_space_of_start_points_only_is_refused(tmp_path):
+    assert "has no entries" in error(tmp_path, "start:\n  - {train.lr: 0.001}\n")
+
+
 def test_a_missing_space_file_is_named(tmp_path):
     with pytest.raises(SpaceError, match=r"search space .*nowhere\.yaml not found"):
         load_space(tmp_path / "nowhere.yaml", BASE)
@@ -123,8 +158,9 @@ def test_a_missing_space_file_is_named(tmp_path):
 def test_the_shipped_cpu_space_loads():
     from conftest import REPO_ROOT
 
-    entries = load_space(REPO_ROOT / "params" / "search-cpu.yaml", BASE)
-    assert len(entries) >= 5
+    shipped = load_space(REPO_ROOT / "params" / "search-cpu.yaml", BASE)
+    entries = shipped.entries
+    assert len(entries) >= 5 and shipped.start
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     for _ in range(40):  # every draw is a valid params.yaml: no trial of it is pruned
         drawn = sample(study.ask(), entries, BASE_FLAT)

@@ -29,7 +29,7 @@ from dvc_project import TINY_PARAMS, Project, tool
 pytestmark = pytest.mark.slow
 postgres = test_tracking_server.postgres  # the throwaway PostgreSQL cluster (skips without Debian's binaries)
 
-C_SPACE = "train.logistic_c: {low: 0.01, high: 10.0, log: true}\n"  # the logistic head's one knob
+C_SPACE = "train.logistic_c: {low: 0.01, high: 10.0, log: true}\nstart:\n  - {train.logistic_c: 0.5}\n"  # tried first
 TUNE_TIMEOUT = 600
 
 
@@ -142,6 +142,7 @@ def test_two_processes_share_one_study_of_dvc_experiments_and_mlflow_runs(projec
 
     trials = study(project, "shared").trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"], outputs
+    assert trials[0].params == {"train.logistic_c": 0.5}, "the space's start point was not tried first"
     names = {t.user_attrs["experiment"] for t in trials}
     assert names == {"shared-0", "shared-1"}
     shown = experiments(project)

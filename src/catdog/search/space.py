@@ -17,6 +17,13 @@ holds one of them, the value sampled in this trial when it is an earlier entry, 
 (Optuna's define-by-run). Every
 entry is checked against params.yaml's validation before any trial: an unknown key, an empty
 range or a value of the wrong type stops in one line naming the entry.
+
+``start:`` (a reserved name) lists known-good points tried first, in order, before the sampler draws
+(Optuna's ``enqueue_trial``, as Ultralytics' tune starts from the defaults): each maps entries to one
+of their values; the entries a point leaves out are sampled.
+
+    start:
+      - {model: cnn-64, train.epochs: 20}
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from catdog.core.params import Params, describe_error
 
 _RANGE_KEYS = {"low", "high", "log", "step", "when"}
 _CHOICE_KEYS = {"choices", "when"}
+START = "start"
 
 
 class SpaceError(CatdogError):
@@ -62,9 +70,21 @@ class Entry:
             return trial.suggest_int(self.key, self.low, self.high, step=self.step or 1, log=self.log)
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
 
+    def allows(self, value: object) -> bool:
+        if self.sets is not None or self.choices is not None:
+            return value in (self.sets or self.choices)
+        return isinstance(value, int | float) and not isinstance(value, bool) and self.low <= value <= self.high
 
-def load_space(path: Path, base: dict) -> list[Entry]:
-    """The entries of the space file ``path``, in file order, each checked against ``base`` (params.yaml)."""
+
+@dataclass(frozen=True)
+class Space:
+    entries: list[Entry]
+    start: list[dict[str, object]]  # points tried first: entry key -> value (Optuna's fixed params)
+
+
+def load_space(path: Path, base: dict) -> Space:
+    """The entries of the space file ``path``, in file order, each checked against ``base`` (params.yaml),
+    and its start points, each checked against the entries."""
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -73,13 +93,19 @@ def load_space(path: Path, base: dict) -> list[Entry]:
         raise SpaceError(f"search space {path} is not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(raw, dict) or not raw:
         raise SpaceError(f"search space {path} must map params.yaml keys (train.lr: ...) to their values")
+    start = raw.pop(START, None) or []
     entries: list[Entry] = []
     for key, spec in raw.items():
         try:
             entries.append(_entry(str(key), spec, base, list(map(str, raw)), [e.key for e in entries]))
         except SpaceError as exc:
             raise SpaceError(f"search space {path}: {key}: {exc}") from None
-    return entries
+    if not entries:
+        raise SpaceError(f"search space {path} has no entries: only {START}")
+    try:
+        return Space(entries, _start_points(start, entries))
+    except SpaceError as exc:
+        raise SpaceError(f"search space {path}: {START}{exc}") from None
 
 
 def sample(trial: optuna.Trial, entries: list[Entry], base_flat: dict[str, object]) -> dict[str, object]:
@@ -148,6 +174,19 @@ def _set_entry(name: str, spec: object, base: dict, space_keys: list[str], earli
             _valid(base, str(key), value)
     when = _conditions(spec.get("when") or {}, base, space_keys, earlier)
     return Entry(name, sets={str(k): {str(p): v for p, v in values.items()} for k, values in sets.items()}, when=when)
+
+
+def _start_points(start: object, entries: list[Entry]) -> list[dict[str, object]]:
+    if not isinstance(start, list) or not all(isinstance(point, dict) and point for point in start):
+        raise SpaceError(": must be a list of points, each {entry: value, ...}")
+    by_key = {entry.key: entry for entry in entries}
+    for number, point in enumerate(start):
+        for key, value in point.items():
+            if key not in by_key:
+                raise SpaceError(f"[{number}]: {key}: not an entry of the space")
+            if not by_key[key].allows(value):
+                raise SpaceError(f"[{number}]: {key}: {value!r} is not one of its values")
+    return [{str(key): value for key, value in point.items()} for point in start]
 
 
 def _known_key(key: str, base: dict) -> None:

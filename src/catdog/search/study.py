@@ -30,7 +30,7 @@ from catdog.core import lifecycle
 from catdog.core.errors import CatdogError
 from catdog.core.params import ParamsError, parse_params
 from catdog.search.report import close_figures, study_figures, summarise
-from catdog.search.space import Entry, load_space, sample, with_values
+from catdog.search.space import Entry, Space, load_space, sample, with_values
 from catdog.search.trials import TrialFailed, check_visible, forget_killed, run_trial
 from catdog.tracking import study as study_run
 from catdog.tracking.store import sqlite_lock
@@ -65,14 +65,14 @@ def tune(search: Search) -> optuna.Study:
     """Run the study within its budget (recorded on its parent run at the end, even when stopped)."""
     base = yaml.safe_load((search.root / "params.yaml").read_text()) or {}
     params = parse_params(base)
-    entries = load_space(search.space, base)
+    space = load_space(search.space, base)
     check_visible(search.root, params.data.source)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial prints its own line, Ctrl-C no traceback
-    study = _open_study(search)
+    study = _open_study(search, space)
     parent = study_run.open_study_run(
         search.root, params.tracking.experiment_name, search.study, search.space.read_text(), _budget_tags(search)
     )
-    objective = _Objective(search, entries, base, params.flat(), parent)
+    objective = _Objective(search, space.entries, base, params.flat(), parent)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
     status = "FINISHED"
     try:
@@ -130,7 +130,7 @@ def _failed(trial: optuna.Trial, name: str, error: str) -> float:
     return math.nan  # Optuna marks the trial FAILED and the study goes on
 
 
-def _open_study(search: Search) -> optuna.Study:
+def _open_study(search: Search, space: Space) -> optuna.Study:
     url = search.storage or default_storage(search.root)
     sqlite = url.startswith("sqlite:")  # wait for another process's write instead of failing at sqlite's 5 s
     engine = {"connect_args": {"timeout": SQLITE_WAIT_S}} if sqlite else None
@@ -143,6 +143,8 @@ def _open_study(search: Search) -> optuna.Study:
             study = optuna.create_study(
                 storage=storage, study_name=search.study, sampler=sampler, direction=search.direction
             )
+            for point in space.start:  # a new study only: a resumed one has them already
+                study.enqueue_trial(point, skip_if_exists=True)
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=search.study, storage=storage, sampler=sampler)
             # Resumed, or a second process: a seed of its own, or it would draw the first process's trials again.
