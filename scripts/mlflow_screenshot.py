@@ -1,12 +1,15 @@
 """docs/mlflow-compare.png: MLflow's compare view of two runs of a project's store.
 
     python scripts/mlflow_screenshot.py --root PROJECT [RUN_NAME RUN_NAME] [--out docs/mlflow-compare.png]
+    python scripts/mlflow_screenshot.py --root PROJECT --study search-cpu --out docs/search-study.png
 
 Runs the README's ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` in PROJECT on 127.0.0.1,
 opens the experiment's run list in headless Chromium (Debian package ``chromium``, driven by
 Playwright; every request to anything but the loopback server is aborted), ticks the two runs
 (by default the two newest finished ones), presses Compare, shows only the differing params and
 metrics, draws the parallel coordinates plot of ``train/loss``, ``val/loss`` and ``test/log_loss`` and saves the page.
+With ``--study``: the run list with that ``catdog tune`` study's parent run expanded to its trials,
+with the columns ``STUDY_COLUMNS``.
 tests/test_mlflow_ui.py drives the UI with the same functions.
 """
 
@@ -40,6 +43,8 @@ CHROMIUM_ARGS = [
 ]
 UI_TIMEOUT_MS = 60_000
 PLOTTED_METRICS = ("train/loss", "val/loss", "test/log_loss")
+STUDY_COLUMNS = ("val/loss", "test/accuracy", "train.arch", "train.mode", "train.image_size", "train.epochs")
+HIDDEN_COLUMNS = ("Dataset", "Source", "Models")  # shown by default: they push the study's columns off the page
 
 
 @contextlib.contextmanager
@@ -233,6 +238,43 @@ def take(root: Path, out: Path, run_names: list[str] | None = None) -> Path:
     return out
 
 
+def take_study(root: Path, study: str, out: Path) -> Path:
+    """The run list of ``root``'s store with ``study``'s parent run expanded, saved as ``out``."""
+    from mlflow.tracking import MlflowClient
+    from playwright.sync_api import sync_playwright
+
+    client = MlflowClient(f"sqlite:///{root.resolve() / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(experiments, f"tags.`catdog.study` = '{study}'")
+    if len(parents) != 1:
+        raise SystemExit(f"{len(parents)} parent runs of study {study!r} in {root}/mlflow.db")
+    parent = parents[0]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = out.with_suffix(".mlflow-ui.log")
+    with serve_ui(root, log) as base, sync_playwright() as playwright, browser_page(playwright) as page:
+        page.goto(f"{base}/#/experiments/{parent.info.experiment_id}/runs")
+        row = run_row(page, parent.info.run_id).first
+        row.wait_for()
+        close_assistant(page)
+        row.get_by_role("button").first.click()  # the run name cell's expander: its trials nested below
+        page.set_viewport_size({"width": 1500, "height": 1100})
+        for column in HIDDEN_COLUMNS + STUDY_COLUMNS:
+            toggle_column(page, column)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(out))
+    log.unlink()
+    return out
+
+
+def toggle_column(page, name: str) -> None:
+    """Show or hide the column ``name`` (an attribute, metric or param key) in the run list's Columns menu."""
+    page.get_by_role("button", name="Columns", exact=True).click()
+    menu = page.get_by_role("dialog")
+    menu.get_by_role("textbox", name="Search columns").fill(name)
+    menu.get_by_text(name, exact=True).click()
+    page.keyboard.press("Escape")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="*", help="two run names (default: the two newest finished runs)")
@@ -242,8 +284,12 @@ def main() -> None:
         default=Path("."),
         help="the project whose mlflow.db to show",
     )
+    parser.add_argument("--study", help="a catdog tune study: its parent run expanded in the run list")
     parser.add_argument("--out", type=Path, default=Path("docs/mlflow-compare.png"))
     args = parser.parse_args()
+    if args.study:
+        print(take_study(args.root, args.study, args.out))
+        return
     if args.runs and len(args.runs) != 2:
         parser.error("give two run names or none")
     print(take(args.root, args.out, args.runs or None))
