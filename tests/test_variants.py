@@ -19,6 +19,7 @@ from onnx import numpy_helper
 
 from catdog.core.paths import Paths
 from catdog.data.dataset import load_split
+from catdog.models.onnx_runtime import cache_root
 from catdog.models.variants import auto_order, quantize_int8
 from catdog.pipeline import variants
 from catdog.serving.precision import shipped_variants
@@ -99,25 +100,47 @@ def test_int8_quantisation_is_deterministic(pipeline, tmp_path):
     assert again.read_bytes() == pipeline.paths.int8_model.read_bytes()
 
 
-def test_a_variant_that_disagrees_with_fp32_is_not_shipped(pipeline, tmp_path, capfd):
-    """Near-tied head rows: fp32 decides by a hair, which int8's rounding does not keep."""
+def test_int8_of_a_model_differing_only_in_its_head_comes_from_the_cache(pipeline, tmp_path, monkeypatch):
+    """Nothing quantised depends on the fp32 head: the cached model with the new head copied in is
+    what quantising the new model gives, byte for byte."""
+    model = onnx.load(str(pipeline.paths.onnx_model))
+    weight = next(t for t in model.graph.initializer if t.name == "head.weight")
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * -2.0, "head.weight"))
+    other = tmp_path / "other.onnx"
+    onnx.save(model, str(other))
+    batches = variants.calibration_batches(pipeline.paths, 64, pipeline.params.export.calibration_images)
+    entries = set((cache_root() / "int8").iterdir())  # export quantised the pipeline's model with these batches
+    quantize_int8(other, tmp_path / "cached.int8.onnx", batches)
+    assert set((cache_root() / "int8").iterdir()) == entries, "quantised again: the head is in the cache key"
+    monkeypatch.setenv("CATDOG_CACHE", str(tmp_path / "empty-cache"))
+    quantize_int8(other, tmp_path / "fresh.int8.onnx", batches)
+    assert (tmp_path / "cached.int8.onnx").read_bytes() == (tmp_path / "fresh.int8.onnx").read_bytes()
+    quantized = onnx.load(str(tmp_path / "cached.int8.onnx"))
+    head = next(t for t in quantized.graph.initializer if t.name == "head.weight")
+    assert (numpy_helper.to_array(head) == numpy_helper.to_array(weight)).all(), "the new head was not copied in"
+
+
+def test_a_variant_that_disagrees_with_fp32_is_not_shipped(pipeline, tmp_path, capfd, monkeypatch):
+    """A real int8 model whose head's class rows come out swapped: it disagrees with fp32 on every test
+    image. (A near-tied head no longer breaks int8: the head stays fp32, so int8 keeps its decisions.)"""
     root = tmp_path / "project"
     for folder in ("data/prepared", "models/export"):
         shutil.copytree(pipeline.paths.root / folder, root / folder)
     paths = Paths.under(root)
-    model = onnx.load(str(paths.onnx_model))
-    weight = next(t for t in model.graph.initializer if t.name == "head.weight")
-    rows = numpy_helper.to_array(weight).copy()
-    rows[1] = rows[0] * (1 + 1e-5)
-    weight.CopyFrom(numpy_helper.from_array(rows, "head.weight"))
-    bias = next(t for t in model.graph.initializer if t.name == "head.bias")
-    offsets = numpy_helper.to_array(bias).copy()
-    offsets[1] = offsets[0]  # else the bias, not the rows, decides: the tie is the rows' alone
-    bias.CopyFrom(numpy_helper.from_array(offsets, "head.bias"))
-    onnx.save(model, str(paths.onnx_model))
+
+    def quantize_with_swapped_rows(fp32_model, path, calibration):
+        quantize_int8(fp32_model, path, calibration)
+        model = onnx.load(str(path))
+        for tensor in model.graph.initializer:
+            if tensor.name in ("head.weight", "head.bias"):
+                tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor)[::-1].copy(), tensor.name))
+        onnx.save(model, str(path))
+
+    monkeypatch.setattr(variants, "quantize_int8", quantize_with_swapped_rows)
     params = build_params({**pipeline.params.flat(), "export.precision": ["int8"]})
     report = variants.build(params, paths, load_split(paths, "test"), 64)
     assert report.shipped == [] and report.figures["int8"]["shipped"] is False
+    assert report.figures["int8"]["agreement"] == 0.0
     line = capfd.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("export: int8 variant not shipped: top-1 agreement with fp32 0.") and "(export." in line
     assert not paths.int8_model.exists() and list(shipped_variants(paths.onnx_model)) == ["fp32"]

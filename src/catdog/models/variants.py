@@ -4,7 +4,9 @@
 - ``int8``: ``model.int8.onnx``, ONNX Runtime's static quantisation (QDQ, per-channel int8 weights,
   uint8 activations whose ranges come from calibration images by min/max: the same images give the
   same bytes). Per-tensor weights would collapse the depthwise convolutions; per-channel does not.
-  The head (after the last convolution) stays fp32.
+  The head (after the last convolution) stays fp32, so nothing quantised depends on its weights: the
+  quantised model is cached by everything else (``$CATDOG_CACHE/int8/``) and a model that differs
+  only in its head (every trial of a head search) gets the cached one with its own head copied in.
 - ``bf16``: the fp32 ``model.onnx`` compiled by OpenVINO's CPU plugin at bf16 inference precision.
   It has no file of its own: OpenVINO casts the weights when it compiles, and a saved IR would be a
   second copy of them. Only on a CPU with bf16 units (OpenVINO's ``OPTIMIZATION_CAPABILITIES``
@@ -18,10 +20,11 @@ uint8 x int8 products can saturate).
 from __future__ import annotations
 
 import functools
+import hashlib
 import platform
 import tempfile
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,9 +33,10 @@ import numpy as np
 from catdog.core import atomic
 from catdog.core.errors import CatdogError
 from catdog.core.paths import CLASSES_METADATA
-from catdog.models.onnx_runtime import create_session, usable_cores
+from catdog.models.onnx_runtime import cache_root, create_session, usable_cores
 
 PRECISIONS = ("fp32", "int8", "bf16")
+INT8_VERSION = 1  # bump when how models are quantised changes: the cache key
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -99,10 +103,59 @@ def auto_order(flags: frozenset[str] | None = None) -> list[str]:
     return [*order, "fp32"]
 
 
-def quantize_int8(fp32_model: Path, path: Path, calibration: Iterable[np.ndarray]) -> None:
+def quantize_int8(fp32_model: Path, path: Path, calibration: list[np.ndarray]) -> None:
     """``fp32_model`` quantised to int8 at ``path`` (static, QDQ, per-channel), its activation ranges
     from the ``calibration`` batches (float32 NCHW); the same model and batches give the same bytes.
-    ONNX Runtime's documented flow: its pre-processing (shape inference, graph clean-up) first."""
+    Quantised once per model-but-its-head and batches; hit or miss, ``path`` is the cached model with
+    this model's head weights, so both give the same bytes."""
+    import onnx
+
+    model = onnx.load(str(fp32_model))
+    head = _head_weights(model)
+    cached = cache_root() / "int8" / f"{_int8_key(model, head, calibration)}.onnx"
+    if not cached.is_file():
+        _quantize(fp32_model, cached, calibration)
+    quantized = onnx.load(str(cached))
+    kept = [tensor for tensor in quantized.graph.initializer if tensor.name in head]
+    if len(kept) != len(head):  # the quantiser renamed or folded one: no head to swap in, quantise this model
+        _quantize(fp32_model, path, calibration)
+        return
+    for tensor in kept:
+        tensor.CopyFrom(head[tensor.name])
+    with atomic.replacing(path) as temporary:
+        onnx.save(quantized, str(temporary))
+
+
+def _head_weights(model) -> dict:
+    """The initializers only the nodes after the last convolution read (the head's Linear): kept fp32
+    by :func:`_quantize`, so the quantised model holds them unchanged, under the same names."""
+    nodes = list(model.graph.node)
+    convolutions = [i for i, node in enumerate(nodes) if node.op_type == "Conv"]
+    cut = convolutions[-1] + 1 if convolutions else len(nodes)
+    before = {name for node in nodes[:cut] for name in node.input}
+    after = {name for node in nodes[cut:] for name in node.input} - before
+    return {tensor.name: tensor for tensor in model.graph.initializer if tensor.name in after}
+
+
+def _int8_key(model, head: dict, calibration: list[np.ndarray]) -> str:
+    import onnx
+    import onnxruntime
+
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    for tensor in skeleton.graph.initializer:
+        if tensor.name in head:  # their names, shapes and types stay in the key; their values do not
+            for values in ("raw_data", "float_data", "double_data", "int32_data", "int64_data"):
+                tensor.ClearField(values)
+    digest = hashlib.sha256(f"{INT8_VERSION} onnxruntime {onnxruntime.__version__}".encode())
+    digest.update(skeleton.SerializeToString(deterministic=True))
+    for batch in calibration:
+        digest.update(np.ascontiguousarray(batch, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:24]
+
+
+def _quantize(fp32_model: Path, path: Path, calibration: list[np.ndarray]) -> None:
+    """ONNX Runtime's documented flow: its pre-processing (shape inference, graph clean-up) first."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,

@@ -56,13 +56,13 @@ def run(params: Params, paths: Paths) -> dict:
     else:
         export_onnx(model, example, paths.onnx_model, p.opset, names=("image", "logits"))
         stamp_classes(paths.onnx_model, config["classes"])
-    export_pt2(model, example, paths.pt2_model, config["arch"])
+    program = export_pt2(model, example, paths.pt2_model, config["arch"])
     write_labels_and_preprocess(params, config, paths)
     exported = ExportedModel.load(paths.onnx_model)  # as `catdog predict` and the registered model load it
     integrity.check_classes(exported.classes, paths, str(paths.onnx_model.relative_to(paths.root)))
 
     test = load_split(paths, "test")
-    results = check_parity(model, exported, paths, test, p.parity_images, p.tolerance)
+    results = check_parity(model, exported, program, paths, test, p.parity_images, p.tolerance)
     shipped = variants.build(params, paths, test, size)
     reports.write_json(paths.parity, {**results, "variants": shipped.figures})
     with tracking.stage_run(params, paths, "export") as mlflow_run:
@@ -127,10 +127,17 @@ def register(
 
 
 def check_parity(
-    model: torch.nn.Module, exported: ExportedModel, paths: Paths, test: Split, parity_images: int, tolerance: float
+    model: torch.nn.Module,
+    exported: ExportedModel,
+    program: torch.export.ExportedProgram,
+    paths: Paths,
+    test: Split,
+    parity_images: int,
+    tolerance: float,
 ) -> dict:
-    """Logits and accuracy of the exported models vs eager PyTorch on the first test images
-    (parity.json); CatdogError when one differs by more than ``tolerance``."""
+    """Logits and accuracy of the exported models (ONNX as predict loads it, the program model.pt2
+    holds) vs eager PyTorch on the first test images (parity.json); CatdogError when one differs by
+    more than ``tolerance``."""
     size = exported.image_size
     images = CachedImages(paths, test, eval_preset(size))
     count = min(len(images), parity_images)
@@ -141,7 +148,7 @@ def check_parity(
     results = {"parity_images": count, "eager_accuracy": _accuracy(eager, targets)}
     for name, logits in (
         ("onnx", exported.runtime.logits(batch.numpy())),
-        ("pt2", pt2_logits(paths.pt2_model, batch)),
+        ("pt2", pt2_logits(program, batch)),
     ):
         results[f"{name}_max_abs_diff"] = float(np.abs(logits - eager).max())
         results[f"{name}_accuracy"] = _accuracy(logits, targets)
@@ -193,17 +200,19 @@ def example_jpeg(paths: Paths, test: Split) -> bytes:
     return buffer.getvalue()
 
 
-def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path, arch: str) -> None:
-    """torch.export, loadable with ``torch.export.load`` alone; ``arch`` inside (``PT2_EXTRA``) for explanations."""
+def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path, arch: str) -> torch.export.ExportedProgram:
+    """torch.export, loadable with ``torch.export.load`` alone; ``arch`` inside (``PT2_EXTRA``) for explanations.
+    Returns the program saved (loaded from a file already: :mod:`catdog.models.exported_program`)."""
     program = export_program(model, example, {"images": {0: _batch_dim()}})  # traced once per architecture
     # to a file object: torch names the archive's records after a file name (here a temporary one)
     with atomic.replacing(path) as temporary, temporary.open("wb") as handle:
         torch.export.save(program, handle, extra_files={PT2_EXTRA: json.dumps({"arch": arch})})
+    return program
 
 
-def pt2_logits(path: Path, batch: torch.Tensor) -> np.ndarray:
+def pt2_logits(program: torch.export.ExportedProgram, batch: torch.Tensor) -> np.ndarray:
     with torch.inference_mode():
-        return torch.export.load(str(path)).module()(batch).numpy()
+        return program.module()(batch).numpy()
 
 
 def _accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
