@@ -189,11 +189,12 @@ def export_model(model, classes: list[str], image_size: int, out: Path) -> Path:
 
 
 def split_images(prepared: Paths, args) -> CachedImages:
-    """The first ``--model-images`` train images of the prepared cache."""
+    """``--model-images`` train images of the prepared cache, spread over the split (it is grouped by
+    class: its first rows may all be one class, which a head cannot be fitted on)."""
     train = load_split(prepared, "train")
-    count = min(len(train.rows), args.model_images)
-    first = Split(train.name, train.rows[:count], train.labels[:count], train.paths[:count], train.classes)
-    return CachedImages(prepared, first, eval_preset(args.image_size))
+    picks = np.unique(np.linspace(0, len(train.rows) - 1, min(len(train.rows), args.model_images)).astype(int))
+    spread = Split(train.name, train.rows[picks], train.labels[picks], [train.paths[i] for i in picks], train.classes)
+    return CachedImages(prepared, spread, eval_preset(args.image_size))
 
 
 def stacked_batches(images: CachedImages, batch_size: int) -> list[torch.Tensor]:
