@@ -92,7 +92,19 @@ def test_greying_the_most_salient_pixels_costs_more_than_random_ones(photo_model
         assert (model(held_out).argmax(1) == labels).float().mean() >= 0.8  # a model worth explaining
     deletion = deletion_test(model, "efficientnet_lite0", held_out)
     assert deletion.images == len(held_out)
-    assert deletion.salient_drop > deletion.random_drop > 0, deletion  # measured: 1.5x at 128 px, 1.7x at 224
+    assert deletion.salient_drop > deletion.random_drop > 0, deletion
+
+
+def test_the_random_deletion_greys_whole_cells_of_the_map_grid():
+    from catdog.explain.faithfulness import CELL, _random_cells
+
+    chosen = _random_cells(3, (100, 70), 1400, np.random.default_rng(0))  # a 4 x 3 grid, the edge cells cut
+    assert chosen.shape == (3, 1400) and all(len(set(row)) == 1400 for row in chosen)
+    cell_of_pixel = (np.arange(100)[:, None] // CELL * 3 + np.arange(70)[None, :] // CELL).ravel()
+    sizes = np.bincount(cell_of_pixel)
+    for row in chosen:
+        taken = np.bincount(cell_of_pixel[row], minlength=len(sizes))
+        assert ((taken == 0) | (taken == sizes)).sum() >= len(sizes) - 1, taken  # whole cells, the last one cut
 
 
 # --- catdog predict --explain ---------------------------------------------------------------------------------

@@ -1,6 +1,13 @@
 """Are the maps faithful? Grey out the pixels a map calls most salient and the predicted class should lose
 more probability than when as many random pixels are greyed (a deletion test, as in the Grad-CAM and RISE
-papers' evaluations)."""
+papers' evaluations).
+
+The random pixels come in cells of ``CELL`` px, the grid of the last convolution a map is computed on
+(the backbones' output stride), so both deletions grey regions of the same grain. Scattered single
+pixels would be a texture perturbation, not a region: CNNs are so sensitive to it that on 96 held-out
+Kaggle photos (Lite2 at 260 px) greying a scattered random 20% lowered the predicted class's
+probability by 0.098, about as much as the salient 20% (0.108); random 32-px cells lowered it by 0.018.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ from torch import nn
 from catdog.explain.cam import DEFAULT_METHOD, activation_maps
 
 GREY = 0.5  # the greyed pixels' value in every channel (the model's input is in [0, 1])
+CELL = 32  # px: the random deletion's grain, one cell of the last convolution's grid
 
 
 @dataclass(frozen=True)
@@ -40,8 +48,7 @@ def deletion_test(
     count, pixels = len(images), maps[0].size
     greyed = round(fraction * pixels)
     salient = np.argsort(-maps.reshape(count, -1), axis=1, kind="stable")[:, :greyed]
-    rng = np.random.default_rng(seed)
-    random = np.stack([rng.permutation(pixels)[:greyed] for _ in range(count)])
+    random = _random_cells(count, maps.shape[1:], greyed, np.random.default_rng(seed))
     drops = []
     for chosen in (salient, random):
         mask = np.zeros((count, pixels), bool)
@@ -52,3 +59,14 @@ def deletion_test(
             after = model(masked).softmax(1)
         drops.append(float((probabilities - after).gather(1, predicted[:, None]).mean()))
     return Deletion(drops[0], drops[1], count)
+
+
+def _random_cells(count: int, shape: tuple[int, int], greyed: int, rng: np.random.Generator) -> np.ndarray:
+    """Per image, ``greyed`` flat pixel indices filling random ``CELL``-px cells one after another."""
+    height, width = shape
+    columns = -(-width // CELL)
+    cell_of_pixel = (np.arange(height)[:, None] // CELL) * columns + np.arange(width)[None, :] // CELL
+    cells = cell_of_pixel.max() + 1
+    return np.stack(
+        [np.argsort(rng.permutation(cells)[cell_of_pixel].ravel(), kind="stable")[:greyed] for _ in range(count)]
+    )
