@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--head-trial-images", type=int, help="head_trial: this many of --source's images (default --images)"
     )
+    parser.add_argument("--audit-images", type=int, help="audit: this many of --source's images (default --images)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument(
         "--markdown", type=Path, metavar="JSON", help="measure nothing: print the docs' table of this report"
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
             *bench_variants(prepared, args, folder, files),
             bench_epoch(prepared, files),
             prepare_result,
-            bench_audit(model, args, prepared),
+            bench_audit(model, args, audit_images(prepared, args, tmp)),
             *bench_classes(files, args, tmp / "classes"),
             bench_faithfulness(model, args, prepared),
             *([] if args.skip_trials else bench_trials(folder, args, tmp / "trials")),
@@ -237,6 +238,16 @@ def bench_extraction(model, args, prepared: Paths) -> dict:
         len(images),
         target=0.8,
     )
+
+
+def audit_images(prepared: Paths, args, tmp: Path) -> Paths:
+    """The audit row's images: --images' own, or --audit-images of --source prepared apart (the issue's
+    figure is on the whole zip)."""
+    if args.audit_images in (None, args.images):
+        return prepared
+    folder = extract_images(Path(args.source), args.audit_images, tmp / "audit-images")
+    timed_prepare(folder, tmp / "audit", args.image_size)
+    return Paths.under(tmp / "audit")
 
 
 def bench_audit(model, args, prepared: Paths, flipped_share: float = 0.04) -> dict:

@@ -40,6 +40,8 @@ def test_benchmark_measures_every_comparison_and_writes_json(make_dataset, tmp_p
             "--batch-size",
             "8",
             "--skip-trials",
+            "--audit-images",
+            "24",
             "--out",
             str(out),
         ],
@@ -55,6 +57,7 @@ def test_benchmark_measures_every_comparison_and_writes_json(make_dataset, tmp_p
     assert -1 <= faithfulness["project_drop"] <= 1 and -1 <= faithfulness["baseline_drop"] <= 1
     assert COMPARISONS - {"faithfulness"} <= set(results) <= COMPARISONS | WHERE_BF16
     assert results["predict_auto"]["target"] == 1.6 and results["predict_auto"]["peak_rss_mb"] > 0
+    assert results["audit"]["count"] == 24 and results["prepare"]["count"] == 30  # --audit-images: its own set
     for r in results.values():
         assert r["project_s"] > 0 and r["baseline_s"] > 0 and r["count"] > 0
         assert r["ratio"] > 0 and r["project_per_s"] > 0 and r["baseline_per_s"] > 0
@@ -63,7 +66,7 @@ def test_benchmark_measures_every_comparison_and_writes_json(make_dataset, tmp_p
     for what in ("prepare", "extraction", "predict"):  # 10 classes vs 2, same images
         assert results[f"classes_{what}"]["target"] == 0.9
     assert results["classes_predict"]["count"] == 30
-    assert results["audit"]["count"] == 30 and results["audit"]["flipped"] == 1  # 4% of every prepared image
+    assert results["audit"]["flipped"] == 1  # 4% of every image of --audit-images
     assert 0 <= results["audit"]["recall"] <= 1 and 0 <= results["audit"]["precision"] <= 1
     assert results["predict"]["peak_rss_mb"] > 0 and report["peak_rss_mb"] > 0
     assert report["machine"]["usable_cores"] >= 1 and report["date"]
