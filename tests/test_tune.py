@@ -29,7 +29,7 @@ from dvc_project import TINY_PARAMS, Project, tool
 pytestmark = pytest.mark.slow
 postgres = test_tracking_server.postgres  # the throwaway PostgreSQL cluster (skips without Debian's binaries)
 
-C_SPACE = "train.logistic_c: {low: 0.01, high: 10.0, log: true}\nstart:\n  - {train.logistic_c: 0.5}\n"  # tried first
+C_SPACE = "train.logistic_c: {low: 0.01, high: 10.0, log: true}\n"  # the logistic head's one knob
 TUNE_TIMEOUT = 600
 
 
@@ -46,6 +46,13 @@ def project(tmp_path_factory) -> Project:
     proj = dp.copy_project(tmp_path_factory.mktemp("tune") / "project", params)
     (proj.root / "c.yaml").write_text(C_SPACE)  # untracked: --temp experiments carry the workspace's changes
     return proj
+
+
+def space_starting_at(proj: Project, name: str, c: float) -> str:
+    """C_SPACE with a start point of its own: a C no other study here runs, or DVC's run-cache would
+    restore that trial instead of running it (no stage, no MLflow run)."""
+    (proj.root / name).write_text(f"{C_SPACE}start:\n  - {{train.logistic_c: {c}}}\n")
+    return name
 
 
 def tune(proj: Project, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -135,7 +142,7 @@ def test_a_combination_params_refuse_is_pruned_without_a_run(project):
 
 def test_two_processes_share_one_study_of_dvc_experiments_and_mlflow_runs(project, tmp_path):
     params_before = (project.root / "params.yaml").read_bytes()
-    args = ("--space", "c.yaml", "--study", "shared", "--trials", "2", "--json")
+    args = ("--space", space_starting_at(project, "shared.yaml", 0.5), "--study", "shared", "--trials", "2", "--json")
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     processes = [start_tune(project, log, *args) for log in logs]
     outputs = [wait(process, log) for process, log in zip(processes, logs, strict=True)]
@@ -187,7 +194,9 @@ def stop_during_train(proj: Project, process: subprocess.Popen, log: Path, exper
 
 def test_a_killed_study_continues_without_running_a_trial_twice(project, tmp_path):
     """SIGKILL, the hard case: no clean-up at all, so the next process must find the stale trial."""
-    args = ("--space", "c.yaml", "--study", "killed", "--trials", "2", "--seed", "7")
+    # its start point is not queued again on resume: it would be a duplicate of the killed trial, pruned
+    space = space_starting_at(project, "killed.yaml", 0.37)
+    args = ("--space", space, "--study", "killed", "--trials", "2", "--seed", "7")
     log = tmp_path / "killed.log"
     stop_during_train(project, start_tune(project, log, *args), log, "killed-0", signal.SIGKILL)
     # (dvc and the stage follow it: PR_SET_PDEATHSIG, catdog.core.lifecycle)
