@@ -130,8 +130,7 @@ def _head_weights(model) -> dict:
     """The initializers only the nodes after the last convolution read (the head's Linear): kept fp32
     by :func:`_quantize`, so the quantised model holds them unchanged, under the same names."""
     nodes = list(model.graph.node)
-    convolutions = [i for i, node in enumerate(nodes) if node.op_type == "Conv"]
-    cut = convolutions[-1] + 1 if convolutions else len(nodes)
+    cut = _head_start(nodes)
     before = {name for node in nodes[:cut] for name in node.input}
     after = {name for node in nodes[cut:] for name in node.input} - before
     return {tensor.name: tensor for tensor in model.graph.initializer if tensor.name in after}
@@ -190,6 +189,13 @@ def _quantize(fp32_model: Path, path: Path, calibration: list[np.ndarray]) -> No
         )
 
 
+def _head_start(nodes: list) -> int:
+    """Where the head begins in a graph's nodes (topologically sorted, as ONNX requires): after the last
+    convolution; no head without one."""
+    convolutions = [i for i, node in enumerate(nodes) if node.op_type == "Conv"]
+    return convolutions[-1] + 1 if convolutions else len(nodes)
+
+
 def _name_head_nodes(model_file: Path) -> list[str]:
     """The nodes after the last convolution (pooling, the head's Linear), named in ``model_file`` and
     kept fp32: a logistic head folds the features' standardisation into its weights (w / sigma), whose
@@ -198,9 +204,8 @@ def _name_head_nodes(model_file: Path) -> list[str]:
     import onnx
 
     model = onnx.load(str(model_file))
-    nodes = list(model.graph.node)  # topologically sorted, as ONNX requires
-    convolutions = [i for i, node in enumerate(nodes) if node.op_type == "Conv"]
-    head = nodes[convolutions[-1] + 1 :] if convolutions else []
+    nodes = list(model.graph.node)
+    head = nodes[_head_start(nodes) :]
     for i, node in enumerate(head):
         node.name = node.name or f"catdog_head_{i}"
     onnx.save(model, str(model_file))

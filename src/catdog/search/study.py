@@ -144,7 +144,7 @@ def _open_study(search: Search, space: Space) -> optuna.Study:
                 storage=storage, study_name=search.study, sampler=sampler, direction=search.direction
             )
             for point in space.start:  # a new study only: a resumed one has them already
-                study.enqueue_trial(point, skip_if_exists=True)
+                study.enqueue_trial(point)
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=search.study, storage=storage, sampler=sampler)
             # Resumed, or a second process: a seed of its own, or it would draw the first process's trials again.
