@@ -130,8 +130,12 @@ def _stage(root: Path) -> list[str]:
 
 
 def _env() -> dict[str, str]:
+    # One intra-op thread: a fresh-clone CI run (2 cores, full fine-tuning) once saw the killed run's
+    # first epoch differ from the reference's on two threads, before any resume: a multi-threaded sum
+    # split differently. This test is about resuming, so the kernels add in one order in both runs.
     return {
         **os.environ,
+        "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
         "TQDM_DISABLE": "1",
         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",

@@ -178,27 +178,32 @@ def test_two_processes_share_one_study_of_dvc_experiments_and_mlflow_runs(projec
     assert f"dvc exp apply {best.user_attrs['experiment']}" in outputs[last]
 
 
-def stop_during_train(proj: Project, process: subprocess.Popen, log: Path, experiment: str, signum: int) -> int:
-    """Send ``signum`` to the tune process (only it) once ``experiment``'s train stage has its MLflow run."""
+def stop_after_train(proj: Project, process: subprocess.Popen, log: Path, experiment: str, signum: int) -> int:
+    """Send ``signum`` to the tune process (only it) once ``experiment``'s train stage has ended: its
+    MLflow run reads FINISHED, as each stage leaves it, while evaluate has yet to reopen it."""
     deadline = time.monotonic() + TUNE_TIMEOUT
 
-    def started() -> bool:  # the store exists once the trial runs (reading it earlier races its creation)
-        return f"tune: {experiment} running" in log.read_text() and experiment in {r.info.run_name for r in proj.runs()}
+    def trained() -> bool:  # the store exists once the trial runs (reading it earlier races its creation)
+        if f"tune: {experiment} running" not in log.read_text():
+            return False
+        runs = {r.info.run_name: r for r in proj.runs()}
+        return experiment in runs and runs[experiment].info.status == "FINISHED"
 
-    while not started():
+    while not trained():
         assert process.poll() is None and time.monotonic() < deadline, dp.tail(log.read_text())
-        time.sleep(0.2)  # the logistic head's train stage lasts seconds: catch it while it runs
+        time.sleep(0.2)  # evaluate takes seconds to start (its imports): caught before it reopens the run
     process.send_signal(signum)
     return process.wait(120)
 
 
 def test_a_killed_study_continues_without_running_a_trial_twice(project, tmp_path):
-    """SIGKILL, the hard case: no clean-up at all, so the next process must find the stale trial."""
+    """SIGKILL, the hard case: no clean-up at all, so the next process must find the stale trial, and
+    mark KILLED its MLflow run, which the finished train stage left FINISHED."""
     # its start point is not queued again on resume: it would be a duplicate of the killed trial, pruned
     space = space_starting_at(project, "killed.yaml", 0.37)
     args = ("--space", space, "--study", "killed", "--trials", "2", "--seed", "7")
     log = tmp_path / "killed.log"
-    stop_during_train(project, start_tune(project, log, *args), log, "killed-0", signal.SIGKILL)
+    stop_after_train(project, start_tune(project, log, *args), log, "killed-0", signal.SIGKILL)
     # (dvc and the stage follow it: PR_SET_PDEATHSIG, catdog.core.lifecycle)
 
     proc = tune(project, *args, "--json")

@@ -69,9 +69,11 @@ def tune(search: Search) -> optuna.Study:
     check_visible(search.root, params.data.source)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial prints its own line, Ctrl-C no traceback
     study = _open_study(search, space)
+    killed = _fail_killed_trials(study, search.root)
     parent = study_run.open_study_run(
         search.root, params.tracking.experiment_name, search.study, search.space.read_text(), _budget_tags(search)
     )
+    study_run.end_killed_trials(search.root, params.tracking.experiment_name, killed)
     objective = _Objective(search, space.entries, base, params.flat(), parent)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
     status = "FINISHED"
@@ -151,7 +153,6 @@ def _open_study(search: Search, space: Space) -> optuna.Study:
             sampler.reseed_rng()
     if study.direction.name.lower() != search.direction:
         raise CatdogError(f"study {search.study!r} {study.direction.name.lower()}s its objective: pass --direction")
-    _fail_killed_trials(study, search.root)
     return study
 
 
@@ -173,20 +174,24 @@ def _storage(url: str, engine: dict | None) -> optuna.storages.RDBStorage:
     return create()
 
 
-def _fail_killed_trials(study: optuna.Study, root: Path) -> None:
+def _fail_killed_trials(study: optuna.Study, root: Path) -> list[str]:
     """RUNNING trials whose ``catdog tune`` process (on this host) is gone become FAILED now, their DVC
     experiment's leftovers removed; those of other hosts once their heartbeat is older than the grace
-    period (Optuna). Optuna has no public call to fail one trial: its storage's, as fail_stale_trials."""
+    period (Optuna). Optuna has no public call to fail one trial: its storage's, as fail_stale_trials.
+    The experiment names of this host's, whose MLflow runs are then marked KILLED."""
+    killed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         process = trial.user_attrs.get("process", {})
         if process.get(lifecycle.HOST_TAG) == socket.gethostname() and lifecycle.process_gone(process):
             study._storage.set_trial_user_attr(trial._trial_id, "error", "its catdog tune process was killed")
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            forget_killed(root, trial.user_attrs.get("experiment", ""))
+            killed.append(trial.user_attrs.get("experiment", ""))
+            forget_killed(root, killed[-1])
             print(f"tune: trial {trial.number} marked FAILED: its catdog tune process was killed", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    return killed
 
 
 def _optimize(study: optuna.Study, objective, search: Search) -> None:

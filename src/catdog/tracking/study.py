@@ -60,6 +60,21 @@ def record_study(project_root: Path, run_id: str, summary: dict, metric: str, fi
         store.log_figure(run_id, figure, name)
 
 
+def end_killed_trials(project_root: Path, experiment_name: str, trials: list[str]) -> None:
+    """Mark KILLED the runs of ``trials`` (experiment names) whose ``catdog tune`` was killed. A run
+    still RUNNING was closed by ``close_orphans``; one killed between two stages reads FINISHED, as
+    the stage before left it, though its pipeline never ended."""
+    if not trials:
+        return
+    store = client(project_root)
+    experiment = experiment_id(store, experiment_name, project_root)
+    for name in trials:
+        for run in store.search_runs([experiment], f"attributes.run_name = '{name}'", max_results=10):
+            if run.info.status != "KILLED":
+                store.set_tag(run.info.run_id, "catdog.stopped", "its catdog tune process was killed")
+                store.set_terminated(run.info.run_id, "KILLED")
+
+
 def end_study_run(project_root: Path, run_id: str, status: str = "FINISHED") -> None:
     client(project_root).set_terminated(run_id, status)
 
