@@ -12,15 +12,17 @@ import shutil
 import subprocess
 
 import mlflow
+import numpy as np
 import onnx
 import pandas as pd
 import pytest
 from onnx import numpy_helper
 
 from catdog.core.paths import Paths
-from catdog.data.dataset import load_split
+from catdog.data.dataset import CachedImages, load_split
+from catdog.data.transforms import eval_preset
 from catdog.models.onnx_runtime import cache_root
-from catdog.models.variants import auto_order, quantize_int8
+from catdog.models.variants import auto_order, open_runtime, quantize_int8
 from catdog.pipeline import variants
 from catdog.serving.precision import shipped_variants
 from catdog.serving.predict import ExportedModel
@@ -118,6 +120,28 @@ def test_int8_of_a_model_differing_only_in_its_head_comes_from_the_cache(pipelin
     quantized = onnx.load(str(tmp_path / "cached.int8.onnx"))
     head = next(t for t in quantized.graph.initializer if t.name == "head.weight")
     assert (numpy_helper.to_array(head) == numpy_helper.to_array(weight)).all(), "the new head was not copied in"
+
+
+def test_the_check_caches_the_backbone_and_a_new_head_runs_over_its_activations(pipeline, tmp_path):
+    """Export checks each variant cut at its head: the backbone's activations over the test split are
+    cached (catdog.models.head_split), so a model with another head runs no backbone; backbone then
+    head computes what the whole model does."""
+    paths = pipeline.paths
+    test = load_split(paths, "test")
+    images = CachedImages(paths, test, eval_preset(64))
+    identity = variants._images_identity(paths, test)
+    model = onnx.load(str(paths.int8_model))
+    weight = next(t for t in model.graph.initializer if t.name == "head.weight")
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * -2.0, "head.weight"))
+    other = tmp_path / "other.int8.onnx"
+    onnx.save(model, str(other))
+    entries = set((cache_root() / "features").iterdir())  # export checked int8 over these images
+    for model_file in (paths.int8_model, other):
+        split = variants.split_logits("int8", model_file, images, 64, identity)
+        whole = variants._batched(open_runtime("int8", model_file), images)
+        assert np.abs(split - whole).max() < 1e-4 and (split.argmax(1) == whole.argmax(1)).all()
+    assert set((cache_root() / "features").iterdir()) == entries, "the backbone ran again for a new head"
+    assert (split.argmax(1) != variants._batched(open_runtime("int8", paths.int8_model), images).argmax(1)).any()
 
 
 def test_a_variant_that_disagrees_with_fp32_is_not_shipped(pipeline, tmp_path, capfd, monkeypatch):

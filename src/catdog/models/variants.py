@@ -111,7 +111,7 @@ def quantize_int8(fp32_model: Path, path: Path, calibration: list[np.ndarray]) -
     import onnx
 
     model = onnx.load(str(fp32_model))
-    head = _head_weights(model)
+    head = head_weights(model)
     cached = cache_root() / "int8" / f"{_int8_key(model, head, calibration)}.onnx"
     if not cached.is_file():
         _quantize(fp32_model, cached, calibration)
@@ -126,7 +126,7 @@ def quantize_int8(fp32_model: Path, path: Path, calibration: list[np.ndarray]) -
         onnx.save(quantized, str(temporary))
 
 
-def _head_weights(model) -> dict:
+def head_weights(model) -> dict:
     """The initializers only the nodes after the last convolution read (the head's Linear): kept fp32
     by :func:`_quantize`, so the quantised model holds them unchanged, under the same names."""
     nodes = list(model.graph.node)
@@ -210,6 +210,17 @@ def _name_head_nodes(model_file: Path) -> list[str]:
         node.name = node.name or f"catdog_head_{i}"
     onnx.save(model, str(model_file))
     return [node.name for node in head]
+
+
+def runtime_version(precision: str) -> str:
+    """The runtime that runs ``precision`` and its version: what its results depend on besides the model."""
+    if precision == "bf16":
+        import openvino
+
+        return f"openvino {openvino.__version__}"
+    import onnxruntime
+
+    return f"onnxruntime {onnxruntime.__version__}"
 
 
 def open_runtime(precision: str, model_file: Path) -> Runtime:

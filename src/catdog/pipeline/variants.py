@@ -1,5 +1,7 @@
 """export's reduced-precision variants (``export.precision``): built beside the fp32 ``model.onnx``,
-each checked against fp32 on the whole test split and shipped only when it agrees.
+each checked against fp32 on the whole test split and shipped only when it agrees. Each model runs
+cut at its head: the backbone's activations over the split are cached (a trial that changes only the
+head runs only the head again), and images/s are timed on the first test images with whole models.
 
 A variant ships when its top-1 agreement with fp32 is at least ``export.variant_min_agreement`` and
 its test accuracy at most ``export.variant_max_accuracy_drop`` below fp32's; else one line says why
@@ -11,13 +13,17 @@ agreement and accuracy. Images/s are timings: they go to MLflow and the git-igno
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 
 from catdog.core import reports
 from catdog.core.params import Params
@@ -25,9 +31,20 @@ from catdog.core.paths import INT8_FILE, ONNX_FILE, Paths
 from catdog.data import integrity
 from catdog.data.dataset import CachedImages, Split, load_split
 from catdog.data.transforms import eval_preset
-from catdog.models.variants import Runtime, VariantUnavailable, cpu_name, open_runtime, quantize_int8
+from catdog.models.feature_cache import cached_features, feature_key
+from catdog.models.head_split import file_digest, split_at_head
+from catdog.models.variants import (
+    Runtime,
+    VariantUnavailable,
+    cpu_name,
+    open_runtime,
+    quantize_int8,
+    runtime_version,
+)
+from catdog.pipeline.features import PRESET
 
 BATCH_SIZE = 32  # test images per timed batch, each run by every precision in turn
+TIMED_IMAGES = 256  # the first test images, timed: the images/s of each precision (the check runs on all)
 CALIBRATION_BATCH = 16
 VARIANT_FILES = {"fp32": ONNX_FILE, "int8": INT8_FILE, "bf16": ONNX_FILE}  # bf16: OpenVINO compiles the fp32 file
 
@@ -57,7 +74,11 @@ def build(params: Params, paths: Paths, test: Split, image_size: int) -> Variant
         write_manifest(paths, [])
         return report
     runtimes = {"fp32": open_runtime("fp32", paths.onnx_model), **runtimes}
-    logits, report.images_per_s = run_on_split(runtimes, CachedImages(paths, test, eval_preset(image_size)))
+    images = CachedImages(paths, test, eval_preset(image_size))
+    _, report.images_per_s = run_on_split(runtimes, Subset(images, range(min(len(images), TIMED_IMAGES))))
+    identity = _images_identity(paths, test)
+    files = {name: paths.exported / VARIANT_FILES[name] for name in runtimes}
+    logits = {name: split_logits(name, file, images, image_size, identity) for name, file in files.items()}
     reference = logits.pop("fp32").argmax(1)
     fp32_accuracy = float((reference == test.labels).mean())
     for precision, values in logits.items():
@@ -94,7 +115,37 @@ def calibration_batches(paths: Paths, image_size: int, count: int) -> list[np.nd
     ]
 
 
-def run_on_split(runtimes: dict[str, Runtime], images: CachedImages) -> tuple[dict[str, np.ndarray], dict]:
+def split_logits(
+    precision: str, model_file: Path, images: CachedImages, image_size: int, images_identity: str
+) -> np.ndarray:
+    """``precision``'s logits of ``model_file`` over ``images``, as its backbone then its head
+    (catdog.models.head_split): the backbone's activations come from the feature cache, keyed by the
+    backbone's bytes, the runtime and the images, so a model that differs only in its head runs only
+    its head over the split. A graph that cannot be cut runs whole."""
+    with tempfile.TemporaryDirectory() as scratch:
+        parts = split_at_head(model_file, Path(scratch))
+        if parts is None:
+            return _batched(open_runtime(precision, model_file), images)
+        backbone, head = parts
+        variant = f"{precision} {runtime_version(precision)} {cpu_name()}"
+        key = feature_key(file_digest(backbone), image_size, PRESET, variant, images_identity)
+        features, _ = cached_features(key, len(images), lambda: _batched(open_runtime(precision, backbone), images))
+        return open_runtime(precision, head).logits(features)
+
+
+def _batched(runtime: Runtime, images: CachedImages) -> np.ndarray:
+    batches = (range(start, min(start + BATCH_SIZE, len(images))) for start in range(0, len(images), BATCH_SIZE))
+    return np.concatenate([runtime.logits(torch.stack([images[i][0] for i in batch]).numpy()) for batch in batches])
+
+
+def _images_identity(paths: Paths, test: Split) -> str:
+    """Which images: images.npy's md5 and the test split's rows in it."""
+    digest = hashlib.sha256(integrity.recorded_md5(paths, paths.images.name).encode())
+    digest.update(np.ascontiguousarray(test.rows, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def run_on_split(runtimes: dict[str, Runtime], images) -> tuple[dict[str, np.ndarray], dict]:
     """Every runtime's logits over all ``images``, batch by batch in turn (the same batches, the same
     load on the machine), and each one's images/s (a first batch each, untimed, warms it up)."""
     logits: dict[str, list] = {name: [] for name in runtimes}
