@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -111,6 +112,37 @@ def _runs(root: Path):
     return client.search_runs(
         [client.get_experiment_by_name("catdog").experiment_id], order_by=["attributes.start_time ASC"]
     )
+
+
+def test_a_stop_inside_a_failing_clean_up_still_exits_130_in_one_line(tmp_path):
+    """A stop that lands inside torch.save makes its zip writer fail as it unwinds ("unexpected pos",
+    seen in CI): that error must not turn the stop into a crash."""
+    script = tmp_path / "stage.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import signal
+            from catdog.core.lifecycle import StageStopped
+            from catdog.pipeline.stage import main
+
+            class FailingClose:
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc_info):
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+            def run(params, paths):
+                with FailingClose():
+                    raise StageStopped(signal.SIGTERM)
+
+            main("demo", run, ["--params", {str(REPO_ROOT / "params.yaml")!r}, "--root", {str(tmp_path)!r}])
+            """
+        )
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("demo: stopped by SIGTERM: its MLflow run is marked KILLED")
 
 
 @pytest.mark.slow  # real processes: run by make test, not make check

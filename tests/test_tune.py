@@ -7,7 +7,7 @@ one fit, no epochs), no audit, no int8/bf16 variants, a one-image heatmap galler
 the head's C. One project serves the module (DVC's run-cache keeps prepare from running more than
 once or twice), one study per test: bad spaces and refused combinations first (no run at all), then
 two processes sharing a study on sqlite, a study killed (SIGKILL) during a trial and started again,
-two processes sharing a study on PostgreSQL. Ctrl-C's clean stop is the milder case of the kill.
+two processes sharing a study on PostgreSQL, and Ctrl-C's clean stop.
 """
 
 from __future__ import annotations
@@ -216,6 +216,20 @@ def test_a_killed_study_continues_without_running_a_trial_twice(project, tmp_pat
     runs = children(project, parent_run(project, "killed").info.run_id)
     assert runs["killed-0"].info.status == "KILLED" and runs["killed-1"].info.status == "FINISHED"
     assert json.loads(proc.stdout.strip().splitlines()[-1])["trials"] == {"complete": 1, "failed": 1, "pruned": 0}
+
+
+def test_ctrl_c_stops_the_study_and_marks_the_trial_and_its_runs(project, tmp_path):
+    """SIGINT (Ctrl-C; SIGTERM alike), after train: the stop is passed to dvc, the trial is marked
+    FAILED by the process itself, and its MLflow run (left FINISHED by train) and the parent KILLED."""
+    args = ("--space", space_starting_at(project, "stopped.yaml", 0.29), "--study", "stopped", "--trials", "2")
+    log = tmp_path / "stopped.log"
+    code = stop_after_train(project, start_tune(project, log, *args), log, "stopped-0", signal.SIGINT)
+    assert code == 130 and "catdog: tune stopped" in log.read_text(), dp.tail(log.read_text())
+    (trial,) = study(project, "stopped").trials
+    assert trial.state.name == "FAIL" and trial.user_attrs["error"] == "interrupted: catdog tune was stopped"
+    parent = parent_run(project, "stopped")
+    assert parent.info.status == "KILLED"
+    assert children(project, parent.info.run_id)["stopped-0"].info.status == "KILLED"
 
 
 def test_two_processes_share_a_study_on_postgresql(project, postgres, tmp_path):

@@ -54,6 +54,19 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+def stop_behind(exc: BaseException) -> StageStopped | None:
+    """The stop that ``exc`` was raised while unwinding, if any. A stop arrives anywhere, also inside a
+    library whose clean-up then fails on what it left half done (torch.save's zip writer: "unexpected
+    pos"); that error hides the stop, which is still what ended the stage."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, StageStopped):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__context__
+    return None
+
+
 def _raise_stop(signum: int, frame) -> None:
     for each in STOP_SIGNALS:  # a second signal ends the process at once, cleanup or not
         signal.signal(each, signal.SIG_DFL)

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 
 from catdog.core.errors import CatdogError
-from catdog.core.lifecycle import StageStopped, stop_on_signals
+from catdog.core.lifecycle import StageStopped, stop_behind, stop_on_signals
 from catdog.core.params import Params, load_params
 from catdog.core.paths import Paths
 
@@ -21,9 +21,7 @@ def main(name: str, run: Callable[[Params, Paths], dict], argv: list[str] | None
     parser.add_argument("--root", default=".", help="project root (default: current directory)")
     args = parser.parse_args(argv)
     try:
-        with stop_on_signals():
-            params = load_params(args.params)  # validated in full before any work starts
-            metrics = run(params, Paths.under(args.root))
+        metrics = _run_until_stopped(run, args)
     except (CatdogError, OSError) as exc:
         if os.environ.get("CATDOG_DEBUG") == "1":
             raise
@@ -41,6 +39,19 @@ def main(name: str, run: Callable[[Params, Paths], dict], argv: list[str] | None
     print(summary_line(name, metrics))
     if os.environ.get("CATDOG_DEBUG") == "1":
         print(f"{name}: {json.dumps(metrics, default=str)}")
+
+
+def _run_until_stopped(run: Callable[[Params, Paths], dict], args: argparse.Namespace) -> dict:
+    """The stage's results; StageStopped when a stop signal ended it, even where a library's failed
+    clean-up raised on top of the stop (catdog.core.lifecycle.stop_behind)."""
+    try:
+        with stop_on_signals():
+            params = load_params(args.params)  # validated in full before any work starts
+            return run(params, Paths.under(args.root))
+    except Exception as exc:
+        if (stop := stop_behind(exc)) is None:
+            raise
+        raise stop from None
 
 
 SUMMARY_FIGURES = 10  # at most, in the summary line; CATDOG_DEBUG=1 prints every result as JSON

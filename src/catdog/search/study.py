@@ -115,8 +115,9 @@ class _Objective:
             result = run_trial(self.search.root, name, overrides, self.parent_run_id, log)
         except TrialFailed as failed:
             return _failed(trial, name, str(failed))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # dvc and the stage have ended (trials.run_trial waits for them)
             trial.set_user_attr("error", "interrupted: catdog tune was stopped")
+            study_run.end_killed_trials(self.search.root, str(self.base_flat["tracking.experiment_name"]), [name])
             raise
         trial.set_user_attr("test", result.evaluate)
         metric = self.search.metric

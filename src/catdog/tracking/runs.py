@@ -125,16 +125,23 @@ def _opened(run_id: str, stage: str, store: Path, **start_kwargs) -> Iterator[Ru
             active.finish(stage)
             ended = True
     except lifecycle.StageStopped as stop:  # also when it interrupts MLflow's own end_run
-        active.set_tags({"catdog.stopped": f"{stop.signal_name} during {stage}", **active.progress})
-        active.end("KILLED")
+        _end_stopped(active, stop, stage)
         raise
     except Exception as exc:  # MLflow marked the run FAILED; say which stage (unless the store is the problem)
+        if (stop := lifecycle.stop_behind(exc)) is not None:  # a clean-up failed as the stop unwound through it
+            _end_stopped(active, stop, stage)
+            raise stop from None
         if ended and active.holding:
             return  # MLflow could not mark the run FINISHED: the outbox's "end" will
         with contextlib.suppress(Exception):
             mlflow_client.set_tag(run_id, FAILED_STAGE_TAG, stage)
         _raise_if_server_lost(stage, exc)
         raise
+
+
+def _end_stopped(active: Run, stop: lifecycle.StageStopped, stage: str) -> None:
+    active.set_tags({"catdog.stopped": f"{stop.signal_name} during {stage}", **active.progress})
+    active.end("KILLED")
 
 
 def _raise_if_server_lost(stage: str, exc: Exception) -> None:

@@ -61,9 +61,10 @@ def record_study(project_root: Path, run_id: str, summary: dict, metric: str, fi
 
 
 def end_killed_trials(project_root: Path, experiment_name: str, trials: list[str]) -> None:
-    """Mark KILLED the runs of ``trials`` (experiment names) whose ``catdog tune`` was killed. A run
-    still RUNNING was closed by ``close_orphans``; one killed between two stages reads FINISHED, as
-    the stage before left it, though its pipeline never ended."""
+    """Mark KILLED the runs of ``trials`` (experiment names) whose ``catdog tune`` was killed or
+    stopped. A stage that was running ended its run KILLED itself, or ``close_orphans`` did; a trial
+    stopped between two stages left its run FINISHED, as the stage before left it, though its
+    pipeline never ended."""
     if not trials:
         return
     store = client(project_root)
