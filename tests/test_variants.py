@@ -21,6 +21,7 @@ from onnx import numpy_helper
 from catdog.core.paths import Paths
 from catdog.data.dataset import CachedImages, load_split
 from catdog.data.transforms import eval_preset
+from catdog.models.head_split import split_at_head
 from catdog.models.onnx_runtime import cache_root
 from catdog.models.variants import auto_order, open_runtime, quantize_int8
 from catdog.pipeline import variants
@@ -137,7 +138,8 @@ def test_the_check_caches_the_backbone_and_a_new_head_runs_over_its_activations(
     onnx.save(model, str(other))
     entries = set((cache_root() / "features").iterdir())  # export checked int8 over these images
     for model_file in (paths.int8_model, other):
-        split = variants.split_logits("int8", model_file, images, 64, identity)
+        cut = split_at_head(model_file, tmp_path)
+        split = variants.split_logits("int8", model_file, cut, images, 64, identity)
         whole = variants._batched(open_runtime("int8", model_file), images)
         assert np.abs(split - whole).max() < 1e-4 and (split.argmax(1) == whole.argmax(1)).all()
     assert set((cache_root() / "features").iterdir()) == entries, "the backbone ran again for a new head"

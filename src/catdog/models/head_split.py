@@ -1,5 +1,5 @@
-"""An exported classifier cut where its head begins: ``backbone.onnx`` (image in, pooled features
-out) and ``head.onnx`` (features in, logits out), two ONNX files that together compute the whole.
+"""An exported classifier cut where its head begins: ``<stem>.backbone.onnx`` (image in, pooled features
+out) and ``<stem>.head.onnx`` (features in, logits out), two ONNX files that together compute the whole.
 
 Export checks each precision variant against fp32 over the whole test split. Most of that work is the
 backbone, which a trial that changes only the head (a head search, a new C) leaves as it was: cut at
@@ -11,15 +11,14 @@ the same cut serves every variant.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from catdog.models.variants import head_weights
 
 
 def split_at_head(model_file: Path, folder: Path) -> tuple[Path, Path] | None:
-    """(backbone file, head file) written in ``folder``; None when the graph has no single tensor
-    where its head begins (no head weights, or a head that reads more than the features)."""
+    """(backbone file, head file) written in ``folder``, named after ``model_file``; None when the graph
+    has no single tensor where its head begins (no head weights, or a head that reads more than the features)."""
     import onnx
     import onnx.utils
 
@@ -36,15 +35,9 @@ def split_at_head(model_file: Path, folder: Path) -> tuple[Path, Path] | None:
     (features,) = crossing
     extractor = onnx.utils.Extractor(model)
     parts = (
-        (folder / "backbone.onnx", [model.graph.input[0].name], [features]),
-        (folder / "head.onnx", [features], [output.name for output in model.graph.output]),
+        (folder / f"{model_file.stem}.backbone.onnx", [model.graph.input[0].name], [features]),
+        (folder / f"{model_file.stem}.head.onnx", [features], [output.name for output in model.graph.output]),
     )
     for path, inputs, outputs in parts:
         onnx.save(extractor.extract_model(inputs, outputs), str(path))
     return parts[0][0], parts[1][0]
-
-
-def file_digest(path: Path) -> str:
-    """The sha256 of a part's file: the backbone's identity, whatever head it was cut from."""
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()

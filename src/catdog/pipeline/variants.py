@@ -32,7 +32,7 @@ from catdog.data import integrity
 from catdog.data.dataset import CachedImages, Split, load_split
 from catdog.data.transforms import eval_preset
 from catdog.models.feature_cache import cached_features, feature_key
-from catdog.models.head_split import file_digest, split_at_head
+from catdog.models.head_split import split_at_head
 from catdog.models.variants import (
     Runtime,
     VariantUnavailable,
@@ -78,7 +78,11 @@ def build(params: Params, paths: Paths, test: Split, image_size: int) -> Variant
     _, report.images_per_s = run_on_split(runtimes, Subset(images, range(min(len(images), TIMED_IMAGES))))
     identity = _images_identity(paths, test)
     files = {name: paths.exported / VARIANT_FILES[name] for name in runtimes}
-    logits = {name: split_logits(name, file, images, image_size, identity) for name, file in files.items()}
+    with tempfile.TemporaryDirectory() as scratch:  # each file cut once: fp32 and bf16 both run model.onnx
+        cuts = {file: split_at_head(file, Path(scratch)) for file in set(files.values())}
+        logits = {
+            name: split_logits(name, file, cuts[file], images, image_size, identity) for name, file in files.items()
+        }
     reference = logits.pop("fp32").argmax(1)
     fp32_accuracy = float((reference == test.labels).mean())
     for precision, values in logits.items():
@@ -116,26 +120,34 @@ def calibration_batches(paths: Paths, image_size: int, count: int) -> list[np.nd
 
 
 def split_logits(
-    precision: str, model_file: Path, images: CachedImages, image_size: int, images_identity: str
+    precision: str,
+    model_file: Path,
+    cut: tuple[Path, Path] | None,
+    images: CachedImages,
+    image_size: int,
+    images_identity: str,
 ) -> np.ndarray:
-    """``precision``'s logits of ``model_file`` over ``images``, as its backbone then its head
-    (catdog.models.head_split): the backbone's activations come from the feature cache, keyed by the
-    backbone's bytes, the runtime and the images, so a model that differs only in its head runs only
-    its head over the split. A graph that cannot be cut runs whole."""
-    with tempfile.TemporaryDirectory() as scratch:
-        parts = split_at_head(model_file, Path(scratch))
-        if parts is None:
-            return _batched(open_runtime(precision, model_file), images)
-        backbone, head = parts
-        variant = f"{precision} {runtime_version(precision)} {cpu_name()}"
-        key = feature_key(file_digest(backbone), image_size, PRESET, variant, images_identity)
-        features, _ = cached_features(key, len(images), lambda: _batched(open_runtime(precision, backbone), images))
-        return open_runtime(precision, head).logits(features)
+    """``precision``'s logits of ``model_file`` over ``images``, as the backbone then the head it was
+    ``cut`` into (catdog.models.head_split): the backbone's activations come from the feature cache, keyed
+    by the backbone's bytes, the runtime and the images, so a model that differs only in its head runs
+    only its head over the split. A graph that could not be cut (``cut`` None) runs whole."""
+    if cut is None:
+        return _batched(open_runtime(precision, model_file), images)
+    backbone, head = cut
+    variant = f"{precision} {runtime_version(precision)} {cpu_name()}"
+    key = feature_key(integrity.file_md5(backbone), image_size, PRESET, variant, images_identity)
+    features, _ = cached_features(key, len(images), lambda: _batched(open_runtime(precision, backbone), images))
+    return open_runtime(precision, head).logits(features)
+
+
+def _batches(images):
+    """``images`` as float32 NCHW batches of ``BATCH_SIZE``, in order."""
+    for start in range(0, len(images), BATCH_SIZE):
+        yield torch.stack([images[i][0] for i in range(start, min(start + BATCH_SIZE, len(images)))]).numpy()
 
 
 def _batched(runtime: Runtime, images: CachedImages) -> np.ndarray:
-    batches = (range(start, min(start + BATCH_SIZE, len(images))) for start in range(0, len(images), BATCH_SIZE))
-    return np.concatenate([runtime.logits(torch.stack([images[i][0] for i in batch]).numpy()) for batch in batches])
+    return np.concatenate([runtime.logits(batch) for batch in _batches(images)])
 
 
 def _images_identity(paths: Paths, test: Split) -> str:
@@ -150,9 +162,8 @@ def run_on_split(runtimes: dict[str, Runtime], images) -> tuple[dict[str, np.nda
     load on the machine), and each one's images/s (a first batch each, untimed, warms it up)."""
     logits: dict[str, list] = {name: [] for name in runtimes}
     seconds = dict.fromkeys(runtimes, 0.0)
-    for start in range(0, len(images), BATCH_SIZE):
-        batch = torch.stack([images[i][0] for i in range(start, min(start + BATCH_SIZE, len(images)))]).numpy()
-        if start == 0:
+    for index, batch in enumerate(_batches(images)):
+        if index == 0:
             for runtime in runtimes.values():
                 runtime.logits(batch)
         for name, runtime in runtimes.items():
