@@ -67,5 +67,6 @@ def test_logistic_head_trains_in_features_mode_and_needs_one_epoch(tmp_path, mlf
     metrics = train.run(params(**{"train.head": "logistic", "train.epochs": 1, "train.logistic_c": 0.1}), paths)
     assert metrics["best_epoch"] == 1
     (row,) = csv.DictReader(paths.train_history.open())
+    assert list(row) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]  # no optimizer: no lr
     assert float(row["train_accuracy"]) > 0.9
     assert json.loads((paths.train_reports / "metrics.json").read_text())["val_accuracy"] == metrics["val_accuracy"]

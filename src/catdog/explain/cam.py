@@ -68,6 +68,7 @@ def activation_maps(
     # there, and neither the weights nor the layers below it compute or hold a gradient.
     graph_start = layer.register_forward_hook(lambda _module, _inputs, output: output.detach().requires_grad_(True))
     cam = CAM_METHODS[method](model=model.eval(), target_layers=[layer])
+    images = images.contiguous(memory_format=torch.channels_last)  # CPU convolutions run ~1.4x faster on it
     try:
         with torch.enable_grad(), weights_without_grad(model):
             maps = [

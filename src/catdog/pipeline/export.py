@@ -143,12 +143,14 @@ def check_parity(
     count = min(len(images), parity_images)
     batch = torch.stack([images[i][0] for i in range(count)])
     targets = test.labels[:count]
+    # channels-last input: PyTorch's CPU convolutions (eager and the program) run ~1.5x faster on it
+    torch_batch = batch.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        eager = model(batch).numpy()
+        eager = model(torch_batch).numpy()
     results = {"parity_images": count, "eager_accuracy": _accuracy(eager, targets)}
     for name, logits in (
         ("onnx", exported.runtime.logits(batch.numpy())),
-        ("pt2", pt2_logits(program, batch)),
+        ("pt2", pt2_logits(program, torch_batch)),
     ):
         results[f"{name}_max_abs_diff"] = float(np.abs(logits - eager).max())
         results[f"{name}_accuracy"] = _accuracy(logits, targets)

@@ -146,7 +146,7 @@ def _run_epoch(fit: Fit, train_model: nn.Module, epoch: int) -> dict:
     """One epoch of training, then validation on rank 0; returns the history row."""
     if fit.sampler is not None:
         fit.sampler.set_epoch(epoch)
-    lrs = fit.scheduler.get_last_lr()
+    lrs = [] if fit.scheduler is None else fit.scheduler.get_last_lr()  # none: the logistic head's closed form
     if fit.p.head == "logistic":
         trained = fit_logistic_head(
             fit.model.head, *fit.train_loader.dataset.tensors, fit.p.logistic_c, fit.p.class_weights
@@ -173,10 +173,8 @@ def _run_epoch(fit: Fit, train_model: nn.Module, epoch: int) -> dict:
         "train_accuracy": trained.accuracy,
         "val_loss": val.loss,
         "val_accuracy": val.accuracy,
-        "lr": lrs[0],
     }
-    if len(lrs) > 1:
-        row["lr_backbone"] = lrs[1]
+    row.update(zip(("lr", "lr_backbone"), lrs, strict=False))
     return row
 
 

@@ -51,8 +51,8 @@ class Fit:
     val_loader: DataLoader
     sampler: DistributedSampler | None
     batch_transform: Callable | None  # augmentation on the device (CUDA), else None
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    optimizer: torch.optim.Optimizer | None  # None for the logistic head: fitted in closed form
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
     scaler: torch.amp.GradScaler | None
     criterion: nn.Module
     class_weights: dict[str, float] | None  # train.class_weights 'balanced': the weight of each class
@@ -87,7 +87,8 @@ def set_up(
         frozen if cached else None, paths, train_split, val_images, p, runtime, world, generator
     )
     p, head_facts = _choose_logistic_c(p, train_loader, val_loader, world)
-    optimizer = create_optimizer(model, p)
+    # the logistic head steps no optimizer; creating one would import torch._dynamo (0.7 s) for nothing
+    optimizer = None if p.head == "logistic" else create_optimizer(model, p)
     class_weights = _class_weights(p, train_split, world)
     weight = None if class_weights is None else torch.tensor(list(class_weights.values()), device=runtime.device)
     return Fit(
@@ -104,7 +105,7 @@ def set_up(
         sampler=sampler,
         batch_transform=batch_transform,
         optimizer=optimizer,
-        scheduler=create_scheduler(optimizer, p, len(train_loader)),
+        scheduler=None if optimizer is None else create_scheduler(optimizer, p, len(train_loader)),
         scaler=torch.amp.GradScaler() if runtime.needs_grad_scaler else None,
         criterion=nn.CrossEntropyLoss(weight=weight, label_smoothing=p.label_smoothing),
         class_weights=class_weights,

@@ -98,8 +98,8 @@ def save_epoch(
             "epoch": progress.history[-1]["epoch"],
             "run_id": run_id,
             "model": trained_part.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer else None,
+            "scheduler": scheduler.state_dict() if scheduler else None,
             "scaler": scaler.state_dict() if scaler else None,
             "history": progress.history,
             "best": {"row": progress.best_row, "weights": progress.best_weights},
@@ -114,8 +114,9 @@ def restore(
 ) -> Progress:
     """Puts the saved epoch back into the objects that train, and returns the progress so far."""
     trained_part.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if optimizer is not None:  # None: the logistic head has none
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
     restore_rng_state(state["rng"][rank], generator)  # last: setting up drew random numbers

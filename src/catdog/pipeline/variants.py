@@ -44,7 +44,7 @@ from catdog.models.variants import (
 from catdog.pipeline.features import PRESET
 
 BATCH_SIZE = 32  # test images per timed batch, each run by every precision in turn
-TIMED_IMAGES = 32  # one batch of the first test images (after a warm-up one): each precision's images/s
+TIMED_IMAGES = 16  # one batch of the first test images (after a warm-up one): each precision's images/s
 CALIBRATION_BATCH = 16
 VARIANT_FILES = {"fp32": ONNX_FILE, "int8": INT8_FILE, "bf16": ONNX_FILE}  # bf16: OpenVINO compiles the fp32 file
 
