@@ -4,4 +4,4 @@ from catdog.pipeline import audit
 from catdog.pipeline.stage import main
 
 if __name__ == "__main__":
-    main("audit", audit.run)
+    main("audit", audit.run, ends_process=True)

@@ -4,4 +4,4 @@ from catdog.pipeline import evaluate
 from catdog.pipeline.stage import main
 
 if __name__ == "__main__":
-    main("evaluate", evaluate.run)
+    main("evaluate", evaluate.run, ends_process=True)

@@ -4,4 +4,4 @@ from catdog.pipeline import export
 from catdog.pipeline.stage import main
 
 if __name__ == "__main__":
-    main("export", export.run)
+    main("export", export.run, ends_process=True)

@@ -4,4 +4,4 @@ from catdog.pipeline import prepare
 from catdog.pipeline.stage import main
 
 if __name__ == "__main__":
-    main("prepare", prepare.run)
+    main("prepare", prepare.run, ends_process=True)

@@ -4,4 +4,4 @@ from catdog.pipeline import train
 from catdog.pipeline.stage import main
 
 if __name__ == "__main__":
-    main("train", train.run)
+    main("train", train.run, ends_process=True)

@@ -145,6 +145,48 @@ def test_a_stop_inside_a_failing_clean_up_still_exits_130_in_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("demo: stopped by SIGTERM: its MLflow run is marked KILLED")
 
 
+@pytest.mark.parametrize("working_thread", [False, True])
+def test_a_finished_stage_script_ends_after_its_exit_handlers_without_teardown(tmp_path, working_thread):
+    """The stage scripts skip the interpreter's teardown (seconds of every trial), never what comes
+    before it: a thread still at work is waited for, the exit handlers (MLflow's flushes) run."""
+    script = tmp_path / "stage.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import atexit, sys, threading, time
+            from pathlib import Path
+            from catdog.pipeline.stage import main
+
+            class TornDown:
+                def __del__(self):
+                    sys.stderr.write("torn down\\n")
+
+            kept = TornDown()  # the interpreter's teardown deletes it
+
+            def late_write():
+                time.sleep(0.5)
+                Path({str(tmp_path / "thread.txt")!r}).write_text("done")
+
+            def run(params, paths):
+                atexit.register(Path({str(tmp_path / "handler.txt")!r}).write_text, "ran")
+                if {working_thread}:
+                    threading.Thread(target=late_write).start()
+                return {{"answer": 42}}
+
+            main("demo", run, ["--params", {str(REPO_ROOT / "params.yaml")!r}, "--root", {str(tmp_path)!r}],
+                 ends_process=True)
+            print("after main")
+            """
+        )
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["demo: answer 42"]  # nothing after main
+    assert (tmp_path / "handler.txt").read_text() == "ran"
+    assert (tmp_path / "thread.txt").is_file() == working_thread
+    assert "torn down" not in proc.stderr
+
+
 @pytest.mark.slow  # real processes: run by make test, not make check
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signalled_stage_marks_its_run_killed_in_one_line_and_the_rerun_resumes(project, signum):

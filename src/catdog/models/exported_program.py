@@ -44,10 +44,11 @@ def structure_hash(model: torch.nn.Module, example: torch.Tensor, dynamic_shapes
     digest = hashlib.sha256(repr(identity).encode())
     for cls in classes:
         digest.update(_source(cls).encode())
-    for name, tensor in model.state_dict().items():
+    state = model.state_dict()
+    for name, tensor in state.items():
         digest.update(repr((name, tuple(tensor.shape), str(tensor.dtype))).encode())
     for name, buffer in model.named_buffers():  # non-persistent buffers are constants of the program
-        if name not in model.state_dict():
+        if name not in state:
             digest.update(buffer.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:24]
 

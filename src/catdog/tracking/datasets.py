@@ -63,7 +63,8 @@ def prepared_digest(paths: Paths) -> str:
     md5s prepare recorded in content.json (which the stages verify) instead of hashing again."""
     lock = paths.dvc_lock
     if lock.is_file():
-        outs = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("prepare", {}).get("outs", [])
+        lock_data = yaml.load(lock.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # libyaml: 10x
+        outs = (lock_data or {}).get("stages", {}).get("prepare", {}).get("outs", [])
         for out in outs:
             if out.get("path") == paths.prepared.relative_to(paths.root).as_posix() and "md5" in out:
                 return out["md5"]
