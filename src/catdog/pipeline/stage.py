@@ -53,7 +53,7 @@ def main(
 
 def exit_without_teardown(code: int) -> NoReturn:
     """Ends the process as ``sys.exit(code)`` would, less the interpreter's teardown of every loaded
-    module: 0.5-0.9 s with torch, MLflow and scikit-learn loaded, paid by each stage of each trial.
+    module: 0.5-1.2 s with torch, MLflow and scikit-learn loaded, paid by each stage of each trial.
     What an exit does before that teardown still happens, in its order: the threads are waited for
     (library thread pools shut down), the exit handlers run (MLflow's flushes, temporary folders,
     logging), the output streams are flushed."""
