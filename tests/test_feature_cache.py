@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from catdog.core.paths import cache_root
 from catdog.data.dataset import CachedImages, load_split, make_loader
 from catdog.data.transforms import eval_preset
 from catdog.models.device import resolve_runtime
@@ -17,7 +18,6 @@ from catdog.models.factory import load_checkpoint
 from catdog.models.feature_cache import cached_features, entry_path, feature_key
 from catdog.models.frozen import inference_module, split_for_training
 from catdog.models.linear_probe import C_GRID, C_TOLERANCE, choose_c
-from catdog.models.onnx_runtime import cache_root
 from catdog.pipeline import evaluate, train
 from catdog.pipeline.features import features_of
 

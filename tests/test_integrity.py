@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import subprocess
 import sys
 
@@ -11,6 +13,7 @@ import pytest
 import yaml
 
 from catdog.core.errors import CatdogError
+from catdog.core.paths import cache_root
 from catdog.data import integrity
 from catdog.pipeline import train
 
@@ -83,3 +86,29 @@ def test_the_data_hash_follows_the_cache_not_only_the_manifest(project):
     _noise_every_second_image(paths.images)
     integrity.record(paths, ["cat", "dog"])
     assert integrity.data_hash(paths) != before
+
+
+def test_a_verified_cache_is_not_hashed_again_until_it_changes(project, monkeypatch):
+    paths, _ = project
+    monkeypatch.setattr(integrity, "_SETTLED_NS", 0)  # as if prepare wrote it long ago
+    integrity.verify(paths)
+    hash_file = integrity.file_md5
+
+    def hashed_again(path):
+        raise AssertionError(f"{path} hashed again")
+
+    monkeypatch.setattr(integrity, "file_md5", hashed_again)
+    integrity.verify(paths)  # the stat is unchanged: the md5 hashed the first time stands
+    _noise_every_second_image(paths.images)  # same size, new pixels: a new mtime and ctime
+    monkeypatch.setattr(integrity, "file_md5", hash_file)
+    with pytest.raises(CatdogError, match="md5 mismatch"):
+        integrity.verify(paths)
+
+
+def test_a_file_written_just_now_is_not_remembered(project):
+    paths, _ = project
+    os.utime(paths.images)  # written just now: a write within the same timestamp tick would not show
+    assert integrity.verified_md5(paths.images) == integrity.recorded_md5(paths, "images.npy")
+    assert not (cache_root() / "md5").exists() or not any(
+        json.loads(memo.read_text())["path"] == str(paths.images) for memo in (cache_root() / "md5").iterdir()
+    )

@@ -9,10 +9,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from catdog.core.paths import cache_root
 from catdog.models.device import resolve_runtime
 from catdog.models.factory import create_model
 from catdog.models.frozen import cached_activations, inference_module, split_for_training
-from catdog.models.onnx_runtime import cache_root, create_session, session_options
+from catdog.models.onnx_runtime import create_session, session_options
 
 SIZE = 64
 

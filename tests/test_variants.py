@@ -18,11 +18,10 @@ import pandas as pd
 import pytest
 from onnx import numpy_helper
 
-from catdog.core.paths import Paths
+from catdog.core.paths import Paths, cache_root
 from catdog.data.dataset import CachedImages, load_split
 from catdog.data.transforms import eval_preset
 from catdog.models.head_split import split_at_head
-from catdog.models.onnx_runtime import cache_root
 from catdog.models.variants import auto_order, open_runtime, quantize_int8
 from catdog.pipeline import variants
 from catdog.serving.precision import shipped_variants

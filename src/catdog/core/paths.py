@@ -6,6 +6,7 @@ checks that the two agree. Kept free of torch and MLflow (predict imports it).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,13 @@ CARD_FILE = "MODEL_CARD.md"
 INT8_FILE = "model.int8.onnx"  # the int8 variant (catdog.models.variants)
 CLASSES_METADATA = "classes"  # model.onnx metadata_props: the class names in output order, as JSON
 VARIANTS_FILE = "variants.json"  # the variants that passed export's check against fp32, with each file's md5
+CACHE_ENV = "CATDOG_CACHE"
+
+
+def cache_root() -> Path:
+    """The user's catdog cache, outside every project (frozen graphs, features, verified md5s):
+    ``$CATDOG_CACHE`` or ``~/.cache/catdog``."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "catdog")
 
 
 def find_root(start: Path) -> Path | None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from catdog.core.errors import CatdogError
 from catdog.explain.gradients import weights_without_grad
+from catdog.models.device import eager_batch
 
 _LITE, _TORCHVISION_FEATURES = "backbone.net._conv_head", "backbone.features"
 TARGET_LAYERS = {
@@ -54,7 +55,7 @@ def target_layer(model: nn.Module, arch: str) -> nn.Module:
 
 
 def activation_maps(
-    model: nn.Module, arch: str, images: torch.Tensor, classes: list[int], method: str = DEFAULT_METHOD, batch: int = 16
+    model: nn.Module, arch: str, images: torch.Tensor, classes: list[int], method: str = DEFAULT_METHOD
 ) -> np.ndarray:
     """[N, H, W] float32 in [0, 1] (H, W: the input's): where ``images`` (the model's input) show ``classes[i]``.
 
@@ -69,6 +70,7 @@ def activation_maps(
     graph_start = layer.register_forward_hook(lambda _module, _inputs, output: output.detach().requires_grad_(True))
     cam = CAM_METHODS[method](model=model.eval(), target_layers=[layer])
     images = images.contiguous(memory_format=torch.channels_last)  # CPU convolutions run ~1.4x faster on it
+    batch = eager_batch(next((w.device for w in model.parameters()), images.device))
     try:
         with torch.enable_grad(), weights_without_grad(model):
             maps = [

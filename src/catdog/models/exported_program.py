@@ -15,7 +15,7 @@ import inspect
 import torch
 
 from catdog.core import atomic
-from catdog.models.onnx_runtime import cache_root
+from catdog.core.paths import cache_root
 
 PROGRAM_VERSION = 1  # bump when how programs are traced changes
 

@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from catdog.core import atomic
-from catdog.models.onnx_runtime import cache_root
+from catdog.core.paths import cache_root
 
 FORMAT_VERSION = "1"  # bump when what an entry holds changes for the same key
 

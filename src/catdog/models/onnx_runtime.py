@@ -23,14 +23,9 @@ import numpy as np
 import onnxruntime as ort
 
 from catdog.core import atomic
+from catdog.core.paths import cache_root
 
-CACHE_ENV = "CATDOG_CACHE"
 GRAPH_VERSION = "2"  # bump when the exported graph changes for the same weights (model.onnx is built from it)
-
-
-def cache_root() -> Path:
-    """Where exported frozen graphs are kept: ``$CATDOG_CACHE`` or ``~/.cache/catdog``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "catdog")
 
 
 def usable_cores() -> int:

@@ -32,8 +32,8 @@ import numpy as np
 
 from catdog.core import atomic
 from catdog.core.errors import CatdogError
-from catdog.core.paths import CLASSES_METADATA
-from catdog.models.onnx_runtime import cache_root, create_session, usable_cores
+from catdog.core.paths import CLASSES_METADATA, cache_root
+from catdog.models.onnx_runtime import create_session, usable_cores
 
 PRECISIONS = ("fp32", "int8", "bf16")
 INT8_VERSION = 1  # bump when how models are quantised changes: the cache key

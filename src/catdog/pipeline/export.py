@@ -30,6 +30,7 @@ from catdog.core.paths import CLASSES_METADATA, PT2_EXTRA, Paths
 from catdog.data import integrity
 from catdog.data.dataset import CachedImages, Split, load_split, split_digest
 from catdog.data.transforms import eval_preset
+from catdog.models.device import eager_batch
 from catdog.models.exported_program import export_program
 from catdog.models.factory import load_checkpoint
 from catdog.models.frozen import export_whole_model
@@ -145,12 +146,11 @@ def check_parity(
     targets = test.labels[:count]
     # channels-last input: PyTorch's CPU convolutions (eager and the program) run ~1.5x faster on it
     torch_batch = batch.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        eager = model(torch_batch).numpy()
+    eager = eager_logits(model, torch_batch)
     results = {"parity_images": count, "eager_accuracy": _accuracy(eager, targets)}
     for name, logits in (
         ("onnx", exported.runtime.logits(batch.numpy())),
-        ("pt2", pt2_logits(program, torch_batch)),
+        ("pt2", eager_logits(program.module(), torch_batch)),
     ):
         results[f"{name}_max_abs_diff"] = float(np.abs(logits - eager).max())
         results[f"{name}_accuracy"] = _accuracy(logits, targets)
@@ -212,9 +212,11 @@ def export_pt2(model: torch.nn.Module, example: torch.Tensor, path: Path, arch: 
     return program
 
 
-def pt2_logits(program: torch.export.ExportedProgram, batch: torch.Tensor) -> np.ndarray:
+def eager_logits(module: torch.nn.Module, batch: torch.Tensor) -> np.ndarray:
+    """``module``'s logits over ``batch``, in the CPU's eager batches (catdog.models.device.eager_batch)."""
+    size = eager_batch(torch.device("cpu"))
     with torch.inference_mode():
-        return program.module()(batch).numpy()
+        return torch.cat([module(batch[start : start + size]) for start in range(0, len(batch), size)]).numpy()
 
 
 def _accuracy(logits: np.ndarray, targets: np.ndarray) -> float:
