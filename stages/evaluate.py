@@ -1,7 +1,8 @@
 """DVC stage 'evaluate': a thin CLI over catdog.pipeline.evaluate.run (see dvc.yaml)."""
 
-from catdog.pipeline import evaluate
-from catdog.pipeline.stage import main
+from catdog.pipeline.stage import main, stage_imports
 
 if __name__ == "__main__":
+    with stage_imports():  # the collector paused while the modules import (catdog.pipeline.stage)
+        from catdog.pipeline import evaluate
     main("evaluate", evaluate.run, ends_process=True)

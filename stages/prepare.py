@@ -1,7 +1,8 @@
 """DVC stage 'prepare': a thin CLI over catdog.pipeline.prepare.run (see dvc.yaml)."""
 
-from catdog.pipeline import prepare
-from catdog.pipeline.stage import main
+from catdog.pipeline.stage import main, stage_imports
 
 if __name__ == "__main__":
+    with stage_imports():  # the collector paused while the modules import (catdog.pipeline.stage)
+        from catdog.pipeline import prepare
     main("prepare", prepare.run, ends_process=True)

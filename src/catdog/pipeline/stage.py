@@ -4,18 +4,41 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import errno
+import gc
 import json
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 from catdog.core.errors import CatdogError
 from catdog.core.lifecycle import StageStopped, stop_behind, stop_on_signals
 from catdog.core.params import Params, load_params
 from catdog.core.paths import Paths
+
+# Allocations between two collections of the youngest generation in a stage process (Python's default: 700)
+STAGE_GC_THRESHOLD = 50_000
+
+
+@contextlib.contextmanager
+def stage_imports() -> Iterator[None]:
+    """Around a stage script's imports: Python's cyclic collector tuned for one short process.
+
+    Importing torch, MLflow and scikit-learn makes ~430,000 objects that live until the process ends,
+    and the collector walked them over and over: 0.5-0.9 s of a stage (export the most: a torch.export
+    program is many small objects). So the collector is paused while the modules import, what they made
+    is frozen (``gc.freeze``: never walked again), and the youngest generation is collected every
+    STAGE_GC_THRESHOLD allocations instead of 700. Cycles are still collected."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.set_threshold(STAGE_GC_THRESHOLD, *gc.get_threshold()[1:])
+        gc.enable()
 
 
 def main(
