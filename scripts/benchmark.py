@@ -29,7 +29,10 @@ project throughput / baseline throughput; ``target`` where the project promises 
                   split) on the test split; the mean drop of the predicted class's probability when the 20% most
                   salient pixels are greyed vs a random 20% (ratio: salient / random; target 1: above chance)
   trial           `dvc exp run -S train.lr=0.001` vs the first `dvc repro`, on ``--trial-source``
-                  (the committed sample): a trial that changes only train params (scripts/trial_benchmark.py)
+                  (the committed sample): a trial that changes only train params (scripts/trial_benchmark.py);
+                  the default head is fitted in closed form, so lr changes no weight and evaluate is skipped
+  refit_trial     then `dvc exp run -S train.logistic_c=0.1` in the same project: a train-only change that
+                  refits the head, so evaluate and export rerun (trial and refit_trial: at most 20 s each)
   head_trial      `dvc exp run -S train.logistic_c=0.1` vs the first `dvc repro`, on the ``--images``
                   (or ``--head-trial-images``) of ``--source`` (target 5: a head-only change on the full
                   zip in 1/5 of its first run)
@@ -60,7 +63,7 @@ import numpy as np
 import psutil
 import torch
 import yaml
-from trial_benchmark import SAMPLE, timed_trial
+from trial_benchmark import SAMPLE, timed_trials
 
 from catdog.audit.label_issues import audit
 from catdog.core.params import load_params, parse_params
@@ -100,7 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="features, extraction, top_epoch, predict_naive: at most this many images",
     )
     parser.add_argument("--trial-source", default=str(SAMPLE), help="trial: the images of its DVC project")
-    parser.add_argument("--skip-trials", action="store_true", help="leave out trial and head_trial (4 dvc runs)")
+    parser.add_argument(
+        "--skip-trials", action="store_true", help="leave out trial, refit_trial and head_trial (5 dvc runs)"
+    )
     parser.add_argument(
         "--head-trial-images", type=int, help="head_trial: this many of --source's images (default --images)"
     )
@@ -498,7 +503,8 @@ def bench_faithfulness(model, args, prepared: Paths) -> dict:
     }
 
 
-TRIAL_MAX_S = 20.0  # trial's target is its own wall time (issue 26): at most 20 s on 2 cores
+TRIAL_MAX_S = 20.0  # the sample's trials are held to their own wall time (issue 26): at most 20 s on 2 cores
+SECONDS_TARGETS = ("trial", "refit_trial")
 
 
 def bench_trials(folder: Path, args, tmp: Path) -> list[dict]:
@@ -507,12 +513,14 @@ def bench_trials(folder: Path, args, tmp: Path) -> list[dict]:
     results = []
     if args.head_trial_images not in (None, args.images):  # the issue's figure is on the whole zip
         folder = extract_images(Path(args.source), args.head_trial_images, tmp / "head-trial-images")
-    for name, source, change, target in (
-        ("trial", Path(args.trial_source), "train.lr=0.001", None),
-        ("head_trial", folder, "train.logistic_c=0.1", 5.0),
+    for project, source, trials in (
+        ("trial", Path(args.trial_source), (("trial", "train.lr=0.001"), ("refit_trial", "train.logistic_c=0.1"))),
+        ("head_trial", folder, (("head_trial", "train.logistic_c=0.1"),)),
     ):
-        first_s, trial_s = timed_trial(tmp / name, source, change, args)
-        results.append(comparison(name, f"dvc exp run -S {change}", trial_s, "first dvc repro", first_s, 1, target))
+        first_s, trial_s = timed_trials(tmp / project, source, [change for _, change in trials], args)
+        for (name, change), seconds in zip(trials, trial_s, strict=True):
+            target = 5.0 if name == "head_trial" else None  # the others: their own seconds, TRIAL_MAX_S
+            results.append(comparison(name, f"dvc exp run -S {change}", seconds, "first dvc repro", first_s, 1, target))
     return results
 
 
@@ -597,7 +605,7 @@ def markdown_table(report: dict) -> str:
     ]
     for r in report["results"]:
         target = f"{r['target']:.2f}: {'met' if r['ratio'] >= r['target'] else '**not met**'}" if r["target"] else ""
-        if r["benchmark"] == "trial":
+        if r["benchmark"] in SECONDS_TARGETS:
             target = f"≤ {TRIAL_MAX_S:.0f} s: {'met' if r['project_s'] <= TRIAL_MAX_S else '**not met**'}"
         project, baseline = _figures(r)
         lines.append(

@@ -48,12 +48,12 @@ def trial_project(where: Path, source: Path, args) -> dict[str, str]:
     return env
 
 
-def timed_trial(where: Path, source: Path, change: str, args) -> tuple[float, float]:
-    """(seconds of the first `dvc repro`, seconds of `dvc exp run -S <change>` after it)."""
+def timed_trials(where: Path, source: Path, changes: list[str], args) -> tuple[float, list[float]]:
+    """(seconds of the first `dvc repro`, seconds of `dvc exp run -S <change>` for each change in turn)."""
     where.mkdir(parents=True)
     env = trial_project(where, source, args)
     first = _timed(["dvc", "repro"], where, env)
-    return first, _timed(["dvc", "exp", "run", "-S", change], where, env)
+    return first, [_timed(["dvc", "exp", "run", "-S", change], where, env) for change in changes]
 
 
 def _timed(command: list[str], cwd: Path, env: dict[str, str]) -> float:

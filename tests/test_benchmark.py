@@ -17,7 +17,7 @@ COMPARISONS = {
     "audit",
     *("variant_int8", "predict_auto"),
     "faithfulness",  # probability drops, not seconds
-}  # and trial, head_trial: 4 real dvc runs, left out here (--skip-trials) for CI's time
+}  # and trial, refit_trial, head_trial: 5 real dvc runs, left out here (--skip-trials) for CI's time
 WHERE_BF16 = {"variant_bf16"}  # only on a CPU with bf16 units
 
 
