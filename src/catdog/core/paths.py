@@ -1,4 +1,5 @@
-"""Every file the pipeline reads or writes, named once, relative to the project root.
+"""Every file the pipeline reads or writes, named once, relative to the project root, and the
+user's cache outside every project (``cache_root``).
 
 dvc.yaml declares the same files as the stages' deps, outs, metrics and plots; tests/test_paths.py
 checks that the two agree. Kept free of torch and MLflow (predict imports it).
